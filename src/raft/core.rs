@@ -1,0 +1,1130 @@
+//! The Raft consensus state machine.
+//!
+//! The contract, after etcd raft:
+//! 1. The caller feeds events: [`Raft::tick`] once per logical tick, [`Raft::step`] for every
+//!    message from a peer, [`Raft::propose`] for new commands and [`Raft::read_index`] for
+//!    linearizable reads.
+//! 2. When [`Raft::has_ready`] says so, the caller takes [`Raft::ready`] and executes it in the
+//!    order documented on [`Ready`] (persist before answering; apply in order).
+//! 3. The caller calls [`Raft::advance`], and only then feeds further events.
+//!
+//! The core does no I/O and reads no clock; its only randomness (election timeouts) comes from a
+//! RNG seeded at construction. Given the same seed and the same events it makes the same
+//! decisions, which is what lets the simulator replay a failing schedule exactly.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use bytes::Bytes;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+
+use super::log::RaftLog;
+use super::progress::{Progress, ProgressState, majority, quorum_value};
+use super::storage::{LogStore, StorageError};
+use super::types::*;
+
+/// Static parameters of one core.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub id: NodeId,
+    /// Every voting member, this node included.
+    pub voters: Vec<NodeId>,
+    /// A follower that hears no leader for a random number of ticks in
+    /// `[election_ticks_min, election_ticks_max]` starts an election.
+    pub election_ticks_min: u32,
+    pub election_ticks_max: u32,
+    /// A leader sends heartbeats every `heartbeat_ticks`.
+    pub heartbeat_ticks: u32,
+    /// Appends a leader keeps in flight to one follower before waiting for answers.
+    pub max_inflight_msgs: usize,
+    /// Entry bytes in one append message (at least one entry is always sent).
+    pub max_msg_bytes: usize,
+    /// Entry bytes a leader accepts beyond its commit index before refusing proposals.
+    pub max_uncommitted_bytes: usize,
+    /// Entry bytes handed out for applying in one `Ready`.
+    pub max_apply_bytes: usize,
+    /// Raft dissertation 9.6: campaign only after a pre-vote round says we could win.
+    pub pre_vote: bool,
+    /// Raft dissertation 6.2: a leader that has not heard from a majority for an election
+    /// timeout steps down, and followers that heard from a leader recently ignore vote requests.
+    pub check_quorum: bool,
+    /// Seeds the election-timeout RNG.
+    pub seed: u64,
+}
+
+impl Config {
+    /// Defaults matching a 10 ms tick: elections after 150-300 ms, heartbeats every 50 ms.
+    pub fn new(id: NodeId, voters: Vec<NodeId>, seed: u64) -> Self {
+        Config {
+            id,
+            voters,
+            election_ticks_min: 15,
+            election_ticks_max: 30,
+            heartbeat_ticks: 5,
+            max_inflight_msgs: 256,
+            max_msg_bytes: 1 << 20,
+            max_uncommitted_bytes: 64 << 20,
+            max_apply_bytes: 4 << 20,
+            pre_vote: true,
+            check_quorum: true,
+            seed,
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), Error> {
+        let bad = |why: &str| Err(Error::Config(why.to_string()));
+        if self.id == 0 {
+            return bad("node id 0 is reserved for 'nobody'");
+        }
+        if !self.voters.contains(&self.id) {
+            return bad("the node's own id is not among the voters");
+        }
+        let mut sorted = self.voters.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        if sorted.len() != self.voters.len() || sorted.contains(&0) {
+            return bad("voter ids must be unique and non-zero");
+        }
+        if self.heartbeat_ticks == 0 || self.election_ticks_min <= self.heartbeat_ticks {
+            return bad("the election timeout must be longer than the heartbeat interval");
+        }
+        if self.election_ticks_max < self.election_ticks_min {
+            return bad("election_ticks_max must be at least election_ticks_min");
+        }
+        if self.max_inflight_msgs == 0 {
+            return bad("max_inflight_msgs must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+/// Why a call into the core failed. A failed call leaves the core unchanged.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("not the leader (leader: {})", if *leader == 0 { "unknown".to_string() } else { leader.to_string() })]
+    NotLeader { leader: NodeId },
+    #[error("proposal dropped: {0} bytes of uncommitted entries are pending")]
+    ProposalDropped(usize),
+    #[error("invalid raft configuration: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+/// A snapshot of a core's state for `Status` and tests.
+#[derive(Clone, Debug)]
+pub struct Status {
+    pub id: NodeId,
+    pub role: Role,
+    pub term: Term,
+    pub vote: NodeId,
+    pub leader: NodeId,
+    pub commit: LogIndex,
+    pub applied: LogIndex,
+    pub first_index: LogIndex,
+    pub last_index: LogIndex,
+    pub voters: Vec<NodeId>,
+    /// Leader only: `(follower, match, next, recently active)`.
+    pub progress: Vec<(NodeId, LogIndex, LogIndex, bool)>,
+}
+
+struct PendingRead {
+    ctx: u64,
+    index: LogIndex,
+    /// The heartbeat round (sent after the read arrived) whose quorum acknowledgement proves we
+    /// were still the leader.
+    round: u64,
+}
+
+/// What the last `Ready` handed out, for `advance`.
+struct InFlightReady {
+    applied_to: LogIndex,
+}
+
+pub struct Raft<S: LogStore> {
+    id: NodeId,
+    /// Sorted; includes `id`.
+    voters: Vec<NodeId>,
+    cfg: Config,
+
+    term: Term,
+    vote: NodeId,
+    leader: NodeId,
+    role: Role,
+    pub(crate) log: RaftLog<S>,
+
+    /// Leader only: one entry per other voter.
+    progress: BTreeMap<NodeId, Progress>,
+    /// (Pre-)candidate only: answers received in this campaign.
+    votes: BTreeMap<NodeId, bool>,
+
+    election_elapsed: u32,
+    heartbeat_elapsed: u32,
+    randomized_election_timeout: u32,
+    rng: SmallRng,
+
+    msgs: Vec<Message>,
+    /// Leader: entries or a new commit index to broadcast at the next `ready`.
+    need_bcast: bool,
+    /// Leader: the commit index followers were last sent.
+    bcast_commit: LogIndex,
+
+    /// Leader: the last ReadIndex heartbeat round started.
+    read_round: u64,
+    read_round_needed: bool,
+    pending_reads: VecDeque<PendingRead>,
+    /// Reads that arrived before this leader committed an entry of its own term: its commit
+    /// index may still lag the real one (dissertation 6.4 step 1).
+    reads_awaiting_commit: Vec<u64>,
+    read_states: Vec<ReadState>,
+    dropped_reads: Vec<u64>,
+
+    /// Leader: `(index, bytes)` of its uncommitted proposals, for flow control.
+    uncommitted: VecDeque<(LogIndex, usize)>,
+    uncommitted_bytes: usize,
+
+    prev_soft: SoftState,
+    prev_hard: HardState,
+    in_flight: Option<InFlightReady>,
+}
+
+impl<S: LogStore> Raft<S> {
+    /// Creates a core from durable state: the log in `store`, the `hard_state` last persisted,
+    /// and the index the state machine has applied.
+    ///
+    /// # Errors
+    /// If the configuration is invalid.
+    pub fn new(
+        cfg: Config,
+        store: S,
+        hard_state: HardState,
+        applied: LogIndex,
+    ) -> Result<Self, Error> {
+        cfg.validate()?;
+        let mut voters = cfg.voters.clone();
+        voters.sort_unstable();
+        let log = RaftLog::new(store, hard_state.commit, applied);
+        let mut r = Raft {
+            id: cfg.id,
+            voters,
+            term: hard_state.term,
+            vote: hard_state.vote,
+            leader: 0,
+            role: Role::Follower,
+            log,
+            progress: BTreeMap::new(),
+            votes: BTreeMap::new(),
+            election_elapsed: 0,
+            heartbeat_elapsed: 0,
+            randomized_election_timeout: 0,
+            rng: SmallRng::seed_from_u64(cfg.seed),
+            msgs: Vec::new(),
+            need_bcast: false,
+            bcast_commit: 0,
+            read_round: 0,
+            read_round_needed: false,
+            pending_reads: VecDeque::new(),
+            reads_awaiting_commit: Vec::new(),
+            read_states: Vec::new(),
+            dropped_reads: Vec::new(),
+            uncommitted: VecDeque::new(),
+            uncommitted_bytes: 0,
+            prev_soft: SoftState {
+                role: Role::Follower,
+                leader: 0,
+            },
+            prev_hard: HardState::default(),
+            in_flight: None,
+            cfg,
+        };
+        r.prev_hard = r.hard_state();
+        r.reset_randomized_election_timeout();
+        Ok(r)
+    }
+
+    // ------------------------------------------------------------------------------------------
+    // Accessors
+    // ------------------------------------------------------------------------------------------
+
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+    pub fn term(&self) -> Term {
+        self.term
+    }
+    pub fn role(&self) -> Role {
+        self.role
+    }
+    pub fn leader(&self) -> NodeId {
+        self.leader
+    }
+    pub fn commit_index(&self) -> LogIndex {
+        self.log.committed
+    }
+    pub fn applied_index(&self) -> LogIndex {
+        self.log.applied
+    }
+    pub fn last_index(&self) -> LogIndex {
+        self.log.last_index()
+    }
+    pub fn store(&self) -> &S {
+        &self.log.store
+    }
+    pub fn store_mut(&mut self) -> &mut S {
+        &mut self.log.store
+    }
+    pub fn hard_state(&self) -> HardState {
+        HardState {
+            term: self.term,
+            vote: self.vote,
+            commit: self.log.committed,
+        }
+    }
+    fn soft_state(&self) -> SoftState {
+        SoftState {
+            role: self.role,
+            leader: self.leader,
+        }
+    }
+
+    pub fn status(&self) -> Status {
+        Status {
+            id: self.id,
+            role: self.role,
+            term: self.term,
+            vote: self.vote,
+            leader: self.leader,
+            commit: self.log.committed,
+            applied: self.log.applied,
+            first_index: self.log.first_index(),
+            last_index: self.log.last_index(),
+            voters: self.voters.clone(),
+            progress: self
+                .progress
+                .iter()
+                .map(|(&id, p)| (id, p.match_index, p.next_index, p.recent_active))
+                .collect(),
+        }
+    }
+
+    /// The entries `[lo, hi)` of the log (durable or not), e.g. for tests and invariants.
+    pub fn entries(&self, lo: LogIndex, hi: LogIndex) -> Result<Vec<Entry>, StorageError> {
+        self.log.entries(lo, hi, usize::MAX)
+    }
+
+    fn quorum(&self) -> usize {
+        majority(self.voters.len())
+    }
+
+    fn peers(&self) -> impl Iterator<Item = NodeId> + '_ {
+        let id = self.id;
+        self.voters.iter().copied().filter(move |&v| v != id)
+    }
+
+    // ------------------------------------------------------------------------------------------
+    // Role transitions
+    // ------------------------------------------------------------------------------------------
+
+    fn reset_randomized_election_timeout(&mut self) {
+        self.randomized_election_timeout = self
+            .rng
+            .random_range(self.cfg.election_ticks_min..=self.cfg.election_ticks_max);
+    }
+
+    /// Common to every role change: a new term forgets the vote; timers restart.
+    fn reset(&mut self, term: Term) {
+        if term != self.term {
+            self.term = term;
+            self.vote = 0;
+        }
+        self.leader = 0;
+        self.election_elapsed = 0;
+        self.heartbeat_elapsed = 0;
+        self.reset_randomized_election_timeout();
+        self.votes.clear();
+        self.progress.clear();
+        self.need_bcast = false;
+        self.uncommitted.clear();
+        self.uncommitted_bytes = 0;
+        // Reads in progress cannot be confirmed by a leader that is no longer one.
+        self.dropped_reads
+            .extend(self.pending_reads.drain(..).map(|r| r.ctx));
+        self.dropped_reads.append(&mut self.reads_awaiting_commit);
+        self.read_round_needed = false;
+    }
+
+    fn become_follower(&mut self, term: Term, leader: NodeId) {
+        self.reset(term);
+        self.leader = leader;
+        self.role = Role::Follower;
+    }
+
+    fn become_pre_candidate(&mut self) {
+        assert_ne!(
+            self.role,
+            Role::Leader,
+            "invalid transition [leader -> pre-candidate]"
+        );
+        // A pre-vote changes neither term nor vote.
+        self.votes.clear();
+        self.leader = 0;
+        self.election_elapsed = 0;
+        self.reset_randomized_election_timeout();
+        self.role = Role::PreCandidate;
+    }
+
+    fn become_candidate(&mut self) {
+        assert_ne!(
+            self.role,
+            Role::Leader,
+            "invalid transition [leader -> candidate]"
+        );
+        self.reset(self.term + 1);
+        self.vote = self.id;
+        self.role = Role::Candidate;
+    }
+
+    fn become_leader(&mut self) {
+        assert_eq!(
+            self.role,
+            Role::Candidate,
+            "invalid transition [follower -> leader]"
+        );
+        self.reset(self.term);
+        self.leader = self.id;
+        self.role = Role::Leader;
+        let next = self.log.last_index() + 1;
+        let peers: Vec<NodeId> = self.peers().collect();
+        for p in peers {
+            let mut pr = Progress::new(next);
+            // A fresh leader counts every follower as active until the first check.
+            pr.recent_active = true;
+            self.progress.insert(p, pr);
+        }
+        self.bcast_commit = 0;
+        // Raft 5.4.2 / dissertation 6.4: commit an entry of our own term at once; it also
+        // commits every earlier entry and lets us serve ReadIndex reads.
+        let noop = Entry {
+            index: next,
+            term: self.term,
+            kind: EntryKind::Noop,
+            data: Bytes::new(),
+        };
+        self.log.append(&[noop]);
+        self.need_bcast = true;
+        // A single-voter cluster commits on persistence (see `advance`).
+    }
+
+    // ------------------------------------------------------------------------------------------
+    // Ticks
+    // ------------------------------------------------------------------------------------------
+
+    /// Advances the logical clock by one tick.
+    pub fn tick(&mut self) {
+        assert!(
+            self.in_flight.is_none(),
+            "tick between ready() and advance()"
+        );
+        match self.role {
+            Role::Leader => self.tick_heartbeat(),
+            _ => self.tick_election(),
+        }
+    }
+
+    fn tick_election(&mut self) {
+        self.election_elapsed += 1;
+        if self.election_elapsed >= self.randomized_election_timeout {
+            self.election_elapsed = 0;
+            self.campaign(self.cfg.pre_vote);
+        }
+    }
+
+    fn tick_heartbeat(&mut self) {
+        self.heartbeat_elapsed += 1;
+        self.election_elapsed += 1;
+        if self.election_elapsed >= self.cfg.election_ticks_min {
+            self.election_elapsed = 0;
+            if self.cfg.check_quorum {
+                let active = 1 + self.progress.values().filter(|p| p.recent_active).count();
+                if active < self.quorum() {
+                    // Dissertation 6.2: we may be cut off; step down so that clients look
+                    // elsewhere instead of waiting on a leader that cannot commit.
+                    self.become_follower(self.term, 0);
+                    return;
+                }
+                for p in self.progress.values_mut() {
+                    p.recent_active = false;
+                }
+            }
+        }
+        if self.heartbeat_elapsed >= self.cfg.heartbeat_ticks {
+            self.heartbeat_elapsed = 0;
+            let peers: Vec<NodeId> = self.peers().collect();
+            for p in peers {
+                // A probe that went unanswered may be retried after a heartbeat.
+                if let Some(pr) = self.progress.get_mut(&p) {
+                    pr.check_stalled();
+                    if pr.state == ProgressState::Probe {
+                        pr.probe_sent = false;
+                    }
+                }
+                self.send_heartbeat(p);
+            }
+        }
+    }
+
+    // ------------------------------------------------------------------------------------------
+    // Elections (Raft paper 5.2, dissertation 9.6)
+    // ------------------------------------------------------------------------------------------
+
+    /// Starts an election now, as if the election timeout had elapsed (no-op on a leader).
+    pub fn hup(&mut self) {
+        assert!(
+            self.in_flight.is_none(),
+            "hup between ready() and advance()"
+        );
+        if self.role != Role::Leader {
+            self.campaign(self.cfg.pre_vote);
+        }
+    }
+
+    fn campaign(&mut self, pre_vote: bool) {
+        let vote_term = if pre_vote {
+            self.become_pre_candidate();
+            self.term + 1
+        } else {
+            self.become_candidate();
+            self.term
+        };
+        self.votes.insert(self.id, true);
+        if self.quorum() == 1 {
+            return self.won_election(pre_vote);
+        }
+        let last_log_index = self.log.last_index();
+        let last_log_term = self.log.last_term();
+        let peers: Vec<NodeId> = self.peers().collect();
+        for to in peers {
+            self.send(
+                to,
+                vote_term,
+                MessageBody::VoteRequest {
+                    pre_vote,
+                    last_log_index,
+                    last_log_term,
+                },
+            );
+        }
+    }
+
+    fn won_election(&mut self, pre_vote: bool) {
+        if pre_vote {
+            self.campaign(false);
+        } else {
+            self.become_leader();
+        }
+    }
+
+    fn on_vote_request(
+        &mut self,
+        m: &Message,
+        pre_vote: bool,
+        last_log_index: LogIndex,
+        last_log_term: Term,
+    ) {
+        // We may vote for `from` if we already did, or if we have voted for nobody and follow
+        // nobody in this term, or (pre-vote) if it asks about a later term.
+        let can_vote = self.vote == m.from
+            || (self.vote == 0 && self.leader == 0)
+            || (pre_vote && m.term > self.term);
+        let granted = can_vote && self.log.is_up_to_date(last_log_index, last_log_term);
+        if granted {
+            // Answer in the term the candidate asked about, so that it counts the vote.
+            self.send(
+                m.from,
+                m.term,
+                MessageBody::VoteResponse {
+                    pre_vote,
+                    granted: true,
+                },
+            );
+            if !pre_vote {
+                self.election_elapsed = 0;
+                self.vote = m.from;
+            }
+        } else {
+            self.send(
+                m.from,
+                self.term,
+                MessageBody::VoteResponse {
+                    pre_vote,
+                    granted: false,
+                },
+            );
+        }
+    }
+
+    fn on_vote_response(&mut self, m: &Message, pre_vote: bool, granted: bool) {
+        let expected = match self.role {
+            Role::PreCandidate => pre_vote && (!granted || m.term == self.term + 1),
+            Role::Candidate => !pre_vote,
+            _ => false,
+        };
+        if !expected {
+            return;
+        }
+        self.votes.entry(m.from).or_insert(granted);
+        let yes = self.votes.values().filter(|&&g| g).count();
+        let no = self.votes.len() - yes;
+        if yes >= self.quorum() {
+            self.won_election(pre_vote);
+        } else if no >= self.quorum() {
+            self.become_follower(self.term, 0);
+        }
+    }
+
+    // ------------------------------------------------------------------------------------------
+    // Messages
+    // ------------------------------------------------------------------------------------------
+
+    fn send(&mut self, to: NodeId, term: Term, body: MessageBody) {
+        self.msgs.push(Message {
+            from: self.id,
+            to,
+            term,
+            body,
+        });
+    }
+
+    /// Processes one message from a peer.
+    ///
+    /// # Errors
+    /// Only if the log cannot be read; the node must then stop.
+    pub fn step(&mut self, m: Message) -> Result<(), Error> {
+        assert!(
+            self.in_flight.is_none(),
+            "step between ready() and advance()"
+        );
+        if m.to != self.id || m.from == self.id || !self.voters.contains(&m.from) {
+            return Ok(());
+        }
+        if m.term > self.term {
+            match m.body {
+                MessageBody::VoteRequest { .. } => {
+                    // Dissertation 6.2 (with check-quorum): a node that heard from a live leader
+                    // within the minimum election timeout neither updates its term nor votes:
+                    // a disruptive node must not depose a healthy leader.
+                    let in_lease = self.cfg.check_quorum
+                        && self.leader != 0
+                        && self.election_elapsed < self.cfg.election_ticks_min;
+                    if in_lease {
+                        return Ok(());
+                    }
+                }
+                _ => {}
+            }
+            let keeps_term = match m.body {
+                MessageBody::VoteRequest { pre_vote: true, .. } => true,
+                MessageBody::VoteResponse {
+                    pre_vote: true,
+                    granted: true,
+                } => true,
+                _ => false,
+            };
+            if !keeps_term {
+                let leader = match m.body {
+                    MessageBody::AppendRequest { .. } => m.from,
+                    _ => 0,
+                };
+                self.become_follower(m.term, leader);
+            }
+        } else if m.term < self.term {
+            match m.body {
+                MessageBody::AppendRequest { .. } if self.cfg.check_quorum || self.cfg.pre_vote => {
+                    // A deposed leader (or a partitioned node's peer) learns our newer term and
+                    // steps down; without this, pre-vote could leave it leading forever.
+                    self.send(
+                        m.from,
+                        self.term,
+                        MessageBody::AppendResponse {
+                            success: false,
+                            index: 0,
+                            reject_hint_index: 0,
+                            reject_hint_term: 0,
+                            read_context: 0,
+                        },
+                    );
+                }
+                MessageBody::VoteRequest { pre_vote: true, .. } => {
+                    self.send(
+                        m.from,
+                        self.term,
+                        MessageBody::VoteResponse {
+                            pre_vote: true,
+                            granted: false,
+                        },
+                    );
+                }
+                _ => {}
+            }
+            return Ok(());
+        }
+
+        match m.body {
+            MessageBody::VoteRequest {
+                pre_vote,
+                last_log_index,
+                last_log_term,
+            } => {
+                self.on_vote_request(&m, pre_vote, last_log_index, last_log_term);
+            }
+            MessageBody::VoteResponse { pre_vote, granted } => {
+                self.on_vote_response(&m, pre_vote, granted)
+            }
+            MessageBody::AppendRequest { .. } => {
+                match self.role {
+                    Role::Leader => {
+                        // Election safety: two leaders in one term cannot happen.
+                        panic!(
+                            "leader {} got an append from {} in its own term {}",
+                            self.id, m.from, self.term
+                        );
+                    }
+                    Role::PreCandidate | Role::Candidate => self.become_follower(self.term, m.from),
+                    Role::Follower => {}
+                }
+                self.leader = m.from;
+                self.election_elapsed = 0;
+                self.on_append_request(m);
+            }
+            MessageBody::AppendResponse {
+                success,
+                index,
+                reject_hint_index,
+                reject_hint_term,
+                read_context,
+            } => {
+                if self.role == Role::Leader {
+                    self.on_append_response(
+                        m.from,
+                        success,
+                        index,
+                        reject_hint_index,
+                        reject_hint_term,
+                        read_context,
+                    )?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Follower side of AppendEntries (Raft paper 5.3).
+    fn on_append_request(&mut self, m: Message) {
+        let MessageBody::AppendRequest {
+            prev_log_index,
+            prev_log_term,
+            entries,
+            leader_commit,
+            read_context,
+        } = m.body
+        else {
+            return;
+        };
+        let reply = |success, index, hint_index, hint_term| MessageBody::AppendResponse {
+            success,
+            index,
+            reject_hint_index: hint_index,
+            reject_hint_term: hint_term,
+            read_context,
+        };
+        if prev_log_index < self.log.committed {
+            // Old news: everything up to our commit index matches the leader already.
+            let committed = self.log.committed;
+            self.send(m.from, self.term, reply(true, committed, 0, 0));
+            return;
+        }
+        match self
+            .log
+            .maybe_append(prev_log_index, prev_log_term, leader_commit, &entries)
+        {
+            Some(last_new) => self.send(m.from, self.term, reply(true, last_new, 0, 0)),
+            None => {
+                // Fast backtracking: point the leader at the last entry that may still match,
+                // skipping every entry of a term newer than the one it asked about.
+                let probe = prev_log_index.min(self.log.last_index());
+                let (hint_index, hint_term) = self.log.find_conflict_by_term(probe, prev_log_term);
+                self.send(
+                    m.from,
+                    self.term,
+                    reply(false, prev_log_index, hint_index, hint_term),
+                );
+            }
+        }
+    }
+
+    /// Leader side of an AppendEntries answer.
+    fn on_append_response(
+        &mut self,
+        from: NodeId,
+        success: bool,
+        index: LogIndex,
+        hint_index: LogIndex,
+        hint_term: Term,
+        read_context: u64,
+    ) -> Result<(), Error> {
+        let Some(pr) = self.progress.get_mut(&from) else {
+            return Ok(());
+        };
+        pr.recent_active = true;
+        if read_context > pr.read_ack {
+            pr.read_ack = read_context;
+            self.confirm_reads();
+        }
+        let Some(pr) = self.progress.get_mut(&from) else {
+            return Ok(());
+        };
+        if !success {
+            // Skip the whole conflicting term at once: the largest index of ours whose term is
+            // not newer than the follower's entry at hint_index.
+            let match_hint = if hint_term > 0 {
+                let (i, _) = self.log.find_conflict_by_term(hint_index, hint_term);
+                i
+            } else {
+                hint_index
+            };
+            let pr = self.progress.get_mut(&from).expect("progress exists");
+            if pr.maybe_decr_to(index, match_hint) {
+                self.send_append(from, false)?;
+            }
+            return Ok(());
+        }
+        if pr.state == ProgressState::Probe {
+            pr.probe_sent = false;
+        }
+        if pr.maybe_update(index) {
+            if pr.state == ProgressState::Probe {
+                pr.become_replicate();
+            }
+            if self.maybe_commit() {
+                self.need_bcast = true;
+            }
+        }
+        // Keep the pipeline full while the follower is behind.
+        while self.send_append(from, false)? {}
+        Ok(())
+    }
+
+    /// Sends `to` the entries it lacks (or, with `allow_empty`, an empty append carrying the
+    /// commit index). Returns whether a message went out.
+    fn send_append(&mut self, to: NodeId, allow_empty: bool) -> Result<bool, Error> {
+        let max_inflight = self.cfg.max_inflight_msgs;
+        let Some(pr) = self.progress.get(&to) else {
+            return Ok(false);
+        };
+        if pr.is_paused(max_inflight) {
+            return Ok(false);
+        }
+        let next = pr.next_index;
+        let last = self.log.last_index();
+        if next > last && !allow_empty {
+            return Ok(false);
+        }
+        let prev_log_index = next - 1;
+        let prev_log_term = self.log.term(prev_log_index)?;
+        let entries = self.log.entries(next, last + 1, self.cfg.max_msg_bytes)?;
+        let sent_last = entries.last().map_or(prev_log_index, |e| e.index);
+        let pr = self.progress.get_mut(&to).expect("progress exists");
+        if !entries.is_empty() || pr.state == ProgressState::Probe {
+            pr.sent_entries(sent_last);
+        }
+        let leader_commit = self.log.committed;
+        let read_context = self.read_round;
+        self.send(
+            to,
+            self.term,
+            MessageBody::AppendRequest {
+                prev_log_index,
+                prev_log_term,
+                entries,
+                leader_commit,
+                read_context,
+            },
+        );
+        Ok(true)
+    }
+
+    /// A heartbeat: an empty append at the follower's match index, which always succeeds on a
+    /// follower of this term; it carries the commit index as far as the follower can take it.
+    fn send_heartbeat(&mut self, to: NodeId) {
+        let Some(pr) = self.progress.get(&to) else {
+            return;
+        };
+        let prev_log_index = pr.match_index;
+        let Ok(prev_log_term) = self.log.term(prev_log_index) else {
+            return;
+        };
+        let leader_commit = self.log.committed.min(prev_log_index);
+        let read_context = self.read_round;
+        self.send(
+            to,
+            self.term,
+            MessageBody::AppendRequest {
+                prev_log_index,
+                prev_log_term,
+                entries: Vec::new(),
+                leader_commit,
+                read_context,
+            },
+        );
+    }
+
+    /// Advances the commit index to what a majority has made durable, if it is of this term.
+    fn maybe_commit(&mut self) -> bool {
+        let mut matches: Vec<LogIndex> = self.progress.values().map(|p| p.match_index).collect();
+        matches.push(self.persisted_index());
+        let index = quorum_value(matches);
+        if !self.log.maybe_commit(index, self.term) {
+            return false;
+        }
+        let committed = self.log.committed;
+        while self
+            .uncommitted
+            .front()
+            .is_some_and(|&(i, _)| i <= committed)
+        {
+            if let Some((_, bytes)) = self.uncommitted.pop_front() {
+                self.uncommitted_bytes -= bytes;
+            }
+        }
+        if !self.reads_awaiting_commit.is_empty() {
+            let waiting = std::mem::take(&mut self.reads_awaiting_commit);
+            for ctx in waiting {
+                self.queue_read(ctx);
+            }
+        }
+        true
+    }
+
+    /// The last index durable on this node.
+    fn persisted_index(&self) -> LogIndex {
+        self.log.last_index() - self.log.unstable_entries().len() as u64
+    }
+
+    // ------------------------------------------------------------------------------------------
+    // Client requests
+    // ------------------------------------------------------------------------------------------
+
+    /// Appends a command to the leader's log. Returns its index and term: the command took
+    /// effect iff the entry applied at that index has that term.
+    ///
+    /// # Errors
+    /// `NotLeader` on any other node; `ProposalDropped` if too much is uncommitted.
+    pub fn propose(&mut self, data: Bytes) -> Result<(LogIndex, Term), Error> {
+        assert!(
+            self.in_flight.is_none(),
+            "propose between ready() and advance()"
+        );
+        if self.role != Role::Leader {
+            return Err(Error::NotLeader {
+                leader: self.leader,
+            });
+        }
+        let entry = Entry {
+            index: self.log.last_index() + 1,
+            term: self.term,
+            kind: EntryKind::Normal,
+            data,
+        };
+        let bytes = entry.size_bytes();
+        if self.uncommitted_bytes > 0
+            && self.uncommitted_bytes + bytes > self.cfg.max_uncommitted_bytes
+        {
+            return Err(Error::ProposalDropped(self.uncommitted_bytes));
+        }
+        let index = entry.index;
+        self.log.append(&[entry]);
+        self.uncommitted.push_back((index, bytes));
+        self.uncommitted_bytes += bytes;
+        self.need_bcast = true;
+        Ok((index, self.term))
+    }
+
+    /// Requests a linearizable read (dissertation 6.4). Once a quorum has confirmed that we are
+    /// still the leader, a [`ReadState`] with `ctx` comes out of `ready`; the read may be served
+    /// when the state machine has applied its index. If leadership is lost first, `ctx` comes
+    /// out in `Ready::dropped_reads`.
+    ///
+    /// # Errors
+    /// `NotLeader` on any other node.
+    pub fn read_index(&mut self, ctx: u64) -> Result<(), Error> {
+        assert!(
+            self.in_flight.is_none(),
+            "read_index between ready() and advance()"
+        );
+        if self.role != Role::Leader {
+            return Err(Error::NotLeader {
+                leader: self.leader,
+            });
+        }
+        if !self.log.match_term(self.log.committed, self.term) {
+            self.reads_awaiting_commit.push(ctx);
+            return Ok(());
+        }
+        self.queue_read(ctx);
+        Ok(())
+    }
+
+    fn queue_read(&mut self, ctx: u64) {
+        let index = self.log.committed;
+        if self.quorum() == 1 {
+            self.read_states.push(ReadState { ctx, index });
+            return;
+        }
+        // Confirmed by the next round, which starts at the next `ready`, after this read.
+        self.pending_reads.push_back(PendingRead {
+            ctx,
+            index,
+            round: self.read_round + 1,
+        });
+        self.read_round_needed = true;
+    }
+
+    /// Releases reads whose round a quorum (us included) has acknowledged.
+    fn confirm_reads(&mut self) {
+        let mut acks: Vec<u64> = self.progress.values().map(|p| p.read_ack).collect();
+        acks.push(self.read_round);
+        let confirmed = quorum_value(acks);
+        while self
+            .pending_reads
+            .front()
+            .is_some_and(|r| r.round <= confirmed)
+        {
+            if let Some(r) = self.pending_reads.pop_front() {
+                self.read_states.push(ReadState {
+                    ctx: r.ctx,
+                    index: r.index,
+                });
+            }
+        }
+    }
+
+    // ------------------------------------------------------------------------------------------
+    // Ready / advance
+    // ------------------------------------------------------------------------------------------
+
+    /// Whether `ready` would return any work.
+    pub fn has_ready(&self) -> bool {
+        !self.msgs.is_empty()
+            || !self.log.unstable_entries().is_empty()
+            || self.log.committed > self.log.applied
+            || !self.read_states.is_empty()
+            || !self.dropped_reads.is_empty()
+            || (self.role == Role::Leader && (self.need_bcast || self.read_round_needed))
+            || self.soft_state() != self.prev_soft
+            || self.hard_state() != self.prev_hard
+    }
+
+    /// Leader: sends what was batched up since the last `ready` - one append per follower for
+    /// all new proposals, and one heartbeat round for all new reads.
+    fn flush_leader(&mut self) -> Result<(), Error> {
+        if self.role != Role::Leader {
+            return Ok(());
+        }
+        let start_round = std::mem::take(&mut self.read_round_needed);
+        if start_round {
+            self.read_round += 1;
+        }
+        let bcast = std::mem::take(&mut self.need_bcast);
+        let commit_news = self.log.committed != self.bcast_commit;
+        if !bcast && !start_round {
+            return Ok(());
+        }
+        self.bcast_commit = self.log.committed;
+        let peers: Vec<NodeId> = self.peers().collect();
+        for p in peers {
+            let sent = bcast && self.send_append(p, commit_news)?;
+            if start_round && !sent {
+                self.send_heartbeat(p);
+            }
+        }
+        Ok(())
+    }
+
+    /// Returns the work to do; see [`Ready`] for the order. Must be followed by `advance`.
+    ///
+    /// # Errors
+    /// Only if the log cannot be read; the node must then stop.
+    pub fn ready(&mut self) -> Result<Ready, Error> {
+        assert!(self.in_flight.is_none(), "ready() twice without advance()");
+        self.flush_leader()?;
+        let soft = self.soft_state();
+        let hard = self.hard_state();
+        let entries = self.log.unstable_entries().to_vec();
+        let must_sync = !entries.is_empty()
+            || hard.term != self.prev_hard.term
+            || hard.vote != self.prev_hard.vote;
+        let committed_entries = if self.log.committed > self.log.applied {
+            self.log.next_committed_entries(self.cfg.max_apply_bytes)?
+        } else {
+            Vec::new()
+        };
+        let rd = Ready {
+            soft_state: (soft != self.prev_soft).then_some(soft),
+            hard_state: (hard != self.prev_hard).then_some(hard),
+            entries,
+            messages: std::mem::take(&mut self.msgs),
+            committed_entries,
+            read_states: std::mem::take(&mut self.read_states),
+            dropped_reads: std::mem::take(&mut self.dropped_reads),
+            must_sync,
+        };
+        self.prev_soft = soft;
+        self.prev_hard = hard;
+        self.in_flight = Some(InFlightReady {
+            applied_to: rd
+                .committed_entries
+                .last()
+                .map_or(self.log.applied, |e| e.index),
+        });
+        Ok(rd)
+    }
+
+    /// The last `Ready` has been executed: its entries and hard state are durable and its
+    /// committed entries applied.
+    pub fn advance(&mut self) {
+        let done = self.in_flight.take().expect("advance() without ready()");
+        self.log.stable_all();
+        self.log.applied_to(done.applied_to);
+        if self.role == Role::Leader && self.maybe_commit() {
+            // Our own write may complete a quorum (always so with a single voter).
+            self.need_bcast = true;
+        }
+    }
+
+    /// Checks the core's internal invariants; panics with a description if one is broken.
+    pub fn check_invariants(&self) {
+        self.log.check_invariants();
+        match self.role {
+            Role::Leader => {
+                assert_eq!(self.leader, self.id, "a leader leads itself");
+                assert_eq!(self.vote, self.id, "a leader voted for itself in its term");
+                assert_eq!(
+                    self.progress.len(),
+                    self.voters.len() - 1,
+                    "leader tracks every peer"
+                );
+                for (id, p) in &self.progress {
+                    assert!(p.match_index < p.next_index, "peer {id}: match >= next");
+                    assert!(
+                        p.next_index <= self.log.last_index() + 1,
+                        "peer {id}: next beyond log"
+                    );
+                }
+            }
+            Role::Candidate => assert_eq!(self.vote, self.id, "a candidate voted for itself"),
+            Role::Follower | Role::PreCandidate => {
+                assert!(self.progress.is_empty(), "only a leader tracks progress");
+            }
+        }
+    }
+}

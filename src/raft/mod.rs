@@ -1,0 +1,13 @@
+//! The Raft consensus core: pure, deterministic, no I/O, no async, no clock, no global RNG.
+//!
+//! See [`core`] for the contract between the core and the runtime that drives it.
+
+pub mod core;
+pub mod log;
+pub mod progress;
+pub mod storage;
+pub mod types;
+
+pub use self::core::{Config, Error, Raft, Status};
+pub use self::storage::{LogStore, MemLogStore, StorageError};
+pub use self::types::*;

@@ -1,0 +1,215 @@
+//! What a leader knows about each follower's log (Raft paper Figure 2: `nextIndex`,
+//! `matchIndex`), plus the flow control of etcd raft's progress tracker.
+
+use std::collections::VecDeque;
+
+use super::types::LogIndex;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProgressState {
+    /// We don't know where the follower's log matches ours: send one append at a time and wait
+    /// for its answer (or the next heartbeat) before sending the next.
+    Probe,
+    /// The follower's log matches up to `match_index`: stream appends optimistically, up to
+    /// `max_inflight` unacknowledged messages.
+    Replicate,
+}
+
+#[derive(Clone, Debug)]
+pub struct Progress {
+    /// Invariant: `match_index < next_index`.
+    pub match_index: LogIndex,
+    pub next_index: LogIndex,
+    pub state: ProgressState,
+    /// Probe only: an append is out and unanswered.
+    pub probe_sent: bool,
+    /// Replicate only: the last index of each append in flight, oldest first.
+    pub inflight: VecDeque<LogIndex>,
+    /// Heard from since the last check-quorum round.
+    pub recent_active: bool,
+    /// The highest ReadIndex round this follower acknowledged.
+    pub read_ack: u64,
+    /// `match_index` at the last heartbeat, and for how many heartbeats in a row it has not
+    /// moved while appends were in flight (a lost append stalls a pipeline; see `tick`).
+    pub match_at_heartbeat: LogIndex,
+    pub stalled_heartbeats: u32,
+}
+
+impl Progress {
+    pub fn new(next_index: LogIndex) -> Self {
+        Progress {
+            match_index: 0,
+            next_index,
+            state: ProgressState::Probe,
+            probe_sent: false,
+            inflight: VecDeque::new(),
+            recent_active: false,
+            read_ack: 0,
+            match_at_heartbeat: 0,
+            stalled_heartbeats: 0,
+        }
+    }
+
+    pub fn is_paused(&self, max_inflight: usize) -> bool {
+        match self.state {
+            ProgressState::Probe => self.probe_sent,
+            ProgressState::Replicate => self.inflight.len() >= max_inflight,
+        }
+    }
+
+    pub fn become_probe(&mut self) {
+        self.state = ProgressState::Probe;
+        self.next_index = self.match_index + 1;
+        self.probe_sent = false;
+        self.inflight.clear();
+    }
+
+    pub fn become_replicate(&mut self) {
+        self.state = ProgressState::Replicate;
+        self.next_index = self.match_index + 1;
+        self.probe_sent = false;
+        self.inflight.clear();
+    }
+
+    /// Called every heartbeat. A pipeline whose match index has not moved for two heartbeats
+    /// while appends are in flight lost one of them (a broken connection): go back to probing
+    /// from the match index. Returns whether it did.
+    pub fn check_stalled(&mut self) -> bool {
+        let moved = self.match_index != self.match_at_heartbeat;
+        self.match_at_heartbeat = self.match_index;
+        if self.state != ProgressState::Replicate || self.inflight.is_empty() || moved {
+            self.stalled_heartbeats = 0;
+            return false;
+        }
+        self.stalled_heartbeats += 1;
+        if self.stalled_heartbeats >= 2 {
+            self.stalled_heartbeats = 0;
+            self.become_probe();
+            return true;
+        }
+        false
+    }
+
+    /// An append ending at `last` went out.
+    pub fn sent_entries(&mut self, last: LogIndex) {
+        match self.state {
+            ProgressState::Replicate => {
+                self.next_index = last + 1;
+                self.inflight.push_back(last);
+            }
+            ProgressState::Probe => self.probe_sent = true,
+        }
+    }
+
+    /// The follower acknowledged that its log matches ours up to `index`. Returns whether that
+    /// was news.
+    pub fn maybe_update(&mut self, index: LogIndex) -> bool {
+        let updated = index > self.match_index;
+        if updated {
+            self.match_index = index;
+            self.probe_sent = false;
+        }
+        self.next_index = self.next_index.max(index + 1);
+        while self.inflight.front().is_some_and(|&last| last <= index) {
+            self.inflight.pop_front();
+        }
+        updated
+    }
+
+    /// The follower rejected an append at `rejected`; `match_hint` is where its log may match
+    /// ours. Returns false if the rejection is stale (answers an append we already superseded).
+    pub fn maybe_decr_to(&mut self, rejected: LogIndex, match_hint: LogIndex) -> bool {
+        match self.state {
+            ProgressState::Replicate => {
+                if rejected <= self.match_index {
+                    return false;
+                }
+                self.become_probe();
+                true
+            }
+            ProgressState::Probe => {
+                if self.next_index != rejected + 1 {
+                    return false;
+                }
+                self.next_index = rejected.min(match_hint + 1).max(self.match_index + 1);
+                self.probe_sent = false;
+                true
+            }
+        }
+    }
+}
+
+/// The number of votes that make a majority of `voters`.
+pub fn majority(voters: usize) -> usize {
+    voters / 2 + 1
+}
+
+/// The largest value that a majority of `values` (one per voter) has reached.
+pub fn quorum_value(mut values: Vec<u64>) -> u64 {
+    let n = values.len();
+    if n == 0 {
+        return 0;
+    }
+    values.sort_unstable_by(|a, b| b.cmp(a));
+    values[majority(n) - 1]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quorum_value_is_the_majority_minimum() {
+        assert_eq!(quorum_value(vec![5]), 5);
+        assert_eq!(quorum_value(vec![1, 5]), 1);
+        assert_eq!(quorum_value(vec![1, 5, 3]), 3);
+        assert_eq!(quorum_value(vec![7, 1, 5, 3]), 3);
+        assert_eq!(quorum_value(vec![2, 9, 1, 5, 3]), 3);
+    }
+
+    /// Property test against a dumb version: the quorum value is the largest v such that at
+    /// least a majority of values are >= v.
+    #[test]
+    fn quorum_value_matches_brute_force() {
+        let mut x = 0x9e3779b97f4a7c15u64;
+        for _ in 0..2000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let n = (x % 7 + 1) as usize;
+            let values: Vec<u64> = (0..n).map(|i| (x >> (i * 5)) % 10).collect();
+            let brute = (0..=10u64)
+                .filter(|v| values.iter().filter(|&&x| x >= *v).count() >= majority(n))
+                .max()
+                .unwrap_or(0);
+            assert_eq!(quorum_value(values.clone()), brute, "{values:?}");
+        }
+    }
+
+    #[test]
+    fn majority_sizes() {
+        assert_eq!(majority(1), 1);
+        assert_eq!(majority(2), 2);
+        assert_eq!(majority(3), 2);
+        assert_eq!(majority(4), 3);
+        assert_eq!(majority(5), 3);
+        assert_eq!(majority(7), 4);
+    }
+
+    #[test]
+    fn stale_rejections_are_ignored() {
+        let mut p = Progress::new(10);
+        p.become_replicate();
+        p.maybe_update(5);
+        assert!(!p.maybe_decr_to(4, 4), "rejection below match is stale");
+        assert!(p.maybe_decr_to(8, 6));
+        assert_eq!(p.state, ProgressState::Probe);
+        assert_eq!(p.next_index, 6);
+        assert!(
+            !p.maybe_decr_to(8, 6),
+            "probe rejection for another index is stale"
+        );
+        assert!(p.maybe_decr_to(5, 3));
+        assert_eq!(p.next_index, 6, "never probes at or below the match index");
+    }
+}

@@ -1,0 +1,188 @@
+//! Plain data types of the Raft core: log entries, hard state, messages and the `Ready` batch.
+
+use bytes::Bytes;
+
+/// Identifies a node of the cluster. `0` means "nobody" (no leader known, no vote cast).
+pub type NodeId = u64;
+/// A Raft term. Terms only grow.
+pub type Term = u64;
+/// A position in the Raft log. The first entry has index 1; index 0 is the empty prefix.
+pub type LogIndex = u64;
+
+/// What a log entry carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum EntryKind {
+    /// A command for the state machine (opaque to the core).
+    Normal,
+    /// Appended by a new leader when it takes office, so that it can commit entries of earlier
+    /// terms by committing one of its own (Raft paper 5.4.2). Applies nothing.
+    Noop,
+}
+
+/// One entry of the replicated log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub index: LogIndex,
+    pub term: Term,
+    pub kind: EntryKind,
+    pub data: Bytes,
+}
+
+/// Bytes an entry adds to a message or to the uncommitted budget (payload plus fixed header).
+pub const ENTRY_OVERHEAD_BYTES: usize = 24;
+
+impl Entry {
+    pub fn size_bytes(&self) -> usize {
+        self.data.len() + ENTRY_OVERHEAD_BYTES
+    }
+}
+
+/// The state that must be durable before a node answers a message that depends on it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HardState {
+    pub term: Term,
+    /// The candidate voted for in `term`, or 0.
+    pub vote: NodeId,
+    /// The highest index known to be committed. Persisting it is an optimisation (less to
+    /// re-learn after a restart), not a safety requirement.
+    pub commit: LogIndex,
+}
+
+/// The role a node plays in its current term.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Role {
+    Follower,
+    /// Asking for pre-votes: would a majority vote for me? Does not change the term.
+    PreCandidate,
+    Candidate,
+    Leader,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Follower => "follower",
+            Role::PreCandidate => "pre-candidate",
+            Role::Candidate => "candidate",
+            Role::Leader => "leader",
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A message between two cores.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Message {
+    pub from: NodeId,
+    pub to: NodeId,
+    /// The sender's term; for a pre-vote request the term it would campaign in, and for a
+    /// granted pre-vote response that same future term.
+    pub term: Term,
+    pub body: MessageBody,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MessageBody {
+    VoteRequest {
+        pre_vote: bool,
+        last_log_index: LogIndex,
+        last_log_term: Term,
+    },
+    VoteResponse {
+        pre_vote: bool,
+        granted: bool,
+    },
+    /// AppendEntries. Without entries it is a heartbeat.
+    AppendRequest {
+        prev_log_index: LogIndex,
+        prev_log_term: Term,
+        entries: Vec<Entry>,
+        leader_commit: LogIndex,
+        /// The leader's ReadIndex round this message belongs to (0: none); echoed back.
+        read_context: u64,
+    },
+    AppendResponse {
+        success: bool,
+        /// Success: the last index known to match the leader. Reject: the rejected
+        /// `prev_log_index`.
+        index: LogIndex,
+        /// Reject only: the highest index at which the follower's log may still match, and
+        /// its term (fast backtracking, etcd raft `findConflictByTerm`).
+        reject_hint_index: LogIndex,
+        reject_hint_term: Term,
+        read_context: u64,
+    },
+}
+
+impl Message {
+    /// True for messages that assert something about the sender's *durable* state (a vote it
+    /// granted, entries it appended). They must not leave the node before the `Ready` they came
+    /// with has been persisted. Requests may be sent at once, in parallel with the write.
+    pub fn needs_persisted_state(&self) -> bool {
+        matches!(
+            self.body,
+            MessageBody::VoteResponse { .. } | MessageBody::AppendResponse { .. }
+        )
+    }
+}
+
+/// A linearizable read that may now be served: once the local state machine has applied
+/// `index`, reading it reflects every write acknowledged before the read arrived.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReadState {
+    pub ctx: u64,
+    pub index: LogIndex,
+}
+
+/// Volatile state worth reporting when it changes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SoftState {
+    pub role: Role,
+    pub leader: NodeId,
+}
+
+/// One batch of work produced by [`crate::raft::Raft::ready`].
+///
+/// To ensure correctness, the caller executes it in this order:
+/// 1. Send the messages for which [`Message::needs_persisted_state`] is false (requests; a
+///    leader's appends travel in parallel with its own write).
+/// 2. Make `hard_state` and `entries` durable: delete every stored entry with an index at or
+///    above `entries[0].index`, then store `entries`; fsync if `must_sync`.
+/// 3. Send the remaining messages (responses).
+/// 4. Apply `committed_entries` in order.
+/// 5. Serve each of `read_states` once the applied index has reached its `index`.
+/// 6. Call [`crate::raft::Raft::advance`].
+#[derive(Debug, Default)]
+pub struct Ready {
+    /// Set when the role or the known leader changed since the last `Ready`.
+    pub soft_state: Option<SoftState>,
+    /// Set when term, vote or commit changed.
+    pub hard_state: Option<HardState>,
+    /// New log entries, contiguous; they may replace a conflicting suffix of the stored log.
+    pub entries: Vec<Entry>,
+    pub messages: Vec<Message>,
+    /// Committed entries not yet applied, in log order.
+    pub committed_entries: Vec<Entry>,
+    pub read_states: Vec<ReadState>,
+    /// Reads that can no longer be served here (leadership lost); their clients should retry.
+    pub dropped_reads: Vec<u64>,
+    /// Whether step 2 must fsync: entries, term or vote changed (commit alone does not need it).
+    pub must_sync: bool,
+}
+
+impl Ready {
+    pub fn is_empty(&self) -> bool {
+        self.soft_state.is_none()
+            && self.hard_state.is_none()
+            && self.entries.is_empty()
+            && self.messages.is_empty()
+            && self.committed_entries.is_empty()
+            && self.read_states.is_empty()
+            && self.dropped_reads.is_empty()
+    }
+}
