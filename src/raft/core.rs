@@ -307,6 +307,11 @@ impl<S: LogStore> Raft<S> {
         }
     }
 
+    /// The term of the entry at `index`, if the log has it.
+    pub fn term_at(&self, index: LogIndex) -> Option<Term> {
+        self.log.term(index).ok()
+    }
+
     /// The entries `[lo, hi)` of the log (durable or not), e.g. for tests and invariants.
     pub fn entries(&self, lo: LogIndex, hi: LogIndex) -> Result<Vec<Entry>, StorageError> {
         self.log.entries(lo, hi, usize::MAX)

@@ -11,3 +11,8 @@ pub mod types;
 pub use self::core::{Config, Error, Raft, Status};
 pub use self::storage::{LogStore, MemLogStore, StorageError};
 pub use self::types::*;
+
+#[cfg(test)]
+mod harness;
+#[cfg(test)]
+mod tests;

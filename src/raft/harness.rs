@@ -1,0 +1,185 @@
+//! A synchronous in-memory cluster for unit tests: every core's `Ready` is executed at once and
+//! messages are delivered in order, except over links that are cut.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use bytes::Bytes;
+
+use super::*;
+
+pub struct Net {
+    pub nodes: BTreeMap<NodeId, Raft<MemLogStore>>,
+    /// Directed links that drop everything.
+    pub cut: BTreeSet<(NodeId, NodeId)>,
+    /// Every message delivered, for assertions.
+    pub delivered: Vec<Message>,
+    /// Applied commands per node.
+    pub applied: BTreeMap<NodeId, Vec<Entry>>,
+    pub read_states: BTreeMap<NodeId, Vec<ReadState>>,
+    pub dropped_reads: BTreeMap<NodeId, Vec<u64>>,
+    /// Messages for which this returns false are dropped.
+    pub filter: Option<Box<dyn Fn(&Message) -> bool>>,
+    queue: VecDeque<Message>,
+}
+
+pub fn config(id: NodeId, n: u64) -> Config {
+    let mut c = Config::new(id, (1..=n).collect(), id * 7919);
+    c.election_ticks_min = 10;
+    c.election_ticks_max = 20;
+    c.heartbeat_ticks = 1;
+    c
+}
+
+pub fn entry(index: LogIndex, term: Term) -> Entry {
+    Entry {
+        index,
+        term,
+        kind: EntryKind::Normal,
+        data: Bytes::from(format!("{index}@{term}")),
+    }
+}
+
+impl Net {
+    pub fn new(n: u64) -> Net {
+        Net::with(n, config)
+    }
+
+    pub fn with(n: u64, cfg: impl Fn(NodeId, u64) -> Config) -> Net {
+        let nodes = (1..=n)
+            .map(|id| {
+                let r = Raft::new(cfg(id, n), MemLogStore::new(), HardState::default(), 0)
+                    .expect("valid config");
+                (id, r)
+            })
+            .collect();
+        Net {
+            nodes,
+            cut: BTreeSet::new(),
+            delivered: Vec::new(),
+            applied: BTreeMap::new(),
+            read_states: BTreeMap::new(),
+            dropped_reads: BTreeMap::new(),
+            filter: None,
+            queue: VecDeque::new(),
+        }
+    }
+
+    /// Replaces node `id` by a core with the given durable log and term.
+    pub fn set_log(&mut self, id: NodeId, cfg: Config, log: &[Entry], term: Term) {
+        let mut store = MemLogStore::new();
+        store.append(log);
+        let hs = HardState {
+            term,
+            vote: 0,
+            commit: 0,
+        };
+        self.nodes
+            .insert(id, Raft::new(cfg, store, hs, 0).expect("valid config"));
+    }
+
+    pub fn node(&mut self, id: NodeId) -> &mut Raft<MemLogStore> {
+        self.nodes.get_mut(&id).expect("node exists")
+    }
+
+    pub fn isolate(&mut self, id: NodeId) {
+        let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
+        for other in ids {
+            if other != id {
+                self.cut.insert((id, other));
+                self.cut.insert((other, id));
+            }
+        }
+    }
+
+    pub fn heal(&mut self) {
+        self.cut.clear();
+    }
+
+    /// Executes every pending `Ready` and delivers messages until nothing moves.
+    pub fn settle(&mut self) {
+        for _ in 0..100_000 {
+            let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
+            for id in ids {
+                self.run_ready(id);
+            }
+            let Some(m) = self.queue.pop_front() else {
+                return;
+            };
+            if self.cut.contains(&(m.from, m.to)) || self.filter.as_ref().is_some_and(|f| !f(&m)) {
+                continue;
+            }
+            self.delivered.push(m.clone());
+            if let Some(r) = self.nodes.get_mut(&m.to) {
+                r.step(m).expect("step");
+                r.check_invariants();
+            }
+        }
+        panic!("the network did not settle");
+    }
+
+    fn run_ready(&mut self, id: NodeId) {
+        let r = self.nodes.get_mut(&id).expect("node exists");
+        if !r.has_ready() {
+            return;
+        }
+        let rd = r.ready().expect("ready");
+        r.store_mut().append(&rd.entries);
+        self.queue.extend(rd.messages);
+        self.applied
+            .entry(id)
+            .or_default()
+            .extend(rd.committed_entries);
+        self.read_states
+            .entry(id)
+            .or_default()
+            .extend(rd.read_states);
+        self.dropped_reads
+            .entry(id)
+            .or_default()
+            .extend(rd.dropped_reads);
+        r.advance();
+        r.check_invariants();
+    }
+
+    /// Ticks every node once, then settles.
+    pub fn tick_all(&mut self) {
+        for r in self.nodes.values_mut() {
+            r.tick();
+        }
+        self.settle();
+    }
+
+    /// Makes `id` campaign now and settles.
+    pub fn elect(&mut self, id: NodeId) {
+        self.node(id).hup();
+        self.settle();
+    }
+
+    pub fn propose(&mut self, id: NodeId, data: &str) -> Result<(LogIndex, Term), Error> {
+        let r = self.propose_no_settle(id, data);
+        self.settle();
+        r
+    }
+
+    pub fn propose_no_settle(&mut self, id: NodeId, data: &str) -> Result<(LogIndex, Term), Error> {
+        self.node(id).propose(Bytes::from(data.to_string()))
+    }
+
+    pub fn log_of(&mut self, id: NodeId) -> Vec<(LogIndex, Term)> {
+        let r = self.node(id);
+        let last = r.last_index();
+        r.entries(1, last + 1)
+            .expect("entries")
+            .iter()
+            .map(|e| (e.index, e.term))
+            .collect()
+    }
+
+    pub fn leaders(&self) -> Vec<NodeId> {
+        self.nodes
+            .values()
+            .filter(|r| r.role() == Role::Leader)
+            .map(|r| r.id())
+            .collect()
+    }
+}

@@ -1,0 +1,818 @@
+//! Unit tests of the core, organised after the Raft paper (Ongaro & Ousterhout 2014) and the
+//! dissertation (Ongaro 2014) for pre-vote, check-quorum and ReadIndex.
+
+use bytes::Bytes;
+
+use super::harness::{Net, config, entry};
+use super::*;
+
+fn log_terms(terms: &[Term]) -> Vec<Entry> {
+    terms
+        .iter()
+        .enumerate()
+        .map(|(i, &t)| entry(i as u64 + 1, t))
+        .collect()
+}
+
+fn no_pre_vote(id: NodeId, n: u64) -> Config {
+    let mut c = config(id, n);
+    c.pre_vote = false;
+    c
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5.2 Leader election
+// ---------------------------------------------------------------------------------------------
+
+// Reference: section 5.2. A follower that hears nothing for an election timeout becomes a
+// candidate: it increments its term, votes for itself and asks every other node for its vote.
+#[test]
+fn follower_times_out_and_campaigns() {
+    let mut r = Raft::new(
+        no_pre_vote(1, 3),
+        MemLogStore::new(),
+        HardState::default(),
+        0,
+    )
+    .expect("cfg");
+    for _ in 0..20 {
+        r.tick();
+    }
+    assert_eq!(r.role(), Role::Candidate);
+    assert_eq!(r.term(), 1);
+    let rd = r.ready().expect("ready");
+    assert_eq!(
+        rd.hard_state,
+        Some(HardState {
+            term: 1,
+            vote: 1,
+            commit: 0
+        })
+    );
+    assert!(rd.must_sync, "term and vote must be durable");
+    let mut to: Vec<NodeId> = rd.messages.iter().map(|m| m.to).collect();
+    to.sort_unstable();
+    assert_eq!(to, vec![2, 3]);
+    for m in &rd.messages {
+        assert_eq!(
+            m.body,
+            MessageBody::VoteRequest {
+                pre_vote: false,
+                last_log_index: 0,
+                last_log_term: 0
+            }
+        );
+        assert_eq!(m.term, 1);
+        assert!(
+            !m.needs_persisted_state(),
+            "requests may leave before the write"
+        );
+    }
+}
+
+// Reference: section 5.2. Election timeouts are chosen randomly from a fixed interval.
+#[test]
+fn election_timeouts_are_randomized_within_bounds() {
+    let mut seen = std::collections::BTreeSet::new();
+    for seed in 0..200 {
+        let mut c = no_pre_vote(1, 3);
+        c.seed = seed;
+        let mut r = Raft::new(c, MemLogStore::new(), HardState::default(), 0).expect("cfg");
+        let mut ticks = 0;
+        while r.role() == Role::Follower {
+            r.tick();
+            ticks += 1;
+        }
+        assert!(
+            (10..=20).contains(&ticks),
+            "timeout {ticks} outside [10, 20]"
+        );
+        seen.insert(ticks);
+    }
+    assert!(seen.len() > 5, "timeouts are not spread: {seen:?}");
+}
+
+// Reference: section 5.2. A candidate wins with votes from a majority; each outcome of one round.
+#[test]
+fn leader_election_in_one_round() {
+    // (cluster size, nodes that cannot be reached, expected role of node 1)
+    let cases: &[(u64, &[NodeId], Role)] = &[
+        (1, &[], Role::Leader),
+        (3, &[], Role::Leader),
+        (3, &[3], Role::Leader),
+        (3, &[2, 3], Role::Candidate),
+        (5, &[4, 5], Role::Leader),
+        (5, &[3, 4, 5], Role::Candidate),
+        (7, &[5, 6, 7], Role::Leader),
+        (7, &[4, 5, 6, 7], Role::Candidate),
+    ];
+    for &(n, down, want) in cases {
+        let mut net = Net::with(n, no_pre_vote);
+        for &d in down {
+            net.isolate(d);
+        }
+        net.elect(1);
+        assert_eq!(net.node(1).role(), want, "n={n} down={down:?}");
+        assert_eq!(net.node(1).term(), 1);
+    }
+}
+
+// Reference: section 5.2. Each server votes for at most one candidate in a given term, on a
+// first-come-first-served basis.
+#[test]
+fn voter_votes_once_per_term() {
+    let mut r = Raft::new(
+        no_pre_vote(1, 3),
+        MemLogStore::new(),
+        HardState::default(),
+        0,
+    )
+    .expect("cfg");
+    let req = |from| Message {
+        from,
+        to: 1,
+        term: 1,
+        body: MessageBody::VoteRequest {
+            pre_vote: false,
+            last_log_index: 0,
+            last_log_term: 0,
+        },
+    };
+    r.step(req(2)).expect("step");
+    r.step(req(3)).expect("step");
+    r.step(req(2)).expect("step");
+    let rd = r.ready().expect("ready");
+    let answers: Vec<(NodeId, bool)> = rd
+        .messages
+        .iter()
+        .map(|m| match m.body {
+            MessageBody::VoteResponse { granted, .. } => (m.to, granted),
+            _ => panic!("unexpected {m:?}"),
+        })
+        .collect();
+    assert_eq!(answers, vec![(2, true), (3, false), (2, true)]);
+    assert_eq!(rd.hard_state.map(|h| h.vote), Some(2));
+    assert!(rd.messages.iter().all(Message::needs_persisted_state));
+}
+
+// Reference: section 5.2. A candidate that receives AppendEntries from a leader of its term
+// returns to follower state.
+#[test]
+fn candidate_steps_down_for_leader_of_same_term() {
+    let mut r = Raft::new(
+        no_pre_vote(1, 3),
+        MemLogStore::new(),
+        HardState::default(),
+        0,
+    )
+    .expect("cfg");
+    r.hup();
+    let _ = r.ready().expect("ready");
+    r.advance();
+    assert_eq!(r.role(), Role::Candidate);
+    r.step(Message {
+        from: 2,
+        to: 1,
+        term: 1,
+        body: MessageBody::AppendRequest {
+            prev_log_index: 0,
+            prev_log_term: 0,
+            entries: vec![],
+            leader_commit: 0,
+            read_context: 0,
+        },
+    })
+    .expect("step");
+    assert_eq!(r.role(), Role::Follower);
+    assert_eq!(r.leader(), 2);
+    assert_eq!(r.term(), 1);
+}
+
+// Reference: section 5.1. A server that sees a higher term adopts it and becomes a follower;
+// requests with a stale term are rejected.
+#[test]
+fn higher_term_deposes_and_stale_term_is_rejected() {
+    let mut net = Net::new(3);
+    net.elect(1);
+    assert_eq!(net.leaders(), vec![1]);
+    let t = net.node(1).term();
+    net.node(1)
+        .step(Message {
+            from: 2,
+            to: 1,
+            term: t + 5,
+            body: MessageBody::AppendResponse {
+                success: false,
+                index: 0,
+                reject_hint_index: 0,
+                reject_hint_term: 0,
+                read_context: 0,
+            },
+        })
+        .expect("step");
+    assert_eq!(net.node(1).role(), Role::Follower);
+    assert_eq!(net.node(1).term(), t + 5);
+
+    // A stale append is answered with our term and changes nothing.
+    let mut r = Raft::new(
+        config(1, 3),
+        MemLogStore::new(),
+        HardState {
+            term: 5,
+            vote: 0,
+            commit: 0,
+        },
+        0,
+    )
+    .expect("cfg");
+    r.step(Message {
+        from: 2,
+        to: 1,
+        term: 3,
+        body: MessageBody::AppendRequest {
+            prev_log_index: 0,
+            prev_log_term: 0,
+            entries: vec![entry(1, 3)],
+            leader_commit: 1,
+            read_context: 0,
+        },
+    })
+    .expect("step");
+    assert_eq!(r.term(), 5);
+    assert_eq!(r.last_index(), 0);
+    let rd = r.ready().expect("ready");
+    assert_eq!(rd.messages.len(), 1);
+    assert_eq!(rd.messages[0].term, 5);
+    assert!(matches!(
+        rd.messages[0].body,
+        MessageBody::AppendResponse { success: false, .. }
+    ));
+}
+
+// Reference: section 5.4.1. A voter denies its vote if its own log is more up-to-date.
+#[test]
+fn vote_denied_to_candidate_with_stale_log() {
+    // (voter log terms, candidate last index, candidate last term, granted)
+    let cases: &[(&[Term], LogIndex, Term, bool)] = &[
+        (&[1, 2], 2, 2, true),
+        (&[1, 2], 3, 2, true),
+        (&[1, 2], 1, 2, false),
+        (&[1, 2], 5, 1, false),
+        (&[1, 2], 1, 3, true),
+        (&[], 0, 0, true),
+    ];
+    for &(terms, li, lt, want) in cases {
+        let mut store = MemLogStore::new();
+        store.append(&log_terms(terms));
+        let mut r = Raft::new(
+            no_pre_vote(1, 3),
+            store,
+            HardState {
+                term: 3,
+                vote: 0,
+                commit: 0,
+            },
+            0,
+        )
+        .expect("cfg");
+        r.step(Message {
+            from: 2,
+            to: 1,
+            term: 4,
+            body: MessageBody::VoteRequest {
+                pre_vote: false,
+                last_log_index: li,
+                last_log_term: lt,
+            },
+        })
+        .expect("step");
+        let rd = r.ready().expect("ready");
+        let granted = matches!(
+            rd.messages[0].body,
+            MessageBody::VoteResponse { granted: true, .. }
+        );
+        assert_eq!(granted, want, "voter {terms:?} candidate ({li}, {lt})");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5.3 Log replication
+// ---------------------------------------------------------------------------------------------
+
+// Reference: section 5.3. A new leader appends a no-op of its term, replicates it and commits
+// once a majority has it; followers learn the commit index and apply.
+#[test]
+fn leader_commits_noop_and_proposals_on_majority() {
+    let mut net = Net::new(5);
+    net.elect(1);
+    let (index, term) = net.propose(1, "x=1").expect("leader accepts");
+    assert_eq!((index, term), (2, 1));
+    for id in 1..=5 {
+        assert_eq!(net.log_of(id), vec![(1, 1), (2, 1)], "node {id}");
+    }
+    assert_eq!(net.node(1).commit_index(), 2);
+    // Followers learn the new commit index from the next message.
+    net.tick_all();
+    for id in 1..=5 {
+        let applied = &net.applied[&id];
+        assert_eq!(applied.len(), 2, "node {id} applied {applied:?}");
+        assert_eq!(applied[0].kind, EntryKind::Noop);
+        assert_eq!(applied[1].data, Bytes::from("x=1"));
+    }
+}
+
+// Reference: section 5.3. A leader with only a minority cannot commit.
+#[test]
+fn minority_leader_does_not_commit() {
+    let mut net = Net::new(5);
+    net.elect(1);
+    net.isolate(3);
+    net.isolate(4);
+    net.isolate(5);
+    net.propose(1, "lost").expect("still leader");
+    assert_eq!(net.node(1).last_index(), 2);
+    assert_eq!(net.node(1).commit_index(), 1);
+    net.heal();
+    // The lost append stalls the pipeline to 3..5 until a heartbeat notices (at most 3 rounds).
+    for _ in 0..3 {
+        net.tick_all();
+    }
+    assert_eq!(net.node(1).commit_index(), 2);
+}
+
+// Reference: section 5.3. The follower rejects an append whose previous entry does not match,
+// and truncates a conflicting suffix when it does match.
+#[test]
+fn follower_consistency_check_and_truncation() {
+    // Follower log: 1@1 2@2 3@2.
+    let mk = || {
+        let mut store = MemLogStore::new();
+        store.append(&log_terms(&[1, 2, 2]));
+        Raft::new(
+            config(1, 3),
+            store,
+            HardState {
+                term: 2,
+                vote: 0,
+                commit: 1,
+            },
+            0,
+        )
+        .expect("cfg")
+    };
+    let append = |prev_log_index, prev_log_term, entries: Vec<Entry>| Message {
+        from: 2,
+        to: 1,
+        term: 3,
+        body: MessageBody::AppendRequest {
+            prev_log_index,
+            prev_log_term,
+            entries,
+            leader_commit: 3,
+            read_context: 0,
+        },
+    };
+    // (prev index, prev term, entries, success, resulting log terms)
+    let cases: Vec<(LogIndex, Term, Vec<Entry>, bool, Vec<Term>)> = vec![
+        (3, 2, vec![entry(4, 3)], true, vec![1, 2, 2, 3]),
+        (3, 3, vec![entry(4, 3)], false, vec![1, 2, 2]),
+        (5, 2, vec![entry(6, 3)], false, vec![1, 2, 2]),
+        (1, 1, vec![entry(2, 3)], true, vec![1, 3]),
+        (2, 2, vec![entry(3, 2), entry(4, 3)], true, vec![1, 2, 2, 3]),
+        (2, 2, vec![entry(3, 2)], true, vec![1, 2, 2]),
+    ];
+    for (pi, pt, entries, ok, want) in cases {
+        let mut r = mk();
+        r.step(append(pi, pt, entries)).expect("step");
+        let rd = r.ready().expect("ready");
+        let MessageBody::AppendResponse { success, .. } = rd.messages[0].body else {
+            panic!("expected an append response");
+        };
+        assert_eq!(success, ok, "prev ({pi}, {pt})");
+        let last = r.last_index();
+        let got: Vec<Term> = r
+            .entries(1, last + 1)
+            .expect("entries")
+            .iter()
+            .map(|e| e.term)
+            .collect();
+        assert_eq!(got, want, "prev ({pi}, {pt})");
+        r.store_mut().append(&rd.entries);
+        r.advance();
+        r.check_invariants();
+    }
+}
+
+// Reference: section 5.3 and Figure 7. Whatever the follower's log, the leader brings it in line
+// with its own: missing entries are filled in, extra uncommitted ones are replaced.
+#[test]
+fn leader_syncs_follower_logs_of_figure_7() {
+    let leader: &[Term] = &[1, 1, 1, 4, 4, 5, 5, 6, 6, 6];
+    let followers: &[&[Term]] = &[
+        &[1, 1, 1, 4, 4, 5, 5, 6, 6],
+        &[1, 1, 1, 4],
+        &[1, 1, 1, 4, 4, 5, 5, 6, 6, 6, 6],
+        &[1, 1, 1, 4, 4, 5, 5, 6, 6, 6, 7, 7],
+        &[1, 1, 1, 4, 4, 4, 4],
+        &[1, 1, 1, 2, 2, 2, 3, 3, 3, 3, 3],
+    ];
+    for (i, &f) in followers.iter().enumerate() {
+        let mut net = Net::new(3);
+        net.set_log(1, config(1, 3), &log_terms(leader), 7);
+        net.set_log(2, config(2, 3), &log_terms(f), 7);
+        net.set_log(3, config(3, 3), &[], 7);
+        net.elect(1);
+        assert_eq!(
+            net.leaders(),
+            vec![1],
+            "follower ({})",
+            (b'a' + i as u8) as char
+        );
+        net.propose(1, "after").expect("leader");
+        net.tick_all();
+        let want = net.log_of(1);
+        assert_eq!(want.len(), 12, "leader log + no-op + proposal");
+        assert_eq!(
+            net.log_of(2),
+            want,
+            "follower ({})",
+            (b'a' + i as u8) as char
+        );
+        assert_eq!(net.node(2).commit_index(), 12);
+    }
+}
+
+// Fast backtracking: a follower with a long divergent suffix is repaired in a number of round
+// trips bounded by the number of conflicting terms, not entries.
+#[test]
+fn conflicting_terms_are_skipped_in_one_round_trip_each() {
+    let mut leader_terms = vec![1u64; 5];
+    leader_terms.extend(std::iter::repeat_n(4, 50));
+    let mut follower_terms = vec![1u64; 5];
+    follower_terms.extend(std::iter::repeat_n(2, 30));
+    follower_terms.extend(std::iter::repeat_n(3, 30));
+    let mut net = Net::new(3);
+    net.set_log(1, config(1, 3), &log_terms(&leader_terms), 5);
+    net.set_log(2, config(2, 3), &log_terms(&follower_terms), 5);
+    net.set_log(3, config(3, 3), &[], 5);
+    net.elect(1);
+    net.tick_all();
+    let rejects = net
+        .delivered
+        .iter()
+        .filter(|m| {
+            m.from == 2 && matches!(m.body, MessageBody::AppendResponse { success: false, .. })
+        })
+        .count();
+    assert!(rejects <= 3, "{rejects} rejections for 2 conflicting terms");
+    assert_eq!(net.log_of(2), net.log_of(1));
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5.4 Safety
+// ---------------------------------------------------------------------------------------------
+
+// Reference: section 5.4.1. A candidate whose log lacks a committed entry cannot be elected.
+#[test]
+fn candidate_missing_committed_entries_loses() {
+    let mut net = Net::new(3);
+    net.elect(1);
+    net.isolate(3);
+    net.propose(1, "a").expect("leader");
+    net.propose(1, "b").expect("leader");
+    assert_eq!(net.node(1).commit_index(), 3);
+    net.heal();
+    net.isolate(1);
+    // Node 3 missed the committed entries; node 2 refuses it.
+    net.node(3).hup();
+    net.settle();
+    assert_ne!(net.node(3).role(), Role::Leader);
+    net.node(2).hup();
+    net.settle();
+    assert_eq!(net.node(2).role(), Role::Leader);
+}
+
+// Reference: section 5.4.2 and Figure 8. A leader never commits an entry of an earlier term by
+// counting replicas: index 2 (term 2) reaches a majority under the term-4 leader but stays
+// uncommitted until an entry of term 4 commits; so a later leader may still replace it.
+#[test]
+fn figure_8_old_term_entry_is_not_committed_by_counting() {
+    let cfg = |id| {
+        let mut c = config(id, 5);
+        c.check_quorum = false;
+        c.max_msg_bytes = 1; // one entry per append, so index 2 can arrive without index 3
+        c
+    };
+    let mut net = Net::new(5);
+    net.set_log(1, cfg(1), &log_terms(&[1, 2]), 3);
+    net.set_log(2, cfg(2), &log_terms(&[1, 2]), 3);
+    net.set_log(3, cfg(3), &log_terms(&[1]), 3);
+    net.set_log(4, cfg(4), &log_terms(&[1]), 3);
+    net.set_log(5, cfg(5), &log_terms(&[1, 3]), 4);
+    // S5 is down while S1 leads. S1's no-op (term 4) never reaches a node that holds index 2:
+    // every append carrying it to such a node is lost.
+    net.cut.insert((1, 5));
+    net.cut.insert((5, 1));
+    let holders = std::cell::RefCell::new(std::collections::BTreeSet::from([1u64, 2]));
+    net.filter = Some(Box::new(move |m: &Message| match &m.body {
+        MessageBody::AppendRequest { entries, .. } => {
+            if entries.iter().any(|e| e.index == 2 && e.term == 2) {
+                holders.borrow_mut().insert(m.to);
+            }
+            !(entries.iter().any(|e| e.term == 4) && holders.borrow().contains(&m.to))
+        }
+        _ => true,
+    }));
+    net.elect(1);
+    assert_eq!(net.node(1).role(), Role::Leader);
+    assert_eq!(net.node(1).term(), 4);
+    for _ in 0..3 {
+        net.tick_all();
+    }
+    let with_2_at_2 = (1..=5)
+        .filter(|&id| net.log_of(id).get(1) == Some(&(2, 2)))
+        .count();
+    assert!(with_2_at_2 >= 3, "index 2 (term 2) reached a majority");
+    for id in 1..=5 {
+        assert!(
+            net.node(id).commit_index() < 2,
+            "node {id} committed an old-term entry by counting"
+        );
+    }
+    // S1 goes away; S5 (last term 3) is elected and overwrites index 2 everywhere.
+    net.filter = None;
+    net.isolate(1);
+    net.elect(5);
+    assert_eq!(net.node(5).role(), Role::Leader);
+    net.tick_all();
+    for id in 2..=5 {
+        assert_eq!(net.log_of(id)[..2], [(1, 1), (2, 3)], "node {id}");
+        assert!(
+            net.applied[&id].iter().all(|e| e.term != 2),
+            "node {id} applied the overwritten entry"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dissertation 9.6 pre-vote and 6.2 check-quorum
+// ---------------------------------------------------------------------------------------------
+
+// A node cut off from the cluster keeps timing out, but with pre-vote it never raises its term;
+// when it comes back it does not depose the healthy leader.
+#[test]
+fn pre_vote_keeps_partitioned_node_from_disrupting() {
+    let mut net = Net::new(3);
+    net.elect(1);
+    let term = net.node(1).term();
+    net.isolate(3);
+    for _ in 0..100 {
+        net.tick_all();
+    }
+    assert_eq!(net.node(3).term(), term, "pre-vote failed; term unchanged");
+    net.heal();
+    for _ in 0..5 {
+        net.tick_all();
+    }
+    assert_eq!(net.leaders(), vec![1]);
+    assert_eq!(net.node(1).term(), term);
+    assert_eq!(net.node(3).leader(), 1);
+}
+
+// Without pre-vote the same node does raise its term (the behaviour pre-vote prevents).
+#[test]
+fn without_pre_vote_partitioned_node_raises_its_term() {
+    let mut net = Net::with(3, |id, n| {
+        let mut c = no_pre_vote(id, n);
+        c.check_quorum = false;
+        c
+    });
+    net.elect(1);
+    let term = net.node(1).term();
+    net.isolate(3);
+    for _ in 0..100 {
+        net.tick_all();
+    }
+    assert!(net.node(3).term() > term);
+}
+
+// Check-quorum: a leader that cannot hear from a majority steps down.
+#[test]
+fn check_quorum_leader_steps_down_when_isolated() {
+    let mut net = Net::new(5);
+    net.elect(1);
+    net.isolate(1);
+    for _ in 0..25 {
+        net.node(1).tick();
+        net.settle();
+    }
+    assert_eq!(net.node(1).role(), Role::Follower);
+    assert_eq!(net.node(1).leader(), 0);
+}
+
+// Check-quorum lease: a follower that heard from the leader within the minimum election timeout
+// ignores a vote request, even one with a higher term.
+#[test]
+fn follower_in_lease_ignores_vote_requests() {
+    let mut net = Net::new(3);
+    net.elect(1);
+    let term = net.node(1).term();
+    net.node(2)
+        .step(Message {
+            from: 3,
+            to: 2,
+            term: term + 1,
+            body: MessageBody::VoteRequest {
+                pre_vote: false,
+                last_log_index: 100,
+                last_log_term: 100,
+            },
+        })
+        .expect("step");
+    assert_eq!(net.node(2).term(), term);
+    assert!(!net.node(2).has_ready() || net.node(2).ready().expect("ready").messages.is_empty());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Client requests
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn propose_on_follower_names_the_leader() {
+    let mut net = Net::new(3);
+    net.elect(2);
+    let err = net.propose(1, "x").expect_err("follower refuses");
+    assert!(matches!(err, Error::NotLeader { leader: 2 }), "{err:?}");
+    let err = net.node(1).read_index(7).expect_err("follower refuses");
+    assert!(matches!(err, Error::NotLeader { leader: 2 }), "{err:?}");
+}
+
+#[test]
+fn uncommitted_budget_drops_proposals() {
+    let mut net = Net::with(3, |id, n| {
+        let mut c = config(id, n);
+        c.max_uncommitted_bytes = 200;
+        c
+    });
+    net.elect(1);
+    net.isolate(2);
+    net.isolate(3);
+    let mut accepted = 0;
+    let err = loop {
+        match net.propose(1, &"v".repeat(40)) {
+            Ok(_) => accepted += 1,
+            Err(e) => break e,
+        }
+    };
+    assert!(matches!(err, Error::ProposalDropped(_)), "{err:?}");
+    assert!(accepted >= 2 && accepted <= 4, "accepted {accepted}");
+    net.heal();
+    for _ in 0..3 {
+        net.tick_all();
+    }
+    net.propose(1, "ok").expect("budget freed after commit");
+}
+
+// ReadIndex (dissertation 6.4): the read is released only after a quorum heartbeat round that
+// started after it arrived, with the commit index as of its arrival.
+#[test]
+fn read_index_waits_for_quorum_round() {
+    let mut net = Net::new(3);
+    net.elect(1);
+    net.propose(1, "x").expect("leader");
+    net.node(1).read_index(42).expect("leader");
+    assert!(
+        net.read_states.get(&1).is_none_or(|v| v.is_empty()),
+        "not before the round"
+    );
+    net.settle();
+    assert_eq!(net.read_states[&1], vec![ReadState { ctx: 42, index: 2 }]);
+}
+
+#[test]
+fn many_reads_share_one_round() {
+    let mut net = Net::new(3);
+    net.elect(1);
+    let before = net.delivered.len();
+    for ctx in 1..=100 {
+        net.node(1).read_index(ctx).expect("leader");
+    }
+    net.settle();
+    let heartbeats = net.delivered[before..]
+        .iter()
+        .filter(|m| matches!(m.body, MessageBody::AppendRequest { .. }))
+        .count();
+    assert_eq!(heartbeats, 2, "one round to the two followers");
+    assert_eq!(net.read_states[&1].len(), 100);
+}
+
+#[test]
+fn isolated_leader_cannot_serve_reads() {
+    let mut net = Net::new(3);
+    net.elect(1);
+    net.isolate(1);
+    net.node(1).read_index(9).expect("still thinks it leads");
+    for _ in 0..30 {
+        net.node(1).tick();
+        net.settle();
+    }
+    assert!(net.read_states.get(&1).is_none_or(|v| v.is_empty()));
+    assert_eq!(
+        net.dropped_reads[&1],
+        vec![9],
+        "stepping down drops the read"
+    );
+}
+
+// A new leader serves reads only once it has committed an entry of its own term: until then its
+// commit index may be behind what the previous leader committed.
+#[test]
+fn read_before_first_commit_waits_for_noop() {
+    let mut net = Net::new(3);
+    net.isolate(2);
+    net.isolate(3);
+    net.node(1).hup();
+    net.settle();
+    assert_ne!(net.node(1).role(), Role::Leader);
+    net.heal();
+    // Win the election but keep the no-op from committing.
+    net.filter = Some(Box::new(|m: &Message| {
+        !matches!(m.body, MessageBody::AppendRequest { .. })
+    }));
+    net.elect(1);
+    assert_eq!(net.node(1).role(), Role::Leader);
+    net.node(1).read_index(5).expect("leader");
+    net.settle();
+    assert!(net.read_states.get(&1).is_none_or(|v| v.is_empty()));
+    net.filter = None;
+    net.tick_all();
+    net.tick_all();
+    let rs = &net.read_states[&1];
+    assert_eq!(rs.len(), 1);
+    assert!(rs[0].index >= 1, "served at or after the no-op");
+}
+
+#[test]
+fn single_node_cluster_commits_and_reads_alone() {
+    let mut net = Net::new(1);
+    net.elect(1);
+    assert_eq!(net.leaders(), vec![1]);
+    net.propose(1, "solo").expect("leader");
+    assert_eq!(net.node(1).commit_index(), 2);
+    net.node(1).read_index(1).expect("leader");
+    net.settle();
+    assert_eq!(net.read_states[&1], vec![ReadState { ctx: 1, index: 2 }]);
+}
+
+// A leader's append loses nothing and is idempotent: duplicated or reordered messages leave the
+// follower's log as the leader's.
+#[test]
+fn duplicate_and_stale_appends_are_harmless() {
+    let mut net = Net::new(3);
+    net.elect(1);
+    for i in 0..5 {
+        net.propose(1, &format!("v{i}")).expect("leader");
+    }
+    let old: Vec<Message> = net
+        .delivered
+        .iter()
+        .filter(|m| m.to == 2 && matches!(m.body, MessageBody::AppendRequest { .. }))
+        .cloned()
+        .collect();
+    for m in old.into_iter().rev() {
+        net.node(2).step(m).expect("step");
+        net.settle();
+    }
+    assert_eq!(net.log_of(2), net.log_of(1));
+    assert_eq!(net.node(2).commit_index(), net.node(1).commit_index());
+}
+
+#[test]
+fn invalid_configs_are_refused() {
+    let bad = [
+        Config {
+            id: 0,
+            ..config(1, 3)
+        },
+        Config {
+            id: 4,
+            ..config(1, 3)
+        },
+        Config {
+            voters: vec![1, 1, 2],
+            ..config(1, 3)
+        },
+        Config {
+            heartbeat_ticks: 20,
+            ..config(1, 3)
+        },
+        Config {
+            election_ticks_max: 5,
+            ..config(1, 3)
+        },
+    ];
+    for c in bad {
+        let r = Raft::new(c.clone(), MemLogStore::new(), HardState::default(), 0);
+        assert!(matches!(r, Err(Error::Config(_))), "{c:?}");
+    }
+}

@@ -1,0 +1,125 @@
+//! The invariants, checked as the simulation runs. Each check panics with a description.
+
+use std::collections::{BTreeMap, HashMap};
+
+use bytes::Bytes;
+use raftkv::raft::{Entry, LogIndex, LogStore, MemLogStore, NodeId, Raft, Term};
+
+#[derive(Default)]
+pub struct Checker {
+    /// Election safety: the one leader of each term.
+    leaders: HashMap<Term, NodeId>,
+    /// Log matching: what every durable log holds at (index, term): data, and the term of the
+    /// entry before it. Two logs that agree on (index, term) then agree on everything before.
+    entries: HashMap<(LogIndex, Term), (Bytes, Term)>,
+    /// Every entry known to be committed somewhere: index -> term.
+    pub committed: BTreeMap<LogIndex, Term>,
+    /// State machine safety: what was applied at each index.
+    applied: HashMap<LogIndex, (Term, Bytes)>,
+    /// The highest commit index any node has learned (for read checks).
+    pub max_commit: LogIndex,
+}
+
+impl Checker {
+    /// Reference: Raft paper Figure 3, Election Safety.
+    pub fn on_leader(&mut self, r: &Raft<MemLogStore>) {
+        let (id, term) = (r.id(), r.term());
+        if let Some(&other) = self.leaders.get(&term) {
+            assert_eq!(
+                other, id,
+                "election safety: nodes {other} and {id} both lead term {term}"
+            );
+        }
+        self.leaders.insert(term, id);
+        // Leader completeness: the new leader holds every committed entry.
+        for (&i, &t) in &self.committed {
+            assert_eq!(
+                r.term_at(i),
+                Some(t),
+                "leader completeness: leader {id} of term {term} lacks committed entry {i} (term {t})"
+            );
+        }
+    }
+
+    /// Called before `entries` are made durable on top of `store`.
+    pub fn on_persist(&mut self, id: NodeId, store: &MemLogStore, entries: &[Entry]) {
+        let Some(first) = entries.first() else {
+            return;
+        };
+        // Nothing committed is ever truncated away.
+        for i in first.index..=store.last_index() {
+            let old = store.term(i).expect("stored");
+            let new = entries.get((i - first.index) as usize).map(|e| e.term);
+            if self.committed.get(&i) == Some(&old) && new != Some(old) {
+                panic!("node {id} truncates committed entry {i} (term {old})");
+            }
+        }
+        let mut prev_term = if first.index == 1 {
+            0
+        } else {
+            store.term(first.index - 1).expect("no gap")
+        };
+        for e in entries {
+            let seen = self
+                .entries
+                .entry((e.index, e.term))
+                .or_insert_with(|| (e.data.clone(), prev_term));
+            assert!(
+                seen.0 == e.data && seen.1 == prev_term,
+                "log matching: node {id} has a different entry {} of term {}",
+                e.index,
+                e.term
+            );
+            prev_term = e.term;
+        }
+    }
+
+    /// Records what a node now knows to be committed, from `from` (exclusive) to its commit
+    /// index.
+    pub fn on_commit(&mut self, r: &Raft<MemLogStore>, from: LogIndex) {
+        let commit = r.commit_index();
+        for i in from + 1..=commit {
+            let t = r.term_at(i).expect("committed entries are in the log");
+            let known = *self.committed.entry(i).or_insert(t);
+            assert_eq!(
+                known,
+                t,
+                "node {} commits term {t} at {i}, but term {known} was committed there",
+                r.id()
+            );
+        }
+        self.max_commit = self.max_commit.max(commit);
+    }
+
+    /// Reference: Raft paper Figure 3, State Machine Safety.
+    pub fn on_apply(&mut self, id: NodeId, e: &Entry) {
+        let seen = self
+            .applied
+            .entry(e.index)
+            .or_insert_with(|| (e.term, e.data.clone()));
+        assert!(
+            seen.0 == e.term && seen.1 == e.data,
+            "state machine safety: node {id} applied a different entry at {}",
+            e.index
+        );
+        assert_eq!(
+            self.committed.get(&e.index),
+            Some(&e.term),
+            "node {id} applied an uncommitted entry {}",
+            e.index
+        );
+    }
+
+    /// No committed entry is lost: each is on a majority of durable logs (crashed nodes count
+    /// with what they had on disk).
+    pub fn check_durable_majority(&self, logs: &[&MemLogStore]) {
+        let majority = logs.len() / 2 + 1;
+        for (&i, &t) in &self.committed {
+            let holders = logs.iter().filter(|l| l.term(i).ok() == Some(t)).count();
+            assert!(
+                holders >= majority,
+                "committed entry {i} (term {t}) is durable on only {holders} nodes"
+            );
+        }
+    }
+}

@@ -1,0 +1,618 @@
+//! The simulated cluster: nodes, network, faults and clients, all driven by one seeded RNG.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
+
+use bytes::Bytes;
+use raftkv::raft::{
+    Config, EntryKind, HardState, LogIndex, MemLogStore, Message, NodeId, Raft, Role, Term,
+};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+
+use crate::checker::Checker;
+
+/// One tick is 10 time units (10 ms with the default 150-300 ms election timeout).
+const TICK: u64 = 10;
+/// How long faults are injected, then how long a healed cluster has to recover.
+const FAULT_PHASE: u64 = 20_000;
+const LIVENESS_BOUND: u64 = 6_000;
+
+#[derive(Default, Clone, Debug)]
+pub struct Stats {
+    pub schedules: u64,
+    pub steps: u64,
+    pub elections: u64,
+    pub crashes: u64,
+    pub partitions: u64,
+    pub committed: u64,
+    pub reads: u64,
+}
+
+impl Stats {
+    pub fn add(&mut self, o: &Stats) {
+        self.schedules += o.schedules;
+        self.steps += o.steps;
+        self.elections += o.elections;
+        self.crashes += o.crashes;
+        self.partitions += o.partitions;
+        self.committed += o.committed;
+        self.reads += o.reads;
+    }
+}
+
+impl std::fmt::Display for Stats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} schedules, {} events, {} elections won, {} crashes, {} partitions, {} entries committed, {} reads checked",
+            self.schedules,
+            self.steps,
+            self.elections,
+            self.crashes,
+            self.partitions,
+            self.committed,
+            self.reads
+        )
+    }
+}
+
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Event {
+    Tick(NodeId),
+    Deliver(u64),
+    Crash,
+    Restart(NodeId),
+    Partition,
+    Heal,
+    Propose,
+    Read,
+}
+
+struct Node {
+    raft: Option<Raft<MemLogStore>>,
+    /// Durable state while crashed.
+    disk: MemLogStore,
+    hard_state: HardState,
+    /// The state machine: applied entries in order; durable with its applied index.
+    applied: Vec<(LogIndex, Term, Bytes)>,
+    /// Commit index already reported to the checker.
+    recorded_commit: LogIndex,
+    /// Proposals waiting for their index to be applied: index -> (term, data).
+    proposals: BTreeMap<LogIndex, (Term, Bytes)>,
+    /// ReadIndex requests: ctx -> the highest commit index anywhere when the read began.
+    reads: HashMap<u64, LogIndex>,
+    /// Confirmed reads waiting for the state machine to catch up: (index, ctx).
+    confirmed_reads: Vec<(LogIndex, u64)>,
+    restarts: u64,
+}
+
+pub struct Sim {
+    seed: u64,
+    rng: SmallRng,
+    now: u64,
+    seq: u64,
+    events: BinaryHeap<Reverse<(u64, u64, Event)>>,
+    in_flight: HashMap<u64, Message>,
+    nodes: BTreeMap<NodeId, Node>,
+    ids: Vec<NodeId>,
+    cut: BTreeSet<(NodeId, NodeId)>,
+    checker: Checker,
+    pub stats: Stats,
+    faults: bool,
+    drop_p: f64,
+    dup_p: f64,
+    delay_max: u64,
+    crash_mid_ready_p: f64,
+    next_value: u64,
+    next_read: u64,
+    acked: u64,
+}
+
+impl Sim {
+    pub fn new(seed: u64) -> Sim {
+        let mut rng = SmallRng::seed_from_u64(seed);
+        let n = [3u64, 5, 7][(seed % 3) as usize];
+        let ids: Vec<NodeId> = (1..=n).collect();
+        let mut nodes = BTreeMap::new();
+        for &id in &ids {
+            let mut node = Node {
+                raft: None,
+                disk: MemLogStore::new(),
+                hard_state: HardState::default(),
+                applied: Vec::new(),
+                recorded_commit: 0,
+                proposals: BTreeMap::new(),
+                reads: HashMap::new(),
+                confirmed_reads: Vec::new(),
+                restarts: 0,
+            };
+            node.raft = Some(start(id, &ids, &node, seed));
+            nodes.insert(id, node);
+        }
+        let drop_p = rng.random_range(0.0..0.2);
+        let dup_p = rng.random_range(0.0..0.1);
+        let delay_max = rng.random_range(1..=40);
+        let crash_mid_ready_p = rng.random_range(0.0..0.002);
+        let mut sim = Sim {
+            seed,
+            rng,
+            now: 0,
+            seq: 0,
+            events: BinaryHeap::new(),
+            in_flight: HashMap::new(),
+            nodes,
+            ids,
+            cut: BTreeSet::new(),
+            checker: Checker::default(),
+            stats: Stats {
+                schedules: 1,
+                ..Stats::default()
+            },
+            faults: true,
+            drop_p,
+            dup_p,
+            delay_max,
+            crash_mid_ready_p,
+            next_value: 0,
+            next_read: 0,
+            acked: 0,
+        };
+        for id in sim.ids.clone() {
+            let offset = sim.rng.random_range(0..TICK);
+            sim.schedule(offset, Event::Tick(id));
+        }
+        let first_crash = sim.rng.random_range(200..1500);
+        sim.schedule(first_crash, Event::Crash);
+        let first_partition = sim.rng.random_range(200..1500);
+        sim.schedule(first_partition, Event::Partition);
+        sim.schedule(50, Event::Propose);
+        sim.schedule(60, Event::Read);
+        sim
+    }
+
+    fn schedule(&mut self, after: u64, ev: Event) {
+        self.seq += 1;
+        self.events.push(Reverse((self.now + after, self.seq, ev)));
+    }
+
+    pub fn run(&mut self) {
+        // Safety phase: faults.
+        self.run_until(FAULT_PHASE);
+        // Liveness phase: heal everything, restart every node, stop losing messages.
+        self.faults = false;
+        self.drop_p = 0.0;
+        self.dup_p = 0.0;
+        self.crash_mid_ready_p = 0.0;
+        self.cut.clear();
+        for id in self.ids.clone() {
+            if self.nodes[&id].raft.is_none() {
+                self.restart(id);
+            }
+        }
+        let deadline = self.now + LIVENESS_BOUND;
+        let leader = loop {
+            self.run_until(self.now + 100);
+            if let Some(l) = self.stable_leader() {
+                break l;
+            }
+            assert!(
+                self.now < deadline,
+                "liveness: no leader within {LIVENESS_BOUND} after healing"
+            );
+        };
+        // A last write must commit and reach every node, which then agree on everything.
+        let data = Bytes::from(format!("final-{}", self.seed));
+        let (index, _) = self
+            .node_mut(leader)
+            .propose(data)
+            .expect("the stable leader accepts");
+        self.process(leader);
+        loop {
+            self.run_until(self.now + 100);
+            let done = self
+                .ids
+                .iter()
+                .all(|id| self.nodes[id].applied.len() as u64 >= index);
+            if done {
+                break;
+            }
+            assert!(
+                self.now < deadline,
+                "liveness: final write {index} not applied everywhere in time"
+            );
+        }
+        let reference = &self.nodes[&leader].applied[..index as usize];
+        for id in &self.ids {
+            let node = &self.nodes[id];
+            assert_eq!(
+                &node.applied[..index as usize],
+                reference,
+                "node {id} diverged"
+            );
+            // Every proposal made on a live node has been resolved by applying its index.
+            if let Some((&i, _)) = node.proposals.iter().next() {
+                assert!(
+                    i > node.applied.len() as u64,
+                    "node {id}: proposal {i} unresolved"
+                );
+            }
+        }
+        self.check_durable();
+        self.stats.committed = self.checker.max_commit;
+    }
+
+    fn stable_leader(&self) -> Option<NodeId> {
+        let leaders: Vec<&Raft<MemLogStore>> = self
+            .nodes
+            .values()
+            .filter_map(|n| n.raft.as_ref())
+            .filter(|r| r.role() == Role::Leader)
+            .collect();
+        let l = leaders.iter().max_by_key(|r| r.term())?;
+        let all_follow = self
+            .nodes
+            .values()
+            .filter_map(|n| n.raft.as_ref())
+            .all(|r| r.leader() == l.id() && r.term() == l.term());
+        all_follow.then_some(l.id())
+    }
+
+    fn run_until(&mut self, until: u64) {
+        while let Some(Reverse((t, _, _))) = self.events.peek() {
+            if *t > until {
+                break;
+            }
+            let Some(Reverse((t, _, ev))) = self.events.pop() else {
+                break;
+            };
+            self.now = t;
+            self.stats.steps += 1;
+            self.handle(ev);
+        }
+        self.now = until;
+    }
+
+    fn node_mut(&mut self, id: NodeId) -> &mut Raft<MemLogStore> {
+        self.nodes
+            .get_mut(&id)
+            .and_then(|n| n.raft.as_mut())
+            .expect("node is up")
+    }
+
+    fn up(&self, id: NodeId) -> bool {
+        self.nodes[&id].raft.is_some()
+    }
+
+    fn handle(&mut self, ev: Event) {
+        match ev {
+            Event::Tick(id) => {
+                if self.up(id) {
+                    self.node_mut(id).tick();
+                    self.process(id);
+                }
+                self.schedule(TICK, Event::Tick(id));
+            }
+            Event::Deliver(key) => {
+                let Some(m) = self.in_flight.remove(&key) else {
+                    return;
+                };
+                let to = m.to;
+                if self.up(to) && !self.cut.contains(&(m.from, to)) {
+                    self.node_mut(to).step(m).expect("step");
+                    self.process(to);
+                }
+            }
+            Event::Crash => {
+                if !self.faults {
+                    return;
+                }
+                // Half of the crashes hit the leader, if there is one.
+                let leader = self.ids.iter().copied().find(|&id| {
+                    self.nodes[&id]
+                        .raft
+                        .as_ref()
+                        .is_some_and(|r| r.role() == Role::Leader)
+                });
+                let id = match leader {
+                    Some(l) if self.rng.random_bool(0.5) => l,
+                    _ => self.ids[self.rng.random_range(0..self.ids.len())],
+                };
+                if self.up(id) {
+                    self.crash(id);
+                    let down = self.rng.random_range(50..1500);
+                    self.schedule(down, Event::Restart(id));
+                }
+                let next = self.rng.random_range(100..1500);
+                self.schedule(next, Event::Crash);
+            }
+            Event::Restart(id) => {
+                if !self.up(id) {
+                    self.restart(id);
+                }
+            }
+            Event::Partition => {
+                if !self.faults {
+                    return;
+                }
+                self.partition();
+                self.stats.partitions += 1;
+                let heal = self.rng.random_range(100..1500);
+                self.schedule(heal, Event::Heal);
+            }
+            Event::Heal => {
+                self.cut.clear();
+                if self.faults {
+                    let next = self.rng.random_range(50..1000);
+                    self.schedule(next, Event::Partition);
+                }
+            }
+            Event::Propose => {
+                self.propose();
+                let next = self.rng.random_range(1..40);
+                self.schedule(next, Event::Propose);
+            }
+            Event::Read => {
+                self.read();
+                let next = self.rng.random_range(1..60);
+                self.schedule(next, Event::Read);
+            }
+        }
+    }
+
+    fn partition(&mut self) {
+        self.cut.clear();
+        let n = self.ids.len();
+        let mut shuffled = self.ids.clone();
+        for i in (1..n).rev() {
+            let j = self.rng.random_range(0..=i);
+            shuffled.swap(i, j);
+        }
+        // Sometimes put the leader on the minority side.
+        if self.rng.random_bool(0.5) {
+            if let Some(pos) = shuffled.iter().position(|&id| {
+                self.nodes[&id]
+                    .raft
+                    .as_ref()
+                    .is_some_and(|r| r.role() == Role::Leader)
+            }) {
+                shuffled.swap(0, pos);
+            }
+        }
+        let k = self.rng.random_range(1..=n / 2);
+        let (a, b) = shuffled.split_at(k);
+        let one_way = self.rng.random_bool(0.3);
+        for &x in a {
+            for &y in b {
+                self.cut.insert((x, y));
+                if !one_way {
+                    self.cut.insert((y, x));
+                }
+            }
+        }
+        // Now and then also some random single links.
+        for _ in 0..self.rng.random_range(0..3) {
+            let x = self.ids[self.rng.random_range(0..n)];
+            let y = self.ids[self.rng.random_range(0..n)];
+            if x != y {
+                self.cut.insert((x, y));
+            }
+        }
+    }
+
+    fn send(&mut self, m: Message) {
+        if self.faults && self.rng.random_bool(self.drop_p) {
+            return;
+        }
+        let copies = if self.faults && self.rng.random_bool(self.dup_p) {
+            2
+        } else {
+            1
+        };
+        for _ in 0..copies {
+            let delay = self.rng.random_range(1..=self.delay_max);
+            self.seq += 1;
+            let key = self.seq;
+            self.in_flight.insert(key, m.clone());
+            self.schedule(delay, Event::Deliver(key));
+        }
+    }
+
+    fn crash(&mut self, id: NodeId) {
+        let node = self.nodes.get_mut(&id).expect("node");
+        let r = node.raft.take().expect("up");
+        node.disk = r.store().clone();
+        node.proposals.clear();
+        node.reads.clear();
+        node.confirmed_reads.clear();
+        self.stats.crashes += 1;
+        self.check_durable();
+    }
+
+    fn restart(&mut self, id: NodeId) {
+        let ids = self.ids.clone();
+        let node = self.nodes.get_mut(&id).expect("node");
+        node.restarts += 1;
+        let r = start(id, &ids, node, self.seed ^ (node.restarts << 32));
+        node.recorded_commit = node.recorded_commit.min(r.commit_index());
+        node.raft = Some(r);
+    }
+
+    fn check_durable(&self) {
+        let stores: Vec<&MemLogStore> = self
+            .nodes
+            .values()
+            .map(|n| n.raft.as_ref().map_or(&n.disk, |r| r.store()))
+            .collect();
+        self.checker.check_durable_majority(&stores);
+    }
+
+    fn propose(&mut self) {
+        let candidates: Vec<NodeId> = self.ids.iter().copied().filter(|&id| self.up(id)).collect();
+        if candidates.is_empty() {
+            return;
+        }
+        // Mostly at the leader; sometimes at a random node (which refuses).
+        let leader = candidates.iter().copied().find(|&id| {
+            self.nodes[&id]
+                .raft
+                .as_ref()
+                .is_some_and(|r| r.role() == Role::Leader)
+        });
+        let id = match leader {
+            Some(l) if self.rng.random_bool(0.9) => l,
+            _ => candidates[self.rng.random_range(0..candidates.len())],
+        };
+        self.next_value += 1;
+        let data = Bytes::from(format!("v{}", self.next_value));
+        let r = self.node_mut(id);
+        match r.propose(data.clone()) {
+            Ok((index, term)) => {
+                self.nodes
+                    .get_mut(&id)
+                    .expect("node")
+                    .proposals
+                    .insert(index, (term, data));
+                self.process(id);
+            }
+            Err(raftkv::raft::Error::NotLeader { leader }) => {
+                assert_ne!(leader, id, "a follower names itself as leader");
+            }
+            Err(raftkv::raft::Error::ProposalDropped(_)) => {}
+            Err(e) => panic!("unexpected propose error {e}"),
+        }
+    }
+
+    fn read(&mut self) {
+        let leader = self.ids.iter().copied().find(|&id| {
+            self.nodes[&id]
+                .raft
+                .as_ref()
+                .is_some_and(|r| r.role() == Role::Leader)
+        });
+        let Some(id) = leader else {
+            return;
+        };
+        self.next_read += 1;
+        let ctx = self.next_read;
+        let floor = self.checker.max_commit;
+        self.node_mut(id)
+            .read_index(ctx)
+            .expect("leader accepts reads");
+        self.nodes
+            .get_mut(&id)
+            .expect("node")
+            .reads
+            .insert(ctx, floor);
+        self.process(id);
+    }
+
+    /// Executes every `Ready` of node `id`, as the real runtime does, checking as it goes.
+    fn process(&mut self, id: NodeId) {
+        loop {
+            let crash_now = self.rng.random_bool(self.crash_mid_ready_p);
+            let node = self.nodes.get_mut(&id).expect("node");
+            let Some(r) = node.raft.as_mut() else {
+                return;
+            };
+            if !r.has_ready() {
+                return;
+            }
+            let rd = r.ready().expect("ready");
+            if rd.soft_state.is_some_and(|s| s.role == Role::Leader) {
+                self.checker.on_leader(r);
+                self.stats.elections += 1;
+            }
+            self.checker.on_commit(r, node.recorded_commit);
+            node.recorded_commit = r.commit_index();
+            let (requests, responses): (Vec<Message>, Vec<Message>) = rd
+                .messages
+                .into_iter()
+                .partition(|m| !m.needs_persisted_state());
+            // 1. Requests leave at once (a leader's appends in parallel with its write).
+            for m in requests {
+                self.send(m);
+            }
+            if crash_now {
+                // The process dies before the write: everything in this Ready is lost.
+                self.crash(id);
+                let down = self.rng.random_range(50..800);
+                self.schedule(down, Event::Restart(id));
+                return;
+            }
+            let node = self.nodes.get_mut(&id).expect("node");
+            let r = node.raft.as_mut().expect("up");
+            // 2. Persist.
+            self.checker.on_persist(id, r.store(), &rd.entries);
+            r.store_mut().append(&rd.entries);
+            if let Some(hs) = rd.hard_state {
+                node.hard_state = hs;
+            }
+            // 3. Responses, now that what they promise is durable.
+            for m in responses {
+                self.send(m);
+            }
+            // 4. Apply.
+            let node = self.nodes.get_mut(&id).expect("node");
+            for e in &rd.committed_entries {
+                self.checker.on_apply(id, e);
+                assert_eq!(
+                    e.index,
+                    node.applied.len() as u64 + 1,
+                    "node {id} applies out of order"
+                );
+                let data = if e.kind == EntryKind::Noop {
+                    Bytes::new()
+                } else {
+                    e.data.clone()
+                };
+                node.applied.push((e.index, e.term, data));
+                if let Some((term, _)) = node.proposals.remove(&e.index) {
+                    if term == e.term {
+                        self.acked += 1;
+                    }
+                }
+            }
+            // 5. Reads: the confirmed index must cover every commit that happened before the
+            //    read began; the read is served once applied.
+            for rs in &rd.read_states {
+                let floor = node.reads.remove(&rs.ctx).expect("a read we asked for");
+                assert!(
+                    rs.index >= floor,
+                    "stale read on node {id}: read index {} < commit index {floor} seen before the read",
+                    rs.index
+                );
+                node.confirmed_reads.push((rs.index, rs.ctx));
+            }
+            for ctx in &rd.dropped_reads {
+                node.reads.remove(ctx);
+            }
+            let applied = node.applied.len() as u64;
+            let before = node.confirmed_reads.len();
+            node.confirmed_reads.retain(|&(i, _)| i > applied);
+            self.stats.reads += (before - node.confirmed_reads.len()) as u64;
+            let r = node.raft.as_mut().expect("up");
+            r.advance();
+            r.check_invariants();
+            assert_eq!(
+                r.applied_index(),
+                node.applied.len() as u64,
+                "applied index tracks the state machine"
+            );
+        }
+    }
+}
+
+/// Starts (or restarts) a core from a node's durable state.
+fn start(id: NodeId, ids: &[NodeId], node: &Node, seed: u64) -> Raft<MemLogStore> {
+    let mut cfg = Config::new(id, ids.to_vec(), seed.wrapping_mul(31).wrapping_add(id));
+    cfg.max_inflight_msgs = 16;
+    cfg.max_msg_bytes = 512;
+    Raft::new(
+        cfg,
+        node.disk.clone(),
+        node.hard_state,
+        node.applied.len() as u64,
+    )
+    .expect("valid config")
+}
