@@ -1,0 +1,421 @@
+//! `config.json`: the cluster's topology and timing, in the seed's format.
+//!
+//! ```json
+//! {
+//!     "nodes": [{"id": 1, "host": "localhost", "port": 50051}, ...],
+//!     "election_timeout_ms": {"min": 150, "max": 300},
+//!     "heartbeat_interval_ms": 50,
+//!     "data_directory": "./data"
+//! }
+//! ```
+//! Optional fields: `log_directory` (default `./logs`), `max_key_bytes` (default 4096),
+//! `max_value_bytes` (default 1 MiB). Relative directories are relative to the config file.
+//! Unknown fields are refused, so that a misspelt option is not silently ignored.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::raft::NodeId;
+
+pub const DEFAULT_MAX_KEY_BYTES: usize = 4096;
+pub const DEFAULT_MAX_VALUE_BYTES: usize = 1 << 20;
+/// Hard ceiling for values: one value must fit into one Raft message and one gRPC message.
+pub const MAX_VALUE_BYTES_LIMIT: usize = 8 << 20;
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NodeAddr {
+    pub id: NodeId,
+    pub host: String,
+    pub port: u16,
+}
+
+impl NodeAddr {
+    pub fn addr(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ElectionTimeout {
+    pub min: u64,
+    pub max: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub nodes: Vec<NodeAddr>,
+    pub election_timeout_ms: ElectionTimeout,
+    pub heartbeat_interval_ms: u64,
+    pub data_directory: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_directory: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_key_bytes: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_value_bytes: Option<usize>,
+    /// The directory of the config file; relative paths are resolved against it.
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+}
+
+/// A config file that cannot be used, with what is wrong and where.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {message} (line {line}, column {column})")]
+    Parse {
+        path: PathBuf,
+        message: String,
+        line: usize,
+        column: usize,
+    },
+    #[error("config file {path}: `{field}`: {message}")]
+    Invalid {
+        path: PathBuf,
+        field: String,
+        message: String,
+    },
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming the file and the offending field.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut cfg = Config::parse(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: strip_position(&e.to_string()),
+            line: e.line(),
+            column: e.column(),
+        })?;
+        cfg.base_dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+        cfg.validate()
+            .map_err(|(field, message)| ConfigError::Invalid {
+                path: path.to_path_buf(),
+                field,
+                message,
+            })?;
+        Ok(cfg)
+    }
+
+    pub fn parse(text: &str) -> Result<Config, serde_json::Error> {
+        serde_json::from_str(text)
+    }
+
+    /// Checks the config for consistency. Returns the field at fault and what is wrong.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        let err = |field: &str, msg: String| Err((field.to_string(), msg));
+        if self.nodes.is_empty() {
+            return err("nodes", "at least one node is required".into());
+        }
+        let mut ids: HashMap<NodeId, usize> = HashMap::new();
+        let mut addrs: HashMap<(String, u16), NodeId> = HashMap::new();
+        let mut ports: HashMap<u16, NodeId> = HashMap::new();
+        for (i, n) in self.nodes.iter().enumerate() {
+            if n.id == 0 {
+                return err(
+                    &format!("nodes[{i}].id"),
+                    "node ids start at 1 (0 is reserved)".into(),
+                );
+            }
+            if let Some(j) = ids.insert(n.id, i) {
+                return err(
+                    &format!("nodes[{i}].id"),
+                    format!("duplicate node id {} (also nodes[{j}])", n.id),
+                );
+            }
+            if n.host.trim().is_empty() {
+                return err(&format!("nodes[{i}].host"), "must not be empty".into());
+            }
+            if n.port == 0 {
+                return err(
+                    &format!("nodes[{i}].port"),
+                    "must be between 1 and 65535".into(),
+                );
+            }
+            if let Some(other) = addrs.insert((n.host.clone(), n.port), n.id) {
+                return err(
+                    &format!("nodes[{i}].port"),
+                    format!(
+                        "duplicate address {}:{} (also node {other})",
+                        n.host, n.port
+                    ),
+                );
+            }
+            // Different spellings of one machine (localhost, 127.0.0.1) cannot share a port.
+            if is_local(&n.host) {
+                if let Some(&other) = ports.get(&n.port) {
+                    return err(
+                        &format!("nodes[{i}].port"),
+                        format!("duplicate port {} (also node {other})", n.port),
+                    );
+                }
+                ports.insert(n.port, n.id);
+            }
+        }
+        let e = &self.election_timeout_ms;
+        if e.min == 0 {
+            return err("election_timeout_ms.min", "must be at least 1".into());
+        }
+        if e.min >= e.max {
+            return err(
+                "election_timeout_ms",
+                format!(
+                    "min ({}) must be less than max ({}), so that timeouts can be randomized",
+                    e.min, e.max
+                ),
+            );
+        }
+        if self.heartbeat_interval_ms == 0 {
+            return err("heartbeat_interval_ms", "must be at least 1".into());
+        }
+        if self.heartbeat_interval_ms * 2 > e.min {
+            return err(
+                "heartbeat_interval_ms",
+                format!(
+                    "{} ms is too close to the election timeout minimum of {} ms; it must be at most half of it",
+                    self.heartbeat_interval_ms, e.min
+                ),
+            );
+        }
+        if self.data_directory.as_os_str().is_empty() {
+            return err("data_directory", "must not be empty".into());
+        }
+        if self.max_key_bytes == Some(0) {
+            return err("max_key_bytes", "must be at least 1".into());
+        }
+        if let Some(v) = self.max_value_bytes {
+            if v > MAX_VALUE_BYTES_LIMIT {
+                return err(
+                    "max_value_bytes",
+                    format!("{v} exceeds the ceiling of {MAX_VALUE_BYTES_LIMIT} bytes"),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    pub fn node(&self, id: NodeId) -> Option<&NodeAddr> {
+        self.nodes.iter().find(|n| n.id == id)
+    }
+
+    pub fn ids(&self) -> Vec<NodeId> {
+        self.nodes.iter().map(|n| n.id).collect()
+    }
+
+    pub fn addrs(&self) -> BTreeMap<NodeId, String> {
+        self.nodes.iter().map(|n| (n.id, n.addr())).collect()
+    }
+
+    fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base_dir.join(p)
+        }
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.resolve(&self.data_directory)
+    }
+
+    /// `<data_directory>/node-<id>`.
+    pub fn node_data_dir(&self, id: NodeId) -> PathBuf {
+        self.data_dir().join(format!("node-{id}"))
+    }
+
+    pub fn log_dir(&self) -> PathBuf {
+        self.resolve(self.log_directory.as_deref().unwrap_or(Path::new("./logs")))
+    }
+
+    pub fn max_key_bytes(&self) -> usize {
+        self.max_key_bytes.unwrap_or(DEFAULT_MAX_KEY_BYTES)
+    }
+
+    pub fn max_value_bytes(&self) -> usize {
+        self.max_value_bytes.unwrap_or(DEFAULT_MAX_VALUE_BYTES)
+    }
+
+    /// The runtime's tick: a fifth of the heartbeat interval, so timeouts keep their precision.
+    pub fn tick_ms(&self) -> u64 {
+        (self.heartbeat_interval_ms / 5).max(1)
+    }
+
+    /// The Raft core's configuration for node `id`, with timeouts converted into ticks.
+    pub fn raft_config(&self, id: NodeId, seed: u64) -> crate::raft::Config {
+        let tick = self.tick_ms();
+        let mut c = crate::raft::Config::new(id, self.ids(), seed);
+        c.heartbeat_ticks = (self.heartbeat_interval_ms / tick).max(1) as u32;
+        c.election_ticks_min = self.election_timeout_ms.min.div_ceil(tick) as u32;
+        c.election_ticks_max =
+            (self.election_timeout_ms.max / tick).max(c.election_ticks_min as u64) as u32;
+        c.max_msg_bytes = (1 << 20).max(self.max_value_bytes() + self.max_key_bytes() + 64);
+        c
+    }
+}
+
+fn is_local(host: &str) -> bool {
+    matches!(
+        host,
+        "localhost" | "127.0.0.1" | "::1" | "[::1]" | "0.0.0.0"
+    )
+}
+
+/// serde_json appends " at line L column C"; we report those separately.
+fn strip_position(msg: &str) -> String {
+    match msg.rfind(" at line ") {
+        Some(i) => msg[..i].to_string(),
+        None => msg.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEED: &str = r#"{
+    "nodes": [
+        {"id": 1, "host": "localhost", "port": 50051},
+        {"id": 2, "host": "localhost", "port": 50052},
+        {"id": 3, "host": "localhost", "port": 50053},
+        {"id": 4, "host": "localhost", "port": 50054},
+        {"id": 5, "host": "localhost", "port": 50055}
+    ],
+    "election_timeout_ms": {
+        "min": 150,
+        "max": 300
+    },
+    "heartbeat_interval_ms": 50,
+    "data_directory": "./data"
+}"#;
+
+    fn load_text(text: &str) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("config.json");
+        std::fs::write(&path, text).expect("write");
+        Config::load(&path)
+    }
+
+    fn field_of(r: Result<Config, ConfigError>) -> String {
+        match r {
+            Err(ConfigError::Invalid { field, .. }) => field,
+            other => panic!("expected a validation error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn seed_config_loads_and_maps_to_ticks() {
+        let c = load_text(SEED).expect("the seed's config is valid");
+        assert_eq!(c.nodes.len(), 5);
+        let r = c.raft_config(3, 1);
+        assert_eq!(c.tick_ms(), 10);
+        assert_eq!(
+            (
+                r.heartbeat_ticks,
+                r.election_ticks_min,
+                r.election_ticks_max
+            ),
+            (5, 15, 30)
+        );
+        assert_eq!(r.voters, vec![1, 2, 3, 4, 5]);
+        assert!(c.node_data_dir(3).ends_with("data/node-3"));
+    }
+
+    #[test]
+    fn the_repository_config_is_the_seed_config() {
+        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.json"))
+            .expect("config.json");
+        assert_eq!(
+            Config::parse(&text).expect("parses"),
+            Config::parse(SEED).expect("parses")
+        );
+    }
+
+    #[test]
+    fn malformed_json_names_line_and_column() {
+        let r = load_text("{\n  \"nodes\": [\n    {\"id\": 1,, }\n  ]\n}");
+        match r {
+            Err(e @ ConfigError::Parse { line: 3, .. }) => {
+                assert!(e.to_string().contains("line 3, column"), "{e}");
+            }
+            other => panic!("expected a parse error on line 3, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn each_inconsistency_names_its_field() {
+        let cases = [
+            (SEED.replace("50052", "50051"), "nodes[1].port"),
+            (SEED.replace("\"id\": 2", "\"id\": 1"), "nodes[1].id"),
+            (SEED.replace("\"id\": 2", "\"id\": 0"), "nodes[1].id"),
+            (
+                SEED.replace("\"min\": 150", "\"min\": 300"),
+                "election_timeout_ms",
+            ),
+            (
+                SEED.replace(
+                    "\"heartbeat_interval_ms\": 50",
+                    "\"heartbeat_interval_ms\": 100",
+                ),
+                "heartbeat_interval_ms",
+            ),
+            (
+                SEED.replace(
+                    "\"heartbeat_interval_ms\": 50",
+                    "\"heartbeat_interval_ms\": 0",
+                ),
+                "heartbeat_interval_ms",
+            ),
+            (SEED.replace("\"./data\"", "\"\""), "data_directory"),
+            (
+                SEED.replace(
+                    "\"host\": \"localhost\", \"port\": 50053",
+                    "\"host\": \" \", \"port\": 50053",
+                ),
+                "nodes[2].host",
+            ),
+        ];
+        for (text, field) in cases {
+            assert_eq!(field_of(load_text(&text)), field);
+        }
+    }
+
+    #[test]
+    fn unknown_and_missing_fields_are_refused_by_name() {
+        let e =
+            load_text(&SEED.replace("heartbeat_interval_ms", "heartbeat_ms")).expect_err("typo");
+        assert!(e.to_string().contains("heartbeat_ms"), "{e}");
+        let e =
+            load_text(&SEED.replace("\"data_directory\": \"./data\"", "\"log_directory\": \"x\""))
+                .expect_err("missing");
+        assert!(e.to_string().contains("data_directory"), "{e}");
+    }
+
+    #[test]
+    fn optional_fields_are_accepted() {
+        let text = SEED.replace(
+            "\"./data\"",
+            "\"./data\", \"log_directory\": \"/tmp/l\", \"max_value_bytes\": 1000",
+        );
+        let c = load_text(&text).expect("valid");
+        assert_eq!(c.max_value_bytes(), 1000);
+        assert_eq!(c.log_dir(), PathBuf::from("/tmp/l"));
+    }
+}

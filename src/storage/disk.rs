@@ -1,0 +1,348 @@
+//! The Raft log and hard state on fjall, implementing the core's [`LogStore`].
+
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+
+use crate::raft::{Entry, EntryKind, HardState, LogIndex, LogStore, NodeId, StorageError, Term};
+
+use super::kv::KvStore;
+
+const FORMAT_VERSION: u64 = 1;
+const KEY_NODE_ID: &[u8] = b"node_id";
+const KEY_FORMAT: &[u8] = b"format";
+const KEY_HARD_STATE: &[u8] = b"hard_state";
+
+/// Why a data directory cannot be opened. Each names the directory.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(
+        "data directory {dir} belongs to node {found}, not node {expected}; refusing to start (use the node's own directory or another data_directory)"
+    )]
+    WrongNode {
+        dir: PathBuf,
+        expected: NodeId,
+        found: NodeId,
+    },
+    #[error(
+        "data directory {dir} has on-disk format {found}, this raftkv reads format {FORMAT_VERSION}"
+    )]
+    WrongFormat { dir: PathBuf, found: u64 },
+    #[error("data directory {dir} is corrupt: {what}")]
+    Corrupt { dir: PathBuf, what: String },
+    #[error("data directory {dir} is in use by another raftkv process (is node already running?)")]
+    Locked { dir: PathBuf },
+    #[error("cannot open data directory {dir}: {source}")]
+    Storage { dir: PathBuf, source: StorageError },
+}
+
+pub fn io_err(e: fjall::Error) -> StorageError {
+    let what = match &e {
+        fjall::Error::Poisoned => {
+            "a previous write failed; the database refuses further writes".to_string()
+        }
+        fjall::Error::Io(io) => format!("I/O error: {io}"),
+        other => format!("{other:?}"),
+    };
+    StorageError::Io(what)
+}
+
+/// What a node recovers from its data directory.
+pub struct Recovered {
+    pub log: DiskLog,
+    pub kv: KvStore,
+    pub hard_state: HardState,
+}
+
+/// Opens (creating if new) the data directory of node `id`.
+///
+/// # Errors
+/// If the directory belongs to another node, has another format, is locked or unreadable.
+pub fn open(dir: &Path, id: NodeId) -> Result<Recovered, OpenError> {
+    let wrap = |source| OpenError::Storage {
+        dir: dir.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(|e| wrap(StorageError::Io(e.to_string())))?;
+    let db = match Database::builder(dir)
+        .manual_journal_persist(true)
+        .worker_threads(1)
+        .open()
+    {
+        Ok(db) => db,
+        Err(fjall::Error::Locked) => {
+            return Err(OpenError::Locked {
+                dir: dir.to_path_buf(),
+            });
+        }
+        Err(e) => return Err(wrap(io_err(e))),
+    };
+    let ks = |name: &str| {
+        db.keyspace(name, KeyspaceCreateOptions::default)
+            .map_err(io_err)
+            .map_err(wrap)
+    };
+    let (log, meta, kv, sessions) = (ks("log")?, ks("meta")?, ks("kv")?, ks("sessions")?);
+    let corrupt = |what: &str| OpenError::Corrupt {
+        dir: dir.to_path_buf(),
+        what: what.to_string(),
+    };
+
+    match meta.get(KEY_NODE_ID).map_err(io_err).map_err(wrap)? {
+        Some(v) => {
+            let found = decode_u64(&v).ok_or_else(|| corrupt("node_id"))?;
+            if found != id {
+                return Err(OpenError::WrongNode {
+                    dir: dir.to_path_buf(),
+                    expected: id,
+                    found,
+                });
+            }
+            let format = meta
+                .get(KEY_FORMAT)
+                .map_err(io_err)
+                .map_err(wrap)?
+                .and_then(|v| decode_u64(&v))
+                .ok_or_else(|| corrupt("format"))?;
+            if format != FORMAT_VERSION {
+                return Err(OpenError::WrongFormat {
+                    dir: dir.to_path_buf(),
+                    found: format,
+                });
+            }
+        }
+        None => {
+            let mut b = db.batch();
+            b.insert(&meta, KEY_NODE_ID, id.to_le_bytes().to_vec());
+            b.insert(&meta, KEY_FORMAT, FORMAT_VERSION.to_le_bytes().to_vec());
+            b.commit().map_err(io_err).map_err(wrap)?;
+            db.persist(PersistMode::SyncAll)
+                .map_err(io_err)
+                .map_err(wrap)?;
+        }
+    }
+
+    let hard_state = match meta.get(KEY_HARD_STATE).map_err(io_err).map_err(wrap)? {
+        Some(v) if v.len() == 24 => HardState {
+            term: u64_at(&v, 0),
+            vote: u64_at(&v, 8),
+            commit: u64_at(&v, 16),
+        },
+        Some(_) => return Err(corrupt("hard_state")),
+        None => HardState::default(),
+    };
+
+    // Rebuild the term index (one run per term) and check the log is contiguous.
+    let mut terms: Vec<(LogIndex, Term)> = Vec::new();
+    let mut first = 1;
+    let mut last = 0;
+    for item in log.iter() {
+        let (k, v) = item.into_inner().map_err(io_err).map_err(wrap)?;
+        let index = decode_index(&k).ok_or_else(|| corrupt("log key"))?;
+        let (term, _, _) = decode_entry(&v).ok_or_else(|| corrupt("log entry"))?;
+        if last == 0 {
+            first = index;
+        } else if index != last + 1 {
+            return Err(corrupt(&format!("log gap after entry {last}")));
+        }
+        if terms.last().is_none_or(|&(_, t)| t != term) {
+            terms.push((index, term));
+        }
+        last = index;
+    }
+    if last == 0 {
+        first = 1;
+    }
+    if first != 1 {
+        return Err(corrupt(&format!(
+            "log starts at {first} but no snapshot exists"
+        )));
+    }
+    let kv = KvStore::new(db.clone(), kv, meta.clone(), sessions).map_err(wrap)?;
+    if kv.applied() > last.max(hard_state.commit) {
+        return Err(corrupt(&format!(
+            "applied index {} is beyond the log ({last})",
+            kv.applied()
+        )));
+    }
+    let hard_state = HardState {
+        commit: hard_state.commit.min(last),
+        ..hard_state
+    };
+    Ok(Recovered {
+        log: DiskLog {
+            db,
+            log,
+            meta,
+            last,
+            terms,
+        },
+        kv,
+        hard_state,
+    })
+}
+
+/// The durable Raft log.
+pub struct DiskLog {
+    db: Database,
+    log: Keyspace,
+    meta: Keyspace,
+    /// Invariant: entries `[1, last]` are stored.
+    last: LogIndex,
+    /// `(first index, term)` of each run of entries with one term, ascending.
+    terms: Vec<(LogIndex, Term)>,
+}
+
+impl DiskLog {
+    /// Makes `entries` (replacing any stored entry at or above the first one) and `hard_state`
+    /// durable in one atomic batch; fsyncs if `sync`.
+    ///
+    /// # Errors
+    /// A storage error; the database is then poisoned and the node must stop.
+    pub fn append(
+        &mut self,
+        entries: &[Entry],
+        hard_state: Option<HardState>,
+        sync: bool,
+    ) -> Result<(), StorageError> {
+        let mut b = self.db.batch();
+        if let Some(first) = entries.first() {
+            assert!(
+                first.index <= self.last + 1,
+                "append at {} leaves a gap after {}",
+                first.index,
+                self.last
+            );
+            for i in first.index..=self.last {
+                b.remove(&self.log, i.to_be_bytes().to_vec());
+            }
+            for e in entries {
+                b.insert(&self.log, e.index.to_be_bytes().to_vec(), encode_entry(e));
+            }
+        }
+        if let Some(hs) = hard_state {
+            let mut v = Vec::with_capacity(24);
+            v.extend_from_slice(&hs.term.to_le_bytes());
+            v.extend_from_slice(&hs.vote.to_le_bytes());
+            v.extend_from_slice(&hs.commit.to_le_bytes());
+            b.insert(&self.meta, KEY_HARD_STATE, v);
+        }
+        b.commit().map_err(io_err)?;
+        if sync {
+            self.db.persist(PersistMode::SyncData).map_err(io_err)?;
+        }
+        if let Some(first) = entries.first() {
+            while self
+                .terms
+                .last()
+                .is_some_and(|&(start, _)| start >= first.index)
+            {
+                self.terms.pop();
+            }
+            for e in entries {
+                if self.terms.last().is_none_or(|&(_, t)| t != e.term) {
+                    self.terms.push((e.index, e.term));
+                }
+            }
+            self.last = entries.last().map_or(self.last, |e| e.index);
+        }
+        Ok(())
+    }
+}
+
+impl LogStore for DiskLog {
+    fn first_index(&self) -> LogIndex {
+        1
+    }
+
+    fn last_index(&self) -> LogIndex {
+        self.last
+    }
+
+    fn term(&self, index: LogIndex) -> Result<Term, StorageError> {
+        if index == 0 {
+            return Ok(0);
+        }
+        if index > self.last {
+            return Err(StorageError::Unavailable(index));
+        }
+        let run = self.terms.partition_point(|&(start, _)| start <= index);
+        Ok(self.terms[run - 1].1)
+    }
+
+    fn entries(
+        &self,
+        lo: LogIndex,
+        hi: LogIndex,
+        max_bytes: usize,
+    ) -> Result<Vec<Entry>, StorageError> {
+        if lo >= hi {
+            return Ok(Vec::new());
+        }
+        if lo < 1 || hi > self.last + 1 {
+            return Err(StorageError::Unavailable(if lo < 1 { lo } else { hi - 1 }));
+        }
+        let mut out = Vec::with_capacity((hi - lo).min(1024) as usize);
+        let mut bytes = 0usize;
+        for item in self.log.range(lo.to_be_bytes()..hi.to_be_bytes()) {
+            let (k, v) = item.into_inner().map_err(io_err)?;
+            let index = decode_index(&k)
+                .ok_or_else(|| StorageError::Io(format!("corrupt log key {k:?}")))?;
+            let (term, kind, data) = decode_entry(&v)
+                .ok_or_else(|| StorageError::Io(format!("corrupt log entry {index}")))?;
+            let e = Entry {
+                index,
+                term,
+                kind,
+                data,
+            };
+            bytes += e.size_bytes();
+            if !out.is_empty() && bytes > max_bytes {
+                break;
+            }
+            out.push(e);
+        }
+        if out.first().is_none_or(|e| e.index != lo) {
+            return Err(StorageError::Io(format!("log entry {lo} is missing")));
+        }
+        Ok(out)
+    }
+}
+
+fn encode_entry(e: &Entry) -> Vec<u8> {
+    let mut v = Vec::with_capacity(9 + e.data.len());
+    v.extend_from_slice(&e.term.to_le_bytes());
+    v.push(match e.kind {
+        EntryKind::Normal => 0,
+        EntryKind::Noop => 1,
+    });
+    v.extend_from_slice(&e.data);
+    v
+}
+
+fn decode_entry(v: &[u8]) -> Option<(Term, EntryKind, Bytes)> {
+    if v.len() < 9 {
+        return None;
+    }
+    let kind = match v[8] {
+        0 => EntryKind::Normal,
+        1 => EntryKind::Noop,
+        _ => return None,
+    };
+    Some((u64_at(v, 0), kind, Bytes::copy_from_slice(&v[9..])))
+}
+
+fn decode_index(k: &[u8]) -> Option<LogIndex> {
+    Some(u64::from_be_bytes(k.try_into().ok()?))
+}
+
+pub(crate) fn decode_u64(v: &[u8]) -> Option<u64> {
+    Some(u64::from_le_bytes(v.try_into().ok()?))
+}
+
+pub(crate) fn u64_at(v: &[u8], at: usize) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&v[at..at + 8]);
+    u64::from_le_bytes(b)
+}
