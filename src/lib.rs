@@ -18,3 +18,7 @@ pub mod proto {
     #![allow(clippy::all)]
     tonic::include_proto!("raftkv");
 }
+pub mod cli;
+pub mod client;
+pub mod node;
+pub mod transport;

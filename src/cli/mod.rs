@@ -1,0 +1,109 @@
+//! The `raftkv` command line: one enum, a file per subcommand.
+
+pub mod cluster;
+pub mod node;
+pub mod shell;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "raftkv",
+    version,
+    about = "A fault-tolerant, Raft-replicated key-value store",
+    long_about = "A fault-tolerant, Raft-replicated key-value store.\n\n\
+        Start the 5-node cluster of config.json with `raftkv cluster`, then talk to it with \
+        `raftkv shell`. A cluster of 2f+1 nodes keeps working while f nodes are down (2 of 5)."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run one Raft node (gRPC server, durable state under data_directory/node-<id>).
+    #[command(long_about = "Run one Raft node.\n\n\
+        The node serves peers (NodeCommunication) and clients (DataService) over gRPC on its \
+        configured port, keeps its durable state in <data_directory>/node-<id>/ and logs to \
+        <log_directory>/node-<id>.log and stderr (RUST_LOG sets the level, default info). \
+        SIGTERM or Ctrl-C stops it cleanly.")]
+    Node(node::NodeArgs),
+    /// Start the cluster's nodes as child processes and supervise them.
+    #[command(
+        long_about = "Start nodes of the cluster as child processes of this executable.\n\n\
+        Prints each node's pid, address and log file, then the leader. A node that dies is \
+        restarted with backoff unless --no-auto-restart. Ctrl-C or SIGTERM stops every node \
+        (SIGTERM, then SIGKILL after a grace period)."
+    )]
+    Cluster(cluster::ClusterArgs),
+    /// Interactive client: set, get, del, status, leader.
+    #[command(
+        long_about = "An interactive client (a REPL with history and tab completion).\n\n\
+        Commands: set KEY VALUE, get KEY, get --stale KEY, del KEY, status, leader, help, exit. \
+        When standard input is not a terminal, commands are read line by line, so \
+        `echo \"get color\" | raftkv shell` works in scripts; the exit code is 1 if any command \
+        failed."
+    )]
+    Shell(shell::ShellArgs),
+}
+
+/// Parses durations like `500ms`, `10s`, `2m`, or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(i) => (&s[..i], &s[i..]),
+        None => (s, "s"),
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?} (examples: 500ms, 10s, 2m)"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => {
+            return Err(format!(
+                "invalid duration unit in {s:?} (use ms, s, m or h)"
+            ));
+        }
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("invalid duration {s:?}"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// The `--config` option shared by every subcommand.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ConfigArg {
+    /// Path to the cluster configuration (JSON: nodes, election_timeout_ms, heartbeat_interval_ms,
+    /// data_directory).
+    #[arg(long, short = 'c', default_value = "config.json")]
+    pub config: PathBuf,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert!(parse_duration("fast").is_err());
+        assert!(parse_duration("5 parsecs").is_err());
+    }
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,81 @@
+//! `raftkv node`: runs one node until SIGTERM/SIGINT.
+
+use anyhow::Context;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+use crate::config::Config;
+use crate::raft::NodeId;
+
+use super::ConfigArg;
+
+#[derive(clap::Args, Debug)]
+pub struct NodeArgs {
+    /// This node's id (one of the ids in the config's "nodes").
+    #[arg(long)]
+    pub id: NodeId,
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Log only to the log file, not to stderr (used by `raftkv cluster`).
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
+    let cfg = Config::load(&args.config.config)?;
+    if cfg.node(args.id).is_none() {
+        anyhow::bail!(
+            "node id {} is not in {} (configured ids: {})",
+            args.id,
+            args.config.config.display(),
+            cfg.ids()
+                .iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    let log_dir = cfg.log_dir();
+    std::fs::create_dir_all(&log_dir)
+        .with_context(|| format!("creating log directory {}", log_dir.display()))?;
+    let file = tracing_appender::rolling::never(&log_dir, format!("node-{}.log", args.id));
+    let (file, _guard) = tracing_appender::non_blocking(file);
+    let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let stderr_layer = (!args.quiet).then(|| {
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_filter(filter())
+    });
+    use tracing_subscriber::Layer;
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(false)
+                .with_writer(file)
+                .with_filter(filter()),
+        )
+        .with(stderr_layer)
+        .try_init()
+        .ok();
+
+    let (tx, rx) = watch::channel(false);
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+        let _ = tx.send(true);
+    });
+    let result = crate::node::run(cfg, args.id, rx).await;
+    if let Err(e) = &result {
+        tracing::error!("node {} stopped: {e:#}", args.id);
+    } else {
+        tracing::info!("node {} stopped cleanly", args.id);
+    }
+    result
+}

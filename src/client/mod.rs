@@ -1,0 +1,407 @@
+//! The raftkv client: finds the leader, follows `not leader` hints, retries unreachable nodes
+//! with backoff within a deadline, and, when it gives up, says which nodes it tried and what
+//! each answered.
+//!
+//! Writes carry a request id (client id + sequence number), so a write retried after a lost
+//! answer is applied at most once. Reads are linearizable (ReadIndex on the leader) unless
+//! `stale` is asked for, in which case any node answers from its own state.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::time::Instant;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+use crate::proto;
+use crate::proto::data_service_client::DataServiceClient;
+use crate::raft::NodeId;
+use crate::transport::{LEADER_ADDR_HEADER, LEADER_ID_HEADER};
+
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a request failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ClientError {
+    /// Refused by the cluster (e.g. a key or value over the limit). Nothing was written.
+    #[error("{0}")]
+    Rejected(String),
+    /// No node could be reached at all.
+    #[error("cannot reach the cluster: {}", tried_list(.tried))]
+    Unreachable {
+        tried: BTreeMap<NodeId, (String, String)>,
+    },
+    /// Nodes answered, but none could serve the request before the deadline.
+    #[error("the cluster has no quorum: no leader could {} within {}s ({}){}",
+        if *.write { "commit the write" } else { "serve the request" },
+        .timeout.as_secs_f32(),
+        tried_list(.tried),
+        if *.outcome_unknown { ". The write's outcome is unknown: it may still be applied once a quorum is back" } else if *.write { ". The write was not applied" } else { "" })]
+    NoQuorum {
+        tried: BTreeMap<NodeId, (String, String)>,
+        write: bool,
+        outcome_unknown: bool,
+        timeout: Duration,
+    },
+}
+
+impl ClientError {
+    /// True if a write failed in a way that leaves it possibly applied.
+    pub fn outcome_unknown(&self) -> bool {
+        matches!(
+            self,
+            ClientError::NoQuorum {
+                outcome_unknown: true,
+                ..
+            }
+        )
+    }
+}
+
+fn tried_list(tried: &BTreeMap<NodeId, (String, String)>) -> String {
+    let mut s = String::from("tried ");
+    for (i, (id, (addr, err))) in tried.iter().enumerate() {
+        if i > 0 {
+            s.push_str("; ");
+        }
+        let _ = write!(s, "node {id} at {addr}: {err}");
+    }
+    s
+}
+
+/// Per node: what it said and where it is.
+#[derive(Clone)]
+pub struct Client {
+    nodes: BTreeMap<NodeId, String>,
+    channels: BTreeMap<NodeId, Channel>,
+    leader: Option<NodeId>,
+    client_id: u64,
+    seq: u64,
+    timeout: Duration,
+}
+
+pub struct StatusReport {
+    pub id: NodeId,
+    pub addr: String,
+    pub result: Result<proto::StatusResponse, String>,
+}
+
+enum Req {
+    Put(proto::PutRequest),
+    Get(proto::GetRequest),
+    Delete(proto::DeleteRequest),
+}
+
+enum Resp {
+    Put(proto::PutResponse),
+    Get(proto::GetResponse),
+    Delete(proto::DeleteResponse),
+}
+
+impl Client {
+    /// A client for the cluster `nodes` (`id -> host:port`). Connections are made lazily.
+    pub fn new(nodes: BTreeMap<NodeId, String>) -> Client {
+        let channels = nodes
+            .iter()
+            .filter_map(|(&id, addr)| Some((id, endpoint(addr)?.connect_lazy())))
+            .collect();
+        Client {
+            nodes,
+            channels,
+            leader: None,
+            client_id: random_id(),
+            seq: 0,
+            timeout: DEFAULT_TIMEOUT,
+        }
+    }
+
+    /// A copy with its own client id (for concurrent writers), sharing connections.
+    pub fn fork(&self) -> Client {
+        Client {
+            client_id: random_id(),
+            seq: 0,
+            ..self.clone()
+        }
+    }
+
+    pub fn with_timeout(mut self, timeout: Duration) -> Client {
+        self.timeout = timeout;
+        self
+    }
+
+    pub fn nodes(&self) -> &BTreeMap<NodeId, String> {
+        &self.nodes
+    }
+
+    /// The node believed to lead, if any.
+    pub fn leader(&self) -> Option<NodeId> {
+        self.leader
+    }
+
+    fn next_id(&mut self) -> proto::RequestId {
+        self.seq += 1;
+        proto::RequestId {
+            client_id: self.client_id,
+            seq: self.seq,
+        }
+    }
+
+    /// Writes `key = value`. Returns the log index it was applied at.
+    pub async fn put(
+        &mut self,
+        key: impl Into<Bytes>,
+        value: impl Into<Bytes>,
+    ) -> Result<u64, ClientError> {
+        let req = proto::PutRequest {
+            key: key.into(),
+            value: value.into(),
+            id: Some(self.next_id()),
+        };
+        match self.call(Req::Put(req), true, false).await? {
+            Resp::Put(r) => Ok(r.index),
+            _ => unreachable!("put answers put"),
+        }
+    }
+
+    /// Reads `key`: linearizable through the leader, or `stale` from any node.
+    pub async fn get(
+        &mut self,
+        key: impl Into<Bytes>,
+        stale: bool,
+    ) -> Result<Option<Bytes>, ClientError> {
+        let req = proto::GetRequest {
+            key: key.into(),
+            stale,
+        };
+        match self.call(Req::Get(req), false, stale).await? {
+            Resp::Get(r) => Ok(r.found.then_some(r.value)),
+            _ => unreachable!("get answers get"),
+        }
+    }
+
+    /// Reads `key` from one node's state machine (stale), without retries.
+    pub async fn get_from(
+        &self,
+        node: NodeId,
+        key: impl Into<Bytes>,
+    ) -> Result<Option<Bytes>, String> {
+        let ch = self
+            .channels
+            .get(&node)
+            .ok_or_else(|| format!("unknown node {node}"))?
+            .clone();
+        let req = proto::GetRequest {
+            key: key.into(),
+            stale: true,
+        };
+        let mut c = DataServiceClient::new(ch);
+        match tokio::time::timeout(self.timeout, c.get(req)).await {
+            Ok(Ok(r)) => {
+                let r = r.into_inner();
+                Ok(r.found.then_some(r.value))
+            }
+            Ok(Err(s)) => Err(describe(&s)),
+            Err(_) => Err("timed out".into()),
+        }
+    }
+
+    /// Deletes `key`. Returns whether it existed.
+    pub async fn delete(&mut self, key: impl Into<Bytes>) -> Result<bool, ClientError> {
+        let req = proto::DeleteRequest {
+            key: key.into(),
+            id: Some(self.next_id()),
+        };
+        match self.call(Req::Delete(req), true, false).await? {
+            Resp::Delete(r) => Ok(r.existed),
+            _ => unreachable!("delete answers delete"),
+        }
+    }
+
+    /// Asks every node for its status, concurrently, each within `timeout`.
+    pub async fn status_all(&self, timeout: Duration) -> Vec<StatusReport> {
+        let mut set = tokio::task::JoinSet::new();
+        for (&id, addr) in &self.nodes {
+            let ch = self.channels.get(&id).cloned();
+            let addr = addr.clone();
+            set.spawn(async move {
+                let result = match ch {
+                    None => Err("invalid address".to_string()),
+                    Some(ch) => {
+                        let mut c = DataServiceClient::new(ch);
+                        match tokio::time::timeout(timeout, c.status(proto::StatusRequest {})).await
+                        {
+                            Ok(Ok(r)) => Ok(r.into_inner()),
+                            Ok(Err(s)) => Err(describe(&s)),
+                            Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
+                        }
+                    }
+                };
+                StatusReport { id, addr, result }
+            });
+        }
+        let mut reports: Vec<StatusReport> = set.join_all().await;
+        reports.sort_by_key(|r| r.id);
+        reports
+    }
+
+    async fn call(&mut self, req: Req, write: bool, any_node: bool) -> Result<Resp, ClientError> {
+        let deadline = Instant::now() + self.timeout;
+        let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
+        let mut tried: BTreeMap<NodeId, (String, String)> = BTreeMap::new();
+        let mut reached_any = false;
+        let mut outcome_unknown = false;
+        let mut backoff = Duration::from_millis(10);
+        let mut next_in_turn = 0usize;
+        let mut target = self.leader.unwrap_or(ids[0]);
+        let mut hops_without_progress = 0usize;
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            let addr = self.nodes.get(&target).cloned().unwrap_or_default();
+            let Some(ch) = self.channels.get(&target).cloned() else {
+                tried.insert(target, (addr, "invalid address".into()));
+                target = ids[next_in_turn % ids.len()];
+                next_in_turn += 1;
+                continue;
+            };
+            let mut c = DataServiceClient::new(ch)
+                .max_decoding_message_size(crate::transport::peer::GRPC_MESSAGE_BYTES_MAX)
+                .max_encoding_message_size(crate::transport::peer::GRPC_MESSAGE_BYTES_MAX);
+            let remaining = deadline - now;
+            let fut = async {
+                match &req {
+                    Req::Put(r) => c.put(r.clone()).await.map(|r| Resp::Put(r.into_inner())),
+                    Req::Get(r) => c.get(r.clone()).await.map(|r| Resp::Get(r.into_inner())),
+                    Req::Delete(r) => c
+                        .delete(r.clone())
+                        .await
+                        .map(|r| Resp::Delete(r.into_inner())),
+                }
+            };
+            let status = match tokio::time::timeout(remaining, fut).await {
+                Ok(Ok(resp)) => {
+                    if !any_node {
+                        self.leader = Some(target);
+                    }
+                    return Ok(resp);
+                }
+                Ok(Err(status)) => status,
+                Err(_) => {
+                    tried.insert(target, (addr, "no answer before the deadline".into()));
+                    reached_any = true;
+                    outcome_unknown |= write;
+                    break;
+                }
+            };
+            let refused = is_connect_error(&status);
+            if !refused {
+                reached_any = true;
+            }
+            tried.insert(target, (addr, describe(&status)));
+            match status.code() {
+                Code::InvalidArgument | Code::OutOfRange => {
+                    return Err(ClientError::Rejected(status.message().to_string()));
+                }
+                Code::FailedPrecondition => {
+                    // Not the leader: follow its hint at once, else look around.
+                    let hint = status
+                        .metadata()
+                        .get(LEADER_ID_HEADER)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse::<NodeId>().ok())
+                        .filter(|id| self.nodes.contains_key(id));
+                    if let (None, Some(addr)) = (hint, status.metadata().get(LEADER_ADDR_HEADER)) {
+                        tracing::debug!("leader hint {addr:?} is not a configured node");
+                    }
+                    match hint {
+                        Some(h) if h != target && hops_without_progress < ids.len() => {
+                            hops_without_progress += 1;
+                            target = h;
+                            continue;
+                        }
+                        _ => {}
+                    }
+                }
+                _ => {
+                    // Anything but a clean refusal may have reached the state machine.
+                    if write && !refused && status.code() != Code::ResourceExhausted {
+                        outcome_unknown = true;
+                    }
+                }
+            }
+            self.leader = None;
+            hops_without_progress = 0;
+            target = ids[next_in_turn % ids.len()];
+            next_in_turn += 1;
+            if next_in_turn % ids.len() == 0 || target == ids[0] {
+                let sleep = backoff.min(deadline.saturating_duration_since(Instant::now()));
+                tokio::time::sleep(sleep).await;
+                backoff = (backoff * 2).min(Duration::from_millis(500));
+            }
+        }
+        if reached_any {
+            Err(ClientError::NoQuorum {
+                tried,
+                write,
+                outcome_unknown,
+                timeout: self.timeout,
+            })
+        } else {
+            Err(ClientError::Unreachable { tried })
+        }
+    }
+}
+
+fn endpoint(addr: &str) -> Option<Endpoint> {
+    Some(
+        Endpoint::from_shared(format!("http://{addr}"))
+            .ok()?
+            .connect_timeout(Duration::from_millis(500))
+            .tcp_nodelay(true)
+            .initial_stream_window_size(crate::transport::peer::STREAM_WINDOW_BYTES)
+            .initial_connection_window_size(crate::transport::peer::CONNECTION_WINDOW_BYTES),
+    )
+}
+
+/// A connection that was never made: the request certainly did not arrive.
+fn is_connect_error(s: &Status) -> bool {
+    if s.code() != Code::Unavailable {
+        return false;
+    }
+    let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(s);
+    let mut text = s.message().to_lowercase();
+    while let Some(e) = src {
+        text.push(' ');
+        text.push_str(&e.to_string().to_lowercase());
+        src = e.source();
+    }
+    text.contains("connect") || text.contains("refused")
+}
+
+/// A one-line account of a gRPC failure.
+pub fn describe(s: &Status) -> String {
+    if is_connect_error(s) {
+        return "unreachable (connection refused or timed out)".to_string();
+    }
+    match s.code() {
+        Code::Unavailable => format!("unavailable: {}", s.message()),
+        Code::DeadlineExceeded => format!("timed out: {}", s.message()),
+        _ => s.message().to_string(),
+    }
+}
+
+fn random_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.write_u32(std::process::id());
+    h.finish() | 1
+}
