@@ -1,0 +1,215 @@
+//! Runs real `raftkv` processes on free loopback ports in a temporary directory.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use raftkv::client::Client;
+use raftkv::proto::StatusResponse;
+use raftkv::raft::NodeId;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_raftkv");
+
+/// Ports that were free a moment ago (the listener is closed before the node binds).
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"))
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().expect("local addr").port())
+        .collect()
+}
+
+pub fn write_config(dir: &Path, ports: &[u16]) -> PathBuf {
+    let nodes: Vec<String> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| format!(r#"{{"id": {}, "host": "127.0.0.1", "port": {p}}}"#, i + 1))
+        .collect();
+    let text = format!(
+        r#"{{
+    "nodes": [{}],
+    "election_timeout_ms": {{"min": 150, "max": 300}},
+    "heartbeat_interval_ms": 50,
+    "data_directory": "./data",
+    "log_directory": "./logs",
+    "max_value_bytes": 65536
+}}"#,
+        nodes.join(", ")
+    );
+    let path = dir.join("config.json");
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+pub struct TestCluster {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub ports: Vec<u16>,
+    pub procs: BTreeMap<NodeId, Child>,
+}
+
+impl TestCluster {
+    /// Writes a config for `n` nodes; starts none.
+    pub fn new(n: usize) -> TestCluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ports = free_ports(n);
+        let config = write_config(dir.path(), &ports);
+        TestCluster {
+            dir,
+            config,
+            ports,
+            procs: BTreeMap::new(),
+        }
+    }
+
+    pub fn started(n: usize) -> TestCluster {
+        let mut c = TestCluster::new(n);
+        for id in 1..=n as NodeId {
+            c.start(id);
+        }
+        c
+    }
+
+    pub fn ids(&self) -> Vec<NodeId> {
+        (1..=self.ports.len() as NodeId).collect()
+    }
+
+    pub fn start(&mut self, id: NodeId) {
+        assert!(!self.procs.contains_key(&id), "node {id} already running");
+        let child = Command::new(BIN)
+            .args(["node", "--id", &id.to_string(), "--config"])
+            .arg(&self.config)
+            .arg("--quiet")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn raftkv node");
+        self.procs.insert(id, child);
+    }
+
+    pub fn kill9(&mut self, id: NodeId) {
+        if let Some(mut c) = self.procs.remove(&id) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait: a clean stop. Returns the exit code.
+    pub fn stop(&mut self, id: NodeId) -> Option<i32> {
+        let mut c = self.procs.remove(&id)?;
+        let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(st)) = c.try_wait() {
+                return st.code();
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                panic!("node {id} did not stop within 10s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn addrs(&self) -> BTreeMap<NodeId, String> {
+        self.ports
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (i as NodeId + 1, format!("127.0.0.1:{p}")))
+            .collect()
+    }
+
+    pub fn client(&self) -> Client {
+        Client::new(self.addrs()).with_timeout(Duration::from_secs(10))
+    }
+
+    pub async fn statuses(&self) -> BTreeMap<NodeId, StatusResponse> {
+        self.client()
+            .status_all(Duration::from_millis(500))
+            .await
+            .into_iter()
+            .filter_map(|r| r.result.ok().map(|s| (r.id, s)))
+            .collect()
+    }
+
+    /// Waits until one running node leads and every running node follows it.
+    pub async fn wait_leader(&self, within: Duration) -> NodeId {
+        let deadline = Instant::now() + within;
+        loop {
+            let st = self.statuses().await;
+            let running: Vec<NodeId> = self.procs.keys().copied().collect();
+            if let Some(l) = st.values().find(|s| s.role == "leader") {
+                let all = running.iter().all(|id| {
+                    st.get(id)
+                        .is_some_and(|s| s.leader_id == l.id && s.term == l.term)
+                });
+                if all {
+                    return l.id;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no stable leader within {within:?}: {st:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until node `id` has applied at least `index`.
+    pub async fn wait_applied(&self, id: NodeId, index: u64, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let st = self.statuses().await;
+            if st.get(&id).is_some_and(|s| s.applied_index >= index) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {id} did not apply {index} within {within:?}: {:?}",
+                st.get(&id)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        for (_, mut c) in std::mem::take(&mut self.procs) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Runs `raftkv` with arguments and stdin; returns (exit code, stdout, stderr).
+pub fn run_cli(args: &[&str], stdin: &str, cwd: &Path) -> (i32, String, String) {
+    use std::io::Write;
+    let mut child = Command::new(BIN)
+        .args(args)
+        .current_dir(cwd)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn raftkv");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stdin.as_bytes())
+        .expect("write stdin");
+    let out = child.wait_with_output().expect("wait");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

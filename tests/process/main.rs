@@ -1,0 +1,417 @@
+//! End-to-end tests of the real `raftkv` binary: separate processes on free loopback ports,
+//! state in temporary directories.
+
+mod harness;
+
+use std::time::{Duration, Instant};
+
+use harness::{TestCluster, run_cli};
+use raftkv::proto::data_service_client::DataServiceClient;
+use raftkv::transport::LEADER_ID_HEADER;
+
+const ELECTION: Duration = Duration::from_secs(10);
+const CATCH_UP: Duration = Duration::from_secs(20);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_nodes_elect_one_leader_redirect_writes_and_serve_reads() {
+    let c = TestCluster::started(5);
+    let leader = c.wait_leader(ELECTION).await;
+    let follower = c
+        .ids()
+        .into_iter()
+        .find(|&id| id != leader)
+        .expect("a follower");
+
+    // A write sent straight to a follower is refused with the leader's id...
+    let addr = c.addrs()[&follower].clone();
+    let mut raw = DataServiceClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect");
+    let err = raw
+        .put(raftkv::proto::PutRequest {
+            key: "color".into(),
+            value: "blue".into(),
+            id: None,
+        })
+        .await
+        .expect_err("a follower does not accept writes");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    let hint = err
+        .metadata()
+        .get(LEADER_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    assert_eq!(hint, Some(leader.to_string()));
+
+    // ...which the client follows.
+    let mut only_follower = raftkv::client::Client::new(c.addrs());
+    let index = only_follower
+        .put("color", "blue")
+        .await
+        .expect("redirected write");
+    assert_eq!(only_follower.leader(), Some(leader));
+
+    // The leader's linearizable read sees it at once; every node's stale read once applied.
+    let mut client = c.client();
+    assert_eq!(
+        client.get("color", false).await.expect("read").as_deref(),
+        Some(&b"blue"[..])
+    );
+    for id in c.ids() {
+        c.wait_applied(id, index, CATCH_UP).await;
+        let v = client.get_from(id, "color").await.expect("stale read");
+        assert_eq!(v.as_deref(), Some(&b"blue"[..]), "node {id}");
+    }
+    assert!(!client.delete("missing").await.expect("delete"));
+    assert!(client.delete("color").await.expect("delete"));
+    assert_eq!(client.get("color", false).await.expect("read"), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_leader_loses_no_acknowledged_write_and_it_catches_up() {
+    let mut c = TestCluster::started(5);
+    let old = c.wait_leader(ELECTION).await;
+    let mut client = c.client();
+    for i in 0..50 {
+        client
+            .put(format!("k{i}"), format!("v{i}"))
+            .await
+            .expect("write before the kill");
+    }
+    c.kill9(old);
+    let new = c.wait_leader(ELECTION).await;
+    assert_ne!(new, old);
+    for i in 0..50 {
+        let v = client
+            .get(format!("k{i}"), false)
+            .await
+            .expect("read after failover");
+        assert_eq!(
+            v,
+            Some(format!("v{i}").into()),
+            "acknowledged write k{i} lost"
+        );
+    }
+    let index = client
+        .put("after", "failover")
+        .await
+        .expect("write to the new leader");
+    c.start(old);
+    c.wait_applied(old, index, CATCH_UP).await;
+    assert_eq!(
+        client
+            .get_from(old, "after")
+            .await
+            .expect("stale read")
+            .as_deref(),
+        Some(&b"failover"[..])
+    );
+    assert_eq!(
+        client
+            .get_from(old, "k49")
+            .await
+            .expect("stale read")
+            .as_deref(),
+        Some(&b"v49"[..])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_quorum_writes_fail_clearly_and_resume_when_it_returns() {
+    let mut c = TestCluster::started(5);
+    let leader = c.wait_leader(ELECTION).await;
+    let mut client = c.client().with_timeout(Duration::from_secs(3));
+    client.put("before", "1").await.expect("write with quorum");
+    // Stop three nodes, the leader among them.
+    let mut stopped = vec![leader];
+    stopped.extend(c.ids().into_iter().filter(|&id| id != leader).take(2));
+    for &id in &stopped {
+        c.stop(id);
+    }
+    let started = Instant::now();
+    let err = client
+        .put("during", "x")
+        .await
+        .expect_err("no quorum, no write");
+    let elapsed = started.elapsed();
+    let msg = err.to_string();
+    assert!(msg.contains("no quorum"), "{msg}");
+    assert!(
+        msg.contains("outcome is unknown") || msg.contains("was not applied"),
+        "{msg}"
+    );
+    assert!(
+        elapsed < Duration::from_secs(6),
+        "failed only after {elapsed:?}"
+    );
+    // Nothing is applied meanwhile.
+    let alive: Vec<_> = c
+        .ids()
+        .into_iter()
+        .filter(|id| !stopped.contains(id))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for &id in &alive {
+        assert_eq!(
+            client.get_from(id, "during").await.expect("stale read"),
+            None,
+            "node {id}"
+        );
+    }
+    let err = client
+        .get("before", false)
+        .await
+        .expect_err("no linearizable read without quorum");
+    assert!(err.to_string().contains("no quorum"), "{err}");
+    for &id in &stopped {
+        c.start(id);
+    }
+    c.wait_leader(ELECTION).await;
+    let mut client = c.client();
+    client
+        .put("after", "2")
+        .await
+        .expect("write after the quorum returned");
+    assert_eq!(
+        client.get("before", false).await.expect("read").as_deref(),
+        Some(&b"1"[..])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_restart_recovers_every_write_from_disk_without_reapplying() {
+    let mut c = TestCluster::started(5);
+    c.wait_leader(ELECTION).await;
+    let mut client = c.client();
+    let mut last = 0;
+    for i in 0..100 {
+        last = client
+            .put(format!("k{i}"), format!("v{i}"))
+            .await
+            .expect("write");
+    }
+    client.delete("k0").await.expect("delete");
+    for id in c.ids() {
+        c.wait_applied(id, last + 1, CATCH_UP).await;
+    }
+    let before = c.statuses().await;
+    for id in c.ids() {
+        assert_eq!(c.stop(id), Some(0), "node {id} stops cleanly on SIGTERM");
+    }
+    for id in c.ids() {
+        c.start(id);
+    }
+    // Each node resumes from its durable applied index (nothing re-applied from scratch).
+    let st = loop {
+        let st = c.statuses().await;
+        if st.len() == 5 {
+            break st;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    for (id, s) in &st {
+        assert!(
+            s.applied_index >= before[id].applied_index,
+            "node {id} recovered applied {} < {}",
+            s.applied_index,
+            before[id].applied_index
+        );
+        assert!(
+            s.last_log_index >= before[id].last_log_index,
+            "node {id} lost log entries"
+        );
+    }
+    c.wait_leader(ELECTION).await;
+    let mut client = c.client();
+    assert_eq!(client.get("k0", false).await.expect("read"), None);
+    for i in 1..100 {
+        assert_eq!(
+            client.get(format!("k{i}"), false).await.expect("read"),
+            Some(format!("v{i}").into())
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follower_stopped_during_2000_writes_catches_up() {
+    let mut c = TestCluster::started(5);
+    let leader = c.wait_leader(ELECTION).await;
+    let victim = c
+        .ids()
+        .into_iter()
+        .find(|&id| id != leader)
+        .expect("follower");
+    let client = c.client();
+    let mut tasks = Vec::new();
+    for t in 0..16 {
+        let mut cl = client.fork();
+        tasks.push(tokio::spawn(async move {
+            let mut last = 0;
+            for i in 0..125 {
+                last = last.max(
+                    cl.put(format!("t{t}-{i}"), format!("{i}"))
+                        .await
+                        .expect("write"),
+                );
+            }
+            last
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    c.stop(victim);
+    let mut last = 0;
+    for t in tasks {
+        last = last.max(t.await.expect("task"));
+    }
+    c.start(victim);
+    c.wait_applied(victim, last, CATCH_UP).await;
+    let reader = c.client();
+    for t in [0, 7, 15] {
+        assert_eq!(
+            reader
+                .get_from(victim, format!("t{t}-124"))
+                .await
+                .expect("read")
+                .as_deref(),
+            Some(&b"124"[..])
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shell_reads_commands_from_stdin() {
+    let c = TestCluster::started(3);
+    c.wait_leader(ELECTION).await;
+    let cfg = c.config.to_str().expect("utf-8 path");
+    let (code, out, err) = run_cli(
+        &["shell", "--config", cfg],
+        "set color blue sky\nget color\nget --stale color\ndel color\nget color\nstatus\nleader\n",
+        c.dir.path(),
+    );
+    assert_eq!(code, 0, "stderr: {err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines[..5],
+        ["OK", "blue sky", "blue sky", "deleted", "(not found)"],
+        "{out}"
+    );
+    assert!(
+        lines[5].starts_with("ID") && lines[5].contains("ROLE"),
+        "{out}"
+    );
+    assert_eq!(
+        out.matches(" leader ").count(),
+        1,
+        "one leader in the status table: {out}"
+    );
+    assert!(
+        lines.last().is_some_and(|l| l.starts_with("node ")),
+        "{out}"
+    );
+
+    let (code, _, err) = run_cli(
+        &["shell", "--config", cfg],
+        "frobnicate x\nset onlykey\n",
+        c.dir.path(),
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("unknown command \"frobnicate\""), "{err}");
+    assert!(err.contains("usage: set KEY VALUE"), "{err}");
+}
+
+#[test]
+fn shell_against_an_unreachable_cluster_names_the_nodes_tried() {
+    let c = TestCluster::new(3);
+    let cfg = c.config.to_str().expect("utf-8 path");
+    let (code, _, err) = run_cli(
+        &["shell", "--config", cfg, "--timeout", "1s"],
+        "get x\n",
+        c.dir.path(),
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("cannot reach the cluster"), "{err}");
+    for p in &c.ports {
+        assert!(err.contains(&format!("127.0.0.1:{p}")), "{err}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_keys_and_values_are_refused_with_the_limit() {
+    let c = TestCluster::started(3);
+    c.wait_leader(ELECTION).await;
+    let mut client = c.client();
+    let err = client
+        .put("big", vec![b'x'; 65537])
+        .await
+        .expect_err("over max_value_bytes");
+    assert!(
+        err.to_string().contains("exceeds the limit of 65536 bytes"),
+        "{err}"
+    );
+    let err = client
+        .put(vec![b'k'; 4097], "v")
+        .await
+        .expect_err("over max_key_bytes");
+    assert!(err.to_string().contains("limit of 4096 bytes"), "{err}");
+    assert_eq!(
+        client.get("big", false).await.expect("read"),
+        None,
+        "nothing half-written"
+    );
+    client
+        .put("big", vec![b'x'; 65536])
+        .await
+        .expect("at the limit");
+}
+
+#[test]
+fn bad_configs_and_arguments_fail_with_specific_errors() {
+    let c = TestCluster::new(3);
+    let dir = c.dir.path();
+    let cfg = c.config.to_str().expect("utf-8 path");
+
+    std::fs::write(
+        dir.join("broken.json"),
+        "{\n  \"nodes\": [\n    {\"id\": 1,, }\n]}",
+    )
+    .expect("write");
+    let (code, _, err) = run_cli(&["node", "--id", "1", "--config", "broken.json"], "", dir);
+    assert_eq!(code, 1);
+    assert!(err.contains("line 3, column"), "{err}");
+
+    let text = std::fs::read_to_string(&c.config).expect("read");
+    let dup = text.replace(&c.ports[1].to_string(), &c.ports[0].to_string());
+    std::fs::write(dir.join("dup.json"), dup).expect("write");
+    let (code, _, err) = run_cli(&["node", "--id", "1", "--config", "dup.json"], "", dir);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("nodes[1].port") && err.contains("duplicate"),
+        "{err}"
+    );
+
+    let (code, _, err) = run_cli(&["node", "--id", "9", "--config", cfg], "", dir);
+    assert_eq!(code, 1);
+    assert!(err.contains("node id 9 is not in"), "{err}");
+
+    let (code, _, err) = run_cli(&["cluster", "--config", cfg, "--nodes", "1,7"], "", dir);
+    assert_eq!(code, 1);
+    assert!(err.contains("node 7 is not in the config"), "{err}");
+
+    // A port that is already taken is named.
+    let squatter = std::net::TcpListener::bind(format!("127.0.0.1:{}", c.ports[0])).expect("bind");
+    let (code, _, err) = run_cli(&["node", "--id", "1", "--config", cfg], "", dir);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains(&format!("port {} is already in use", c.ports[0])),
+        "{err}"
+    );
+    drop(squatter);
+
+    // A data directory that belongs to another node is refused.
+    let node2 = dir.join("data/node-2");
+    std::fs::create_dir_all(dir.join("data")).expect("mkdir");
+    drop(raftkv::storage::open(&node2, 3).ok());
+    let (code, _, err) = run_cli(&["node", "--id", "2", "--config", cfg], "", dir);
+    assert_eq!(code, 1);
+    assert!(err.contains("belongs to node 3, not node 2"), "{err}");
+}
