@@ -201,13 +201,13 @@ impl Config {
         if self.max_key_bytes == Some(0) {
             return err("max_key_bytes", "must be at least 1".into());
         }
-        if let Some(v) = self.max_value_bytes {
-            if v > MAX_VALUE_BYTES_LIMIT {
-                return err(
-                    "max_value_bytes",
-                    format!("{v} exceeds the ceiling of {MAX_VALUE_BYTES_LIMIT} bytes"),
-                );
-            }
+        if let Some(v) = self.max_value_bytes
+            && v > MAX_VALUE_BYTES_LIMIT
+        {
+            return err(
+                "max_value_bytes",
+                format!("{v} exceeds the ceiling of {MAX_VALUE_BYTES_LIMIT} bytes"),
+            );
         }
         Ok(())
     }

@@ -3,12 +3,12 @@
 //! # Layout
 //! Data flows down, results flow back up; nothing imports a layer above it.
 //! - `cli`: the `raftkv` subcommands (node, cluster, shell, monitor, bench).
-//! - [`client`]: leader discovery, redirects, retries and deadlines.
-//! - [`node`]: the runtime; one tokio task owns the Raft core and executes its output.
-//! - [`transport`]: gRPC servers and peer connections; wire types stop here.
-//! - [`storage`]: the durable log, hard state and key-value state machine on fjall.
-//! - [`raft`]: the consensus core; pure and deterministic.
-//! - [`config`]: `config.json`.
+//! - [`client`] — leader discovery, redirects, retries and deadlines.
+//! - [`node`] — the runtime; one tokio task owns the Raft core and executes its output.
+//! - [`transport`] — gRPC servers and peer connections; wire types stop here.
+//! - [`storage`] — the durable log, hard state and key-value state machine on fjall.
+//! - [`raft`] — the consensus core; pure and deterministic.
+//! - [`config`](mod@config) — `config.json`.
 
 pub mod config;
 pub mod raft;

@@ -233,11 +233,11 @@ pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
     while children.values().any(|c| c.pid.is_some()) {
         match tokio::time::timeout_at(deadline, exit_rx.recv()).await {
             Ok(Some((id, generation, status))) => {
-                if let Some(c) = children.get_mut(&id) {
-                    if c.generation == generation {
-                        c.pid = None;
-                        println!("node {id} stopped ({})", describe_exit(&status));
-                    }
+                if let Some(c) = children.get_mut(&id)
+                    && c.generation == generation
+                {
+                    c.pid = None;
+                    println!("node {id} stopped ({})", describe_exit(&status));
                 }
             }
             Ok(None) => break,

@@ -337,7 +337,7 @@ impl Client {
             hops_without_progress = 0;
             target = ids[next_in_turn % ids.len()];
             next_in_turn += 1;
-            if next_in_turn % ids.len() == 0 || target == ids[0] {
+            if next_in_turn.is_multiple_of(ids.len()) || target == ids[0] {
                 let sleep = backoff.min(deadline.saturating_duration_since(Instant::now()));
                 tokio::time::sleep(sleep).await;
                 backoff = (backoff * 2).min(Duration::from_millis(500));

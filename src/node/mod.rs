@@ -178,6 +178,9 @@ async fn bind(host: &str, port: u16) -> anyhow::Result<TcpListener> {
     Err(last.unwrap_or_else(|| anyhow!("host {host:?} resolves to no address")))
 }
 
+/// A linearizable read: the key, and where to send the value.
+type PendingRead = (Bytes, Reply<Option<Bytes>>);
+
 enum PendingWrite {
     Put(Reply<LogIndex>),
     Delete(Reply<(bool, LogIndex)>),
@@ -192,9 +195,9 @@ struct Core {
     /// Proposed writes by log index, with the term they were proposed in.
     writes: BTreeMap<LogIndex, (Term, PendingWrite)>,
     /// Reads waiting for leadership confirmation, by ReadIndex context.
-    reads: HashMap<u64, (Bytes, Reply<Option<Bytes>>)>,
+    reads: HashMap<u64, PendingRead>,
     /// Confirmed reads waiting for the state machine to reach their index.
-    confirmed_reads: BTreeMap<LogIndex, Vec<(Bytes, Reply<Option<Bytes>>)>>,
+    confirmed_reads: BTreeMap<LogIndex, Vec<PendingRead>>,
     next_read: u64,
     role: Role,
     leader: NodeId,

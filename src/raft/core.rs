@@ -613,28 +613,26 @@ impl<S: LogStore> Raft<S> {
             return Ok(());
         }
         if m.term > self.term {
-            match m.body {
-                MessageBody::VoteRequest { .. } => {
-                    // Dissertation 6.2 (with check-quorum): a node that heard from a live leader
-                    // within the minimum election timeout neither updates its term nor votes:
-                    // a disruptive node must not depose a healthy leader.
-                    let in_lease = self.cfg.check_quorum
-                        && self.leader != 0
-                        && self.election_elapsed < self.cfg.election_ticks_min;
-                    if in_lease {
-                        return Ok(());
-                    }
+            if let MessageBody::VoteRequest { .. } = m.body {
+                // Dissertation 6.2 (with check-quorum): a node that heard from a live leader
+                // within the minimum election timeout neither updates its term nor votes:
+                // a disruptive node must not depose a healthy leader.
+                let in_lease = self.cfg.check_quorum
+                    && self.leader != 0
+                    && self.election_elapsed < self.cfg.election_ticks_min;
+                if in_lease {
+                    return Ok(());
                 }
-                _ => {}
             }
-            let keeps_term = match m.body {
-                MessageBody::VoteRequest { pre_vote: true, .. } => true,
-                MessageBody::VoteResponse {
-                    pre_vote: true,
-                    granted: true,
-                } => true,
-                _ => false,
-            };
+            // A pre-vote (request, or grant for a future term) changes nobody's term.
+            let keeps_term = matches!(
+                m.body,
+                MessageBody::VoteRequest { pre_vote: true, .. }
+                    | MessageBody::VoteResponse {
+                        pre_vote: true,
+                        granted: true,
+                    }
+            );
             if !keeps_term {
                 let leader = match m.body {
                     MessageBody::AppendRequest { .. } => m.from,

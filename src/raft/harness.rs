@@ -7,6 +7,8 @@ use bytes::Bytes;
 
 use super::*;
 
+pub type MessageFilter = Box<dyn Fn(&Message) -> bool>;
+
 pub struct Net {
     pub nodes: BTreeMap<NodeId, Raft<MemLogStore>>,
     /// Directed links that drop everything.
@@ -18,7 +20,7 @@ pub struct Net {
     pub read_states: BTreeMap<NodeId, Vec<ReadState>>,
     pub dropped_reads: BTreeMap<NodeId, Vec<u64>>,
     /// Messages for which this returns false are dropped.
-    pub filter: Option<Box<dyn Fn(&Message) -> bool>>,
+    pub filter: Option<MessageFilter>,
     queue: VecDeque<Message>,
 }
 

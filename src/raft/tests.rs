@@ -373,7 +373,8 @@ fn follower_consistency_check_and_truncation() {
         },
     };
     // (prev index, prev term, entries, success, resulting log terms)
-    let cases: Vec<(LogIndex, Term, Vec<Entry>, bool, Vec<Term>)> = vec![
+    type Case = (LogIndex, Term, Vec<Entry>, bool, Vec<Term>);
+    let cases: Vec<Case> = vec![
         (3, 2, vec![entry(4, 3)], true, vec![1, 2, 2, 3]),
         (3, 3, vec![entry(4, 3)], false, vec![1, 2, 2]),
         (5, 2, vec![entry(6, 3)], false, vec![1, 2, 2]),
@@ -665,7 +666,7 @@ fn uncommitted_budget_drops_proposals() {
         }
     };
     assert!(matches!(err, Error::ProposalDropped(_)), "{err:?}");
-    assert!(accepted >= 2 && accepted <= 4, "accepted {accepted}");
+    assert!((2..=4).contains(&accepted), "accepted {accepted}");
     net.heal();
     for _ in 0..3 {
         net.tick_all();

@@ -139,13 +139,12 @@ impl KvStore {
             let cmd = Command::decode(e.data.clone())
                 .map_err(|err| StorageError::Io(format!("log entry {}: {err}", e.index)))?;
             let id = cmd.id;
-            if id.client_id != 0 {
-                if let Some(s) = self.session(id.client_id, &sessions)? {
-                    if id.seq <= s.seq {
-                        outcomes.push(ApplyOutcome::Duplicate { existed: s.existed });
-                        continue;
-                    }
-                }
+            if id.client_id != 0
+                && let Some(s) = self.session(id.client_id, &sessions)?
+                && id.seq <= s.seq
+            {
+                outcomes.push(ApplyOutcome::Duplicate { existed: s.existed });
+                continue;
             }
             let (outcome, existed) = match cmd.op {
                 Op::Put { key, value } => {

@@ -106,13 +106,11 @@ pub fn message_from_wire(
             granted: v.granted,
         },
         Body::AppendRequest(a) => {
-            let mut expect = a.prev_log_index + 1;
             let mut entries = Vec::with_capacity(a.entries.len());
-            for e in a.entries {
+            for (expect, e) in (a.prev_log_index + 1..).zip(a.entries) {
                 if e.index != expect {
                     return Err(ConvertError::NotContiguous(expect - 1));
                 }
-                expect += 1;
                 let kind = match proto::EntryKind::try_from(e.kind) {
                     Ok(proto::EntryKind::Normal) => EntryKind::Normal,
                     Ok(proto::EntryKind::Noop) => EntryKind::Noop,

@@ -43,10 +43,10 @@ impl Peers {
 
     /// Queues a message; drops it if the peer's queue is full.
     pub fn send(&self, m: Message) {
-        if let Some(q) = self.queues.get(&m.to) {
-            if q.try_send(m).is_err() {
-                tracing::trace!("peer queue full; message dropped");
-            }
+        if let Some(q) = self.queues.get(&m.to)
+            && q.try_send(m).is_err()
+        {
+            tracing::trace!("peer queue full; message dropped");
         }
     }
 }
@@ -118,9 +118,8 @@ async fn peer_loop(id: NodeId, addr: String, mut rx: mpsc::Receiver<Message>) {
                 }
             }
         }
-        match call.await {
-            Ok(Err(status)) => tracing::debug!(peer = id, "stream to peer ended: {status}"),
-            Ok(Ok(_)) | Err(_) => {}
+        if let Ok(Err(status)) = call.await {
+            tracing::debug!(peer = id, "stream to peer ended: {status}");
         }
         tokio::time::sleep(backoff).await;
     }

@@ -74,15 +74,11 @@ pub fn status_from(e: ServiceError) -> Status {
             leader_addr,
         } => {
             let mut s = Status::failed_precondition(msg);
-            if let Some(id) = leader_id {
-                if let Ok(v) = MetadataValue::try_from(id.to_string()) {
-                    s.metadata_mut().insert(LEADER_ID_HEADER, v);
-                }
+            if let Some(Ok(v)) = leader_id.map(|id| MetadataValue::try_from(id.to_string())) {
+                s.metadata_mut().insert(LEADER_ID_HEADER, v);
             }
-            if let Some(addr) = leader_addr {
-                if let Ok(v) = MetadataValue::try_from(addr) {
-                    s.metadata_mut().insert(LEADER_ADDR_HEADER, v);
-                }
+            if let Some(Ok(v)) = leader_addr.map(MetadataValue::try_from) {
+                s.metadata_mut().insert(LEADER_ADDR_HEADER, v);
             }
             s
         }

@@ -415,3 +415,169 @@ fn bad_configs_and_arguments_fail_with_specific_errors() {
     assert_eq!(code, 1);
     assert!(err.contains("belongs to node 3, not node 2"), "{err}");
 }
+
+/// Reads the supervisor's stdout line by line on a thread, so that tests can wait for a line.
+struct Lines {
+    rx: std::sync::mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Lines {
+    fn new(out: std::process::ChildStdout) -> Lines {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Lines {
+            rx,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for a line containing `needle`; returns it.
+    fn wait_for(&mut self, needle: &str, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!(
+                    "no line with {needle:?} within {within:?}; output so far:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+}
+
+fn pid_alive(pid: i32) -> bool {
+    // Signal 0 checks existence; a zombie still counts, so also look at /proc state.
+    if nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err() {
+        return false;
+    }
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
+}
+
+fn start_supervisor(
+    c: &TestCluster,
+    extra: &[&str],
+) -> (std::process::Child, Lines, Vec<(u64, i32)>) {
+    let mut child = std::process::Command::new(harness::BIN)
+        .args(["cluster", "--config"])
+        .arg(&c.config)
+        .args(extra)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn raftkv cluster");
+    let mut lines = Lines::new(child.stdout.take().expect("stdout"));
+    lines.wait_for("leader: node", Duration::from_secs(20));
+    let pids = lines
+        .seen
+        .iter()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            Some((f.next()?.parse().ok()?, f.next()?.parse().ok()?))
+        })
+        .collect::<Vec<(u64, i32)>>();
+    assert_eq!(
+        pids.len(),
+        c.ports.len(),
+        "a table row per node: {:?}",
+        lines.seen
+    );
+    (child, lines, pids)
+}
+
+fn interrupt_and_check_all_stopped(mut sup: std::process::Child, lines: &mut Lines, pids: &[i32]) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(sup.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .expect("SIGINT");
+    lines.wait_for("stopping", Duration::from_secs(5));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Ok(Some(st)) = sup.try_wait() {
+            break st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "supervisor did not exit after SIGINT"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "supervisor exit {status:?}");
+    for &pid in pids {
+        assert!(!pid_alive(pid), "node pid {pid} still running after Ctrl-C");
+    }
+}
+
+#[test]
+fn cluster_restarts_a_killed_node_and_stops_all_on_ctrl_c() {
+    let c = TestCluster::new(3);
+    let (sup, mut lines, pids) = start_supervisor(&c, &[]);
+    let (victim, victim_pid) = pids[1];
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(victim_pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill");
+    let exited = lines.wait_for(
+        &format!("node {victim} (pid {victim_pid}) exited"),
+        Duration::from_secs(5),
+    );
+    assert!(exited.contains("SIGKILL"), "{exited}");
+    lines.wait_for(
+        &format!("restarting node {victim} in"),
+        Duration::from_secs(5),
+    );
+    let restarted = lines.wait_for(
+        &format!("node {victim} restarted (pid"),
+        Duration::from_secs(10),
+    );
+    let new_pid: i32 = restarted
+        .rsplit("pid ")
+        .next()
+        .and_then(|s| s.trim_end_matches(')').parse().ok())
+        .expect("new pid");
+    assert!(pid_alive(new_pid));
+    let mut all: Vec<i32> = pids.iter().map(|p| p.1).collect();
+    all.push(new_pid);
+    interrupt_and_check_all_stopped(sup, &mut lines, &all);
+}
+
+#[test]
+fn cluster_without_auto_restart_leaves_a_killed_node_down() {
+    let c = TestCluster::new(3);
+    let (sup, mut lines, pids) = start_supervisor(&c, &["--no-auto-restart", "--nodes", "all"]);
+    let (victim, victim_pid) = pids[0];
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(victim_pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill");
+    lines.wait_for(
+        &format!("not restarting node {victim} (--no-auto-restart)"),
+        Duration::from_secs(5),
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        !lines.seen.iter().any(|l| l.contains("restarted")),
+        "{:?}",
+        lines.seen
+    );
+    let all: Vec<i32> = pids.iter().map(|p| p.1).collect();
+    interrupt_and_check_all_stopped(sup, &mut lines, &all);
+}

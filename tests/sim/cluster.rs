@@ -27,6 +27,7 @@ pub struct Stats {
     pub partitions: u64,
     pub committed: u64,
     pub reads: u64,
+    pub acked: u64,
 }
 
 impl Stats {
@@ -38,6 +39,7 @@ impl Stats {
         self.partitions += o.partitions;
         self.committed += o.committed;
         self.reads += o.reads;
+        self.acked += o.acked;
     }
 }
 
@@ -45,13 +47,14 @@ impl std::fmt::Display for Stats {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} schedules, {} events, {} elections won, {} crashes, {} partitions, {} entries committed, {} reads checked",
+            "{} schedules, {} events, {} elections won, {} crashes, {} partitions, {} entries committed, {} proposals acknowledged, {} reads checked",
             self.schedules,
             self.steps,
             self.elections,
             self.crashes,
             self.partitions,
             self.committed,
+            self.acked,
             self.reads
         )
     }
@@ -106,7 +109,6 @@ pub struct Sim {
     crash_mid_ready_p: f64,
     next_value: u64,
     next_read: u64,
-    acked: u64,
 }
 
 impl Sim {
@@ -156,7 +158,6 @@ impl Sim {
             crash_mid_ready_p,
             next_value: 0,
             next_read: 0,
-            acked: 0,
         };
         for id in sim.ids.clone() {
             let offset = sim.rng.random_range(0..TICK);
@@ -369,15 +370,15 @@ impl Sim {
             shuffled.swap(i, j);
         }
         // Sometimes put the leader on the minority side.
-        if self.rng.random_bool(0.5) {
-            if let Some(pos) = shuffled.iter().position(|&id| {
+        if self.rng.random_bool(0.5)
+            && let Some(pos) = shuffled.iter().position(|&id| {
                 self.nodes[&id]
                     .raft
                     .as_ref()
                     .is_some_and(|r| r.role() == Role::Leader)
-            }) {
-                shuffled.swap(0, pos);
-            }
+            })
+        {
+            shuffled.swap(0, pos);
         }
         let k = self.rng.random_range(1..=n / 2);
         let (a, b) = shuffled.split_at(k);
@@ -567,10 +568,10 @@ impl Sim {
                     e.data.clone()
                 };
                 node.applied.push((e.index, e.term, data));
-                if let Some((term, _)) = node.proposals.remove(&e.index) {
-                    if term == e.term {
-                        self.acked += 1;
-                    }
+                if let Some((term, _)) = node.proposals.remove(&e.index)
+                    && term == e.term
+                {
+                    self.stats.acked += 1;
                 }
             }
             // 5. Reads: the confirmed index must cover every commit that happened before the

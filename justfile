@@ -1,0 +1,26 @@
+# raftkv tasks. `just --list` shows them. Every recipe is a plain cargo command underneath.
+
+# Run the whole test suite (unit, simulator, real processes).
+test:
+    cargo test --release
+
+# Start the 5-node cluster of config.json (Ctrl-C stops it).
+cluster *ARGS:
+    cargo run --release -- cluster --config config.json {{ARGS}}
+
+# Open the interactive client.
+shell:
+    cargo run --release -- shell --config config.json
+
+# Run the simulator over many seeds (default 100,000) and report coverage.
+sim-soak SEEDS="100000":
+    RAFTKV_SIM_SEEDS={{SEEDS}} cargo test --release --test sim -- --nocapture
+
+# Replay one simulator seed.
+sim-seed SEED:
+    RAFTKV_SIM_SEED={{SEED}} cargo test --release --test sim -- --nocapture
+
+# Formatting and lints, as CI runs them.
+lint:
+    cargo fmt --check
+    cargo clippy --release --all-targets -- -D warnings
