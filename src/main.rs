@@ -29,6 +29,8 @@ fn main() {
             Command::Node(a) => raftkv::cli::node::run(a).await,
             Command::Cluster(a) => raftkv::cli::cluster::run(a).await,
             Command::Shell(a) => raftkv::cli::shell::run(a).await,
+            Command::Monitor(a) => raftkv::cli::monitor::run(a).await,
+            Command::Bench(a) => raftkv::cli::bench::run(a).await,
         }
     });
     rt.shutdown_timeout(std::time::Duration::from_secs(1));

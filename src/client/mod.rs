@@ -254,7 +254,12 @@ impl Client {
         let mut outcome_unknown = false;
         let mut backoff = Duration::from_millis(10);
         let mut next_in_turn = 0usize;
-        let mut target = self.leader.unwrap_or(ids[0]);
+        // Stale reads spread over the nodes; everything else starts at the leader.
+        let mut target = if any_node {
+            ids[(self.client_id % ids.len() as u64) as usize]
+        } else {
+            self.leader.unwrap_or(ids[0])
+        };
         let mut hops_without_progress = 0usize;
         loop {
             let now = Instant::now();

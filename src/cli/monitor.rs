@@ -1,0 +1,471 @@
+//! `raftkv monitor`: the cluster live in the terminal (ratatui), or once as a table or JSON.
+
+use std::time::{Duration, Instant};
+
+use ratatui::Frame;
+use ratatui::crossterm::event::{self, Event, KeyCode, KeyEventKind, KeyModifiers};
+use ratatui::layout::{Constraint, Layout};
+use ratatui::style::{Color, Modifier, Style, Stylize};
+use ratatui::text::{Line, Span};
+use ratatui::widgets::{Block, Paragraph, Row, Table};
+use serde::Serialize;
+
+use crate::client::{Client, StatusReport};
+use crate::config::Config;
+use crate::raft::NodeId;
+
+use super::ConfigArg;
+
+#[derive(clap::Args, Debug)]
+pub struct MonitorArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// How often to poll every node's status.
+    #[arg(long, default_value = "500ms", value_parser = super::parse_duration)]
+    pub interval: Duration,
+    /// Print the view once as a plain table and exit: code 0 if a quorum is up, 1 if not.
+    #[arg(long)]
+    pub once: bool,
+    /// Print the view once as one JSON object and exit (same exit codes as --once).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// A node that applied this many entries fewer than the leader committed counts as lagging.
+const LAG_WARN_ENTRIES: u64 = 100;
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct NodeView {
+    pub id: NodeId,
+    pub addr: String,
+    pub up: bool,
+    pub role: Option<String>,
+    pub term: Option<u64>,
+    pub leader: Option<NodeId>,
+    pub commit_index: Option<u64>,
+    pub applied_index: Option<u64>,
+    pub last_log_index: Option<u64>,
+    /// Entries the node has still to apply to catch up with the leader's commit index.
+    pub lag: Option<u64>,
+    pub error: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct ClusterView {
+    pub leader: Option<NodeId>,
+    pub term: Option<u64>,
+    pub up: usize,
+    pub total: usize,
+    pub quorum: bool,
+    /// Derived from the leader's commit index between two polls.
+    pub writes_per_sec: Option<f64>,
+    pub nodes: Vec<NodeView>,
+}
+
+/// The leader's commit index at a point in time, for the write rate.
+#[derive(Clone, Copy)]
+pub struct CommitSample {
+    at: Instant,
+    leader: NodeId,
+    term: u64,
+    commit: u64,
+}
+
+pub fn build_view(
+    reports: &[StatusReport],
+    prev: Option<CommitSample>,
+    now: Instant,
+) -> (ClusterView, Option<CommitSample>) {
+    let up: Vec<_> = reports
+        .iter()
+        .filter_map(|r| r.result.as_ref().ok())
+        .collect();
+    let leader = up
+        .iter()
+        .filter(|s| s.role == "leader")
+        .max_by_key(|s| s.term);
+    let leader_commit = leader.map(|l| l.commit_index);
+    let nodes = reports
+        .iter()
+        .map(|r| match &r.result {
+            Ok(s) => NodeView {
+                id: r.id,
+                addr: r.addr.clone(),
+                up: true,
+                role: Some(s.role.clone()),
+                term: Some(s.term),
+                leader: (s.leader_id != 0).then_some(s.leader_id),
+                commit_index: Some(s.commit_index),
+                applied_index: Some(s.applied_index),
+                last_log_index: Some(s.last_log_index),
+                lag: leader_commit.map(|c| c.saturating_sub(s.applied_index)),
+                error: None,
+            },
+            Err(e) => NodeView {
+                id: r.id,
+                addr: r.addr.clone(),
+                up: false,
+                role: None,
+                term: None,
+                leader: None,
+                commit_index: None,
+                applied_index: None,
+                last_log_index: None,
+                lag: None,
+                error: Some(e.clone()),
+            },
+        })
+        .collect();
+    let sample = leader.map(|l| CommitSample {
+        at: now,
+        leader: l.id,
+        term: l.term,
+        commit: l.commit_index,
+    });
+    let writes_per_sec = match (prev, sample) {
+        (Some(p), Some(s)) if p.leader == s.leader && p.term == s.term && s.at > p.at => {
+            Some(s.commit.saturating_sub(p.commit) as f64 / (s.at - p.at).as_secs_f64())
+        }
+        _ => None,
+    };
+    let total = reports.len();
+    let view = ClusterView {
+        leader: leader.map(|l| l.id),
+        term: leader
+            .map(|l| l.term)
+            .or_else(|| up.iter().map(|s| s.term).max()),
+        up: up.len(),
+        total,
+        quorum: up.len() > total / 2 && leader.is_some(),
+        writes_per_sec,
+        nodes,
+    };
+    (view, sample)
+}
+
+fn opt<T: ToString>(v: Option<T>) -> String {
+    v.map_or("-".to_string(), |v| v.to_string())
+}
+
+pub fn summary(v: &ClusterView) -> String {
+    let health = if v.quorum {
+        "quorum ok"
+    } else if v.up > v.total / 2 {
+        "no leader"
+    } else {
+        "NO QUORUM"
+    };
+    format!(
+        "leader: {}   term: {}   {}/{} up, {}   writes/s: {}",
+        v.leader.map_or("none".to_string(), |l| format!("node {l}")),
+        opt(v.term),
+        v.up,
+        v.total,
+        health,
+        v.writes_per_sec
+            .map_or("-".to_string(), |w| format!("{w:.0}"))
+    )
+}
+
+const HEADERS: [&str; 10] = [
+    "ID", "ADDRESS", "STATE", "ROLE", "TERM", "LEADER", "COMMIT", "APPLIED", "LAST LOG", "LAG",
+];
+
+fn cells(n: &NodeView) -> [String; 10] {
+    [
+        n.id.to_string(),
+        n.addr.clone(),
+        if n.up { "up".into() } else { "down".into() },
+        n.role.clone().unwrap_or_else(|| "-".into()),
+        opt(n.term),
+        opt(n.leader),
+        opt(n.commit_index),
+        opt(n.applied_index),
+        opt(n.last_log_index),
+        opt(n.lag),
+    ]
+}
+
+/// The view as plain text (for `--once`).
+pub fn plain(v: &ClusterView) -> String {
+    let mut out = summary(v);
+    out.push('\n');
+    let row = |c: &[String]| {
+        format!(
+            "{:<4} {:<22} {:<5} {:<13} {:>6} {:>6} {:>9} {:>9} {:>9} {:>6}",
+            c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8], c[9]
+        )
+    };
+    out.push_str(&row(&HEADERS.map(String::from)));
+    for n in &v.nodes {
+        out.push('\n');
+        out.push_str(row(&cells(n)).trim_end());
+        if let Some(e) = &n.error {
+            out.push_str(&format!("  ({e})"));
+        }
+    }
+    out
+}
+
+/// Draws the dashboard.
+pub fn render(f: &mut Frame, v: &ClusterView, title: &str) {
+    let [top, table, bottom] = Layout::vertical([
+        Constraint::Length(3),
+        Constraint::Min(3),
+        Constraint::Length(1),
+    ])
+    .areas(f.area());
+    let health_style = if v.quorum {
+        Style::new().fg(Color::Green)
+    } else {
+        Style::new().fg(Color::Red).add_modifier(Modifier::BOLD)
+    };
+    f.render_widget(
+        Paragraph::new(Line::from(Span::styled(summary(v), health_style)))
+            .block(Block::bordered().title(format!(" raftkv monitor: {title} "))),
+        top,
+    );
+    let rows = v.nodes.iter().map(|n| {
+        let mut cells: Vec<String> = cells(n).into();
+        if let Some(e) = &n.error {
+            cells[3] = e.clone();
+        }
+        let style = if !n.up {
+            Style::new().fg(Color::Red)
+        } else if n.role.as_deref() == Some("leader") {
+            Style::new().fg(Color::Green).add_modifier(Modifier::BOLD)
+        } else if n.lag.is_some_and(|l| l > LAG_WARN_ENTRIES) || n.leader.is_none() {
+            Style::new().fg(Color::Yellow)
+        } else {
+            Style::new()
+        };
+        Row::new(cells).style(style)
+    });
+    let widths = [
+        Constraint::Length(4),
+        Constraint::Length(22),
+        Constraint::Length(6),
+        Constraint::Min(13),
+        Constraint::Length(6),
+        Constraint::Length(7),
+        Constraint::Length(9),
+        Constraint::Length(9),
+        Constraint::Length(9),
+        Constraint::Length(7),
+    ];
+    f.render_widget(
+        Table::new(rows, widths)
+            .header(Row::new(HEADERS).add_modifier(Modifier::BOLD))
+            .block(Block::bordered().title(" nodes ")),
+        table,
+    );
+    f.render_widget(Line::from("q / Esc / Ctrl-C: quit").dim(), bottom);
+}
+
+pub async fn run(args: MonitorArgs) -> anyhow::Result<()> {
+    let cfg = Config::load(&args.config.config)?;
+    let client = Client::new(cfg.addrs());
+    // Each node gets most of an interval to answer; they are asked concurrently.
+    let per_node = args.interval.mul_f64(0.8).max(Duration::from_millis(50));
+    if args.once || args.json {
+        let first = client.status_all(per_node).await;
+        let (_, sample) = build_view(&first, None, Instant::now());
+        tokio::time::sleep(args.interval).await;
+        let reports = client.status_all(per_node).await;
+        let (view, _) = build_view(&reports, sample, Instant::now());
+        if args.json {
+            println!("{}", serde_json::to_string(&view)?);
+        } else {
+            println!("{}", plain(&view));
+        }
+        if !view.quorum {
+            anyhow::bail!(
+                "the cluster has no quorum ({} of {} nodes up, leader: {})",
+                view.up,
+                view.total,
+                opt(view.leader)
+            );
+        }
+        return Ok(());
+    }
+
+    let mut terminal = ratatui::try_init()?;
+    let title = args.config.config.display().to_string();
+    let result = async {
+        let mut sample = None;
+        let mut ticker = tokio::time::interval(args.interval);
+        let (keys_tx, mut keys_rx) = tokio::sync::mpsc::unbounded_channel();
+        // Key presses are read on a blocking thread so that a slow node never delays quitting.
+        std::thread::spawn(move || {
+            loop {
+                match event::poll(Duration::from_millis(100)) {
+                    Ok(true) => match event::read() {
+                        Ok(Event::Key(k)) if k.kind == KeyEventKind::Press => {
+                            let quit = matches!(k.code, KeyCode::Char('q') | KeyCode::Esc)
+                                || (k.code == KeyCode::Char('c')
+                                    && k.modifiers.contains(KeyModifiers::CONTROL));
+                            if quit && keys_tx.send(()).is_err() {
+                                return;
+                            }
+                            if quit {
+                                return;
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(_) => return,
+                    },
+                    Ok(false) => {
+                        if keys_tx.is_closed() {
+                            return;
+                        }
+                    }
+                    Err(_) => return,
+                }
+            }
+        });
+        loop {
+            tokio::select! {
+                _ = keys_rx.recv() => break,
+                _ = ticker.tick() => {
+                    let reports = client.status_all(per_node).await;
+                    let (view, s) = build_view(&reports, sample, Instant::now());
+                    sample = s.or(sample);
+                    terminal.draw(|f| render(f, &view, &title))?;
+                }
+            }
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    ratatui::restore();
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::StatusResponse;
+    use ratatui::Terminal;
+    use ratatui::backend::TestBackend;
+
+    fn up(id: NodeId, role: &str, leader: NodeId, commit: u64, applied: u64) -> StatusReport {
+        StatusReport {
+            id,
+            addr: format!("127.0.0.1:{}", 5000 + id),
+            result: Ok(StatusResponse {
+                id,
+                role: role.into(),
+                term: 3,
+                leader_id: leader,
+                commit_index: commit,
+                applied_index: applied,
+                last_log_index: commit,
+                ..StatusResponse::default()
+            }),
+        }
+    }
+
+    fn down(id: NodeId) -> StatusReport {
+        StatusReport {
+            id,
+            addr: format!("127.0.0.1:{}", 5000 + id),
+            result: Err("unreachable (connection refused)".into()),
+        }
+    }
+
+    fn screen(v: &ClusterView) -> String {
+        let mut t = Terminal::new(TestBackend::new(110, 12)).expect("terminal");
+        t.draw(|f| render(f, v, "config.json")).expect("draw");
+        let buf = t.backend().buffer().clone();
+        let mut s = String::new();
+        for y in 0..buf.area.height {
+            for x in 0..buf.area.width {
+                s.push_str(buf[(x, y)].symbol());
+            }
+            s.push('\n');
+        }
+        s
+    }
+
+    fn style_of_row(v: &ClusterView, row_text: &str) -> Style {
+        let mut t = Terminal::new(TestBackend::new(110, 12)).expect("terminal");
+        t.draw(|f| render(f, v, "config.json")).expect("draw");
+        let buf = t.backend().buffer().clone();
+        for y in 0..buf.area.height {
+            let line: String = (0..buf.area.width)
+                .map(|x| buf[(x, y)].symbol().to_string())
+                .collect();
+            if let Some(x) = line.find(row_text) {
+                return buf[(x as u16, y)].style();
+            }
+        }
+        panic!("row {row_text:?} not on screen");
+    }
+
+    #[test]
+    fn healthy_cluster_shows_leader_quorum_and_rate() {
+        let t0 = Instant::now();
+        let r1 = [
+            up(1, "leader", 1, 100, 100),
+            up(2, "follower", 1, 100, 100),
+            up(3, "follower", 1, 100, 90),
+        ];
+        let (_, s) = build_view(&r1, None, t0);
+        let r2 = [
+            up(1, "leader", 1, 600, 600),
+            up(2, "follower", 1, 600, 600),
+            up(3, "follower", 1, 600, 400),
+        ];
+        let (v, _) = build_view(&r2, s, t0 + Duration::from_millis(500));
+        assert_eq!(v.leader, Some(1));
+        assert!(v.quorum);
+        assert_eq!(v.writes_per_sec.map(|w| w.round()), Some(1000.0));
+        assert_eq!(v.nodes[2].lag, Some(200));
+        let text = screen(&v);
+        assert!(text.contains("leader: node 1"), "{text}");
+        assert!(text.contains("3/3 up, quorum ok"), "{text}");
+        assert!(text.contains("writes/s: 1000"), "{text}");
+        assert_eq!(
+            style_of_row(&v, "127.0.0.1:5001").fg,
+            Some(Color::Green),
+            "the leader stands out"
+        );
+        assert_eq!(
+            style_of_row(&v, "127.0.0.1:5003").fg,
+            Some(Color::Yellow),
+            "a lagging node is coloured"
+        );
+    }
+
+    #[test]
+    fn dead_node_is_down_in_red_with_its_error() {
+        let r = [
+            up(1, "leader", 1, 10, 10),
+            down(2),
+            up(3, "follower", 1, 10, 10),
+        ];
+        let (v, _) = build_view(&r, None, Instant::now());
+        assert!(v.quorum);
+        assert_eq!(v.up, 2);
+        let text = screen(&v);
+        assert!(text.contains("2/3 up, quorum ok"), "{text}");
+        assert!(text.contains("down"), "{text}");
+        assert!(text.contains("unreachable"), "{text}");
+        assert_eq!(style_of_row(&v, "127.0.0.1:5002").fg, Some(Color::Red));
+        assert!(plain(&v).contains("(unreachable (connection refused))"));
+    }
+
+    #[test]
+    fn no_leader_means_no_quorum() {
+        let r = [up(1, "follower", 0, 10, 10), down(2), down(3)];
+        let (v, _) = build_view(&r, None, Instant::now());
+        assert!(!v.quorum);
+        assert_eq!(v.leader, None);
+        let text = screen(&v);
+        assert!(text.contains("leader: none"), "{text}");
+        assert!(text.contains("1/3 up, NO QUORUM"), "{text}");
+        let json = serde_json::to_value(&v).expect("json");
+        assert_eq!(json["quorum"], false);
+        assert_eq!(json["nodes"][1]["up"], false);
+    }
+}
