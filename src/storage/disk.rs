@@ -1,5 +1,6 @@
 //! The Raft log and hard state on fjall, implementing the core's [`LogStore`].
 
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
@@ -133,31 +134,27 @@ pub fn open(dir: &Path, id: NodeId) -> Result<Recovered, OpenError> {
         None => HardState::default(),
     };
 
-    // Rebuild the term index (one run per term) and check the log is contiguous.
+    // Rebuild the batch and term indexes, checking that the log is contiguous.
     let mut terms: Vec<(LogIndex, Term)> = Vec::new();
-    let mut first = 1;
+    let mut batches: Vec<LogIndex> = Vec::new();
     let mut last = 0;
     for item in log.iter() {
         let (k, v) = item.into_inner().map_err(io_err).map_err(wrap)?;
-        let index = decode_index(&k).ok_or_else(|| corrupt("log key"))?;
-        let (term, _, _) = decode_entry(&v).ok_or_else(|| corrupt("log entry"))?;
-        if last == 0 {
-            first = index;
-        } else if index != last + 1 {
-            return Err(corrupt(&format!("log gap after entry {last}")));
+        let first = decode_index(&k).ok_or_else(|| corrupt("log key"))?;
+        if first != last + 1 {
+            return Err(corrupt(&format!(
+                "log gap: entry {first} follows entry {last}"
+            )));
         }
-        if terms.last().is_none_or(|&(_, t)| t != term) {
-            terms.push((index, term));
+        let entries =
+            decode_batch(first, &v).ok_or_else(|| corrupt(&format!("log batch at {first}")))?;
+        for e in &entries {
+            if terms.last().is_none_or(|&(_, t)| t != e.term) {
+                terms.push((e.index, e.term));
+            }
         }
-        last = index;
-    }
-    if last == 0 {
-        first = 1;
-    }
-    if first != 1 {
-        return Err(corrupt(&format!(
-            "log starts at {first} but no snapshot exists"
-        )));
+        batches.push(first);
+        last = entries.last().map_or(last, |e| e.index);
     }
     let kv = KvStore::new(db.clone(), kv, meta.clone(), sessions).map_err(wrap)?;
     if kv.applied() > last.max(hard_state.commit) {
@@ -177,6 +174,9 @@ pub fn open(dir: &Path, id: NodeId) -> Result<Recovered, OpenError> {
             meta,
             last,
             terms,
+            batches,
+            tail: VecDeque::new(),
+            tail_bytes: 0,
         },
         kv,
         hard_state,
@@ -192,7 +192,16 @@ pub struct DiskLog {
     last: LogIndex,
     /// `(first index, term)` of each run of entries with one term, ascending.
     terms: Vec<(LogIndex, Term)>,
+    /// The key (first index) of each stored batch of entries, ascending.
+    batches: Vec<LogIndex>,
+    /// The most recent entries, so that applying them and sending them to followers does not
+    /// read them back from fjall. Invariant: contiguous and ending at `last` (or empty).
+    tail: VecDeque<Entry>,
+    tail_bytes: usize,
 }
+
+/// Bytes of recent entries kept in memory.
+const TAIL_CACHE_BYTES: usize = 32 << 20;
 
 impl DiskLog {
     /// Makes `entries` (replacing any stored entry at or above the first one) and `hard_state`
@@ -207,19 +216,31 @@ impl DiskLog {
         sync: bool,
     ) -> Result<(), StorageError> {
         let mut b = self.db.batch();
+        let mut kept_batches = self.batches.len();
         if let Some(first) = entries.first() {
+            let at = first.index;
             assert!(
-                first.index <= self.last + 1,
-                "append at {} leaves a gap after {}",
-                first.index,
+                at <= self.last + 1,
+                "append at {at} leaves a gap after {}",
                 self.last
             );
-            for i in first.index..=self.last {
-                b.remove(&self.log, i.to_be_bytes().to_vec());
+            if at <= self.last {
+                // Replace a conflicting suffix: drop every batch starting at or after `at`, and
+                // cut the batch that straddles it.
+                kept_batches = self.batches.partition_point(|&k| k < at);
+                for k in &self.batches[kept_batches..] {
+                    b.remove(&self.log, k.to_be_bytes().to_vec());
+                }
+                if let Some(&k) = kept_batches
+                    .checked_sub(1)
+                    .and_then(|i| self.batches.get(i))
+                {
+                    let prefix = self.read_batch(k)?;
+                    let prefix: Vec<Entry> = prefix.into_iter().filter(|e| e.index < at).collect();
+                    b.insert(&self.log, k.to_be_bytes().to_vec(), encode_batch(&prefix));
+                }
             }
-            for e in entries {
-                b.insert(&self.log, e.index.to_be_bytes().to_vec(), encode_entry(e));
-            }
+            b.insert(&self.log, at.to_be_bytes().to_vec(), encode_batch(entries));
         }
         if let Some(hs) = hard_state {
             let mut v = Vec::with_capacity(24);
@@ -233,6 +254,8 @@ impl DiskLog {
             self.db.persist(PersistMode::SyncData).map_err(io_err)?;
         }
         if let Some(first) = entries.first() {
+            self.batches.truncate(kept_batches);
+            self.batches.push(first.index);
             while self
                 .terms
                 .last()
@@ -246,8 +269,42 @@ impl DiskLog {
                 }
             }
             self.last = entries.last().map_or(self.last, |e| e.index);
+            self.cache_tail(entries);
         }
         Ok(())
+    }
+
+    fn read_batch(&self, key: LogIndex) -> Result<Vec<Entry>, StorageError> {
+        let v = self
+            .log
+            .get(key.to_be_bytes())
+            .map_err(io_err)?
+            .ok_or_else(|| StorageError::Io(format!("log batch {key} is missing")))?;
+        decode_batch(key, &v).ok_or_else(|| StorageError::Io(format!("log batch {key} is corrupt")))
+    }
+
+    fn cache_tail(&mut self, entries: &[Entry]) {
+        let Some(first) = entries.first() else {
+            return;
+        };
+        while self.tail.back().is_some_and(|e| e.index >= first.index) {
+            if let Some(e) = self.tail.pop_back() {
+                self.tail_bytes -= e.size_bytes();
+            }
+        }
+        if self.tail.back().is_some_and(|e| e.index + 1 != first.index) {
+            self.tail.clear();
+            self.tail_bytes = 0;
+        }
+        for e in entries {
+            self.tail_bytes += e.size_bytes();
+            self.tail.push_back(e.clone());
+        }
+        while self.tail_bytes > TAIL_CACHE_BYTES {
+            if let Some(e) = self.tail.pop_front() {
+                self.tail_bytes -= e.size_bytes();
+            }
+        }
     }
 }
 
@@ -285,23 +342,40 @@ impl LogStore for DiskLog {
         }
         let mut out = Vec::with_capacity((hi - lo).min(1024) as usize);
         let mut bytes = 0usize;
-        for item in self.log.range(lo.to_be_bytes()..hi.to_be_bytes()) {
-            let (k, v) = item.into_inner().map_err(io_err)?;
-            let index = decode_index(&k)
-                .ok_or_else(|| StorageError::Io(format!("corrupt log key {k:?}")))?;
-            let (term, kind, data) = decode_entry(&v)
-                .ok_or_else(|| StorageError::Io(format!("corrupt log entry {index}")))?;
-            let e = Entry {
-                index,
-                term,
-                kind,
-                data,
-            };
-            bytes += e.size_bytes();
-            if !out.is_empty() && bytes > max_bytes {
-                break;
+        if let Some(first) = self.tail.front()
+            && lo >= first.index
+        {
+            let range = (lo - first.index) as usize..(hi - first.index) as usize;
+            for e in self.tail.range(range) {
+                bytes += e.size_bytes();
+                if !out.is_empty() && bytes > max_bytes {
+                    break;
+                }
+                out.push(e.clone());
             }
-            out.push(e);
+            return Ok(out);
+        }
+        // The batch holding `lo`, and those after it.
+        let from = self.batches[self.batches.partition_point(|&k| k <= lo) - 1];
+        'batches: for item in self.log.range(from.to_be_bytes()..hi.to_be_bytes()) {
+            let (k, v) = item.into_inner().map_err(io_err)?;
+            let first = decode_index(&k)
+                .ok_or_else(|| StorageError::Io(format!("corrupt log key {k:?}")))?;
+            let batch = decode_batch(first, &v)
+                .ok_or_else(|| StorageError::Io(format!("log batch {first} is corrupt")))?;
+            for e in batch {
+                if e.index < lo {
+                    continue;
+                }
+                if e.index >= hi {
+                    break 'batches;
+                }
+                bytes += e.size_bytes();
+                if !out.is_empty() && bytes > max_bytes {
+                    break 'batches;
+                }
+                out.push(e);
+            }
         }
         if out.first().is_none_or(|e| e.index != lo) {
             return Err(StorageError::Io(format!("log entry {lo} is missing")));
@@ -310,27 +384,50 @@ impl LogStore for DiskLog {
     }
 }
 
-fn encode_entry(e: &Entry) -> Vec<u8> {
-    let mut v = Vec::with_capacity(9 + e.data.len());
-    v.extend_from_slice(&e.term.to_le_bytes());
-    v.push(match e.kind {
-        EntryKind::Normal => 0,
-        EntryKind::Noop => 1,
-    });
-    v.extend_from_slice(&e.data);
+/// A batch of consecutive entries in one value: per entry `term: u64 LE | kind: u8 |
+/// len: u32 LE | data` (indexes follow from the key).
+fn encode_batch(entries: &[Entry]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(entries.iter().map(|e| 13 + e.data.len()).sum());
+    for e in entries {
+        v.extend_from_slice(&e.term.to_le_bytes());
+        v.push(match e.kind {
+            EntryKind::Normal => 0,
+            EntryKind::Noop => 1,
+        });
+        v.extend_from_slice(&(e.data.len() as u32).to_le_bytes());
+        v.extend_from_slice(&e.data);
+    }
     v
 }
 
-fn decode_entry(v: &[u8]) -> Option<(Term, EntryKind, Bytes)> {
-    if v.len() < 9 {
-        return None;
+fn decode_batch(first: LogIndex, v: &[u8]) -> Option<Vec<Entry>> {
+    let v = Bytes::copy_from_slice(v);
+    let mut out = Vec::new();
+    let mut at = 0usize;
+    while at < v.len() {
+        if v.len() < at + 13 {
+            return None;
+        }
+        let term = u64_at(&v, at);
+        let kind = match v[at + 8] {
+            0 => EntryKind::Normal,
+            1 => EntryKind::Noop,
+            _ => return None,
+        };
+        let len = u32::from_le_bytes(v[at + 9..at + 13].try_into().ok()?) as usize;
+        at += 13;
+        if v.len() < at + len {
+            return None;
+        }
+        out.push(Entry {
+            index: first + out.len() as u64,
+            term,
+            kind,
+            data: v.slice(at..at + len),
+        });
+        at += len;
     }
-    let kind = match v[8] {
-        0 => EntryKind::Normal,
-        1 => EntryKind::Noop,
-        _ => return None,
-    };
-    Some((u64_at(v, 0), kind, Bytes::copy_from_slice(&v[9..])))
+    (!out.is_empty()).then_some(out)
 }
 
 fn decode_index(k: &[u8]) -> Option<LogIndex> {

@@ -13,9 +13,14 @@ use super::disk::{decode_u64, io_err, u64_at};
 
 const KEY_APPLIED: &[u8] = b"applied";
 /// Sessions unused for this many log entries are forgotten (checked every
-/// `SESSION_SWEEP_EVERY` entries, at the same log index on every replica, so all agree).
+/// `SESSION_SWEEP_EVERY` entries, at the same log index on every replica, so all agree). A
+/// client that retries a write after this many other entries may see it applied twice.
 pub const SESSION_TTL_ENTRIES: u64 = 1 << 22;
 const SESSION_SWEEP_EVERY: u64 = 1 << 16;
+/// Session records (one per apply batch) kept before they are folded into one snapshot.
+const SESSION_RECORDS_MAX: usize = 1024;
+/// client id, then the session.
+const SESSION_RECORD_BYTES: usize = 8 + 17;
 
 /// What applying one entry did; the leader answers its client with it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -32,11 +37,45 @@ pub enum ApplyOutcome {
     },
 }
 
-#[derive(Clone, Copy)]
+/// The last request applied for one client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Session {
     seq: u64,
     existed: bool,
     last_used: LogIndex,
+}
+
+/// Sessions are stored as a log of records in the `sessions` keyspace: key = the applied index of
+/// the batch that wrote it, value = `(client id, seq, existed, last used)` for every session that
+/// batch touched. Replaying the records in key order rebuilds the table. Every
+/// `SESSION_RECORDS_MAX` records they are folded into one full snapshot, so that a batch costs
+/// one insert rather than one per client.
+fn encode_sessions<'a>(sessions: impl Iterator<Item = (&'a u64, &'a Session)>) -> Vec<u8> {
+    let mut v = Vec::new();
+    for (id, s) in sessions {
+        v.extend_from_slice(&id.to_le_bytes());
+        v.extend_from_slice(&s.seq.to_le_bytes());
+        v.push(u8::from(s.existed));
+        v.extend_from_slice(&s.last_used.to_le_bytes());
+    }
+    v
+}
+
+fn decode_sessions(v: &[u8], into: &mut HashMap<u64, Session>) -> Option<()> {
+    if !v.len().is_multiple_of(SESSION_RECORD_BYTES) {
+        return None;
+    }
+    for r in v.chunks_exact(SESSION_RECORD_BYTES) {
+        into.insert(
+            u64_at(r, 0),
+            Session {
+                seq: u64_at(r, 8),
+                existed: r[16] != 0,
+                last_used: u64_at(r, 17),
+            },
+        );
+    }
+    Some(())
 }
 
 pub struct KvStore {
@@ -44,6 +83,11 @@ pub struct KvStore {
     kv: Keyspace,
     meta: Keyspace,
     sessions: Keyspace,
+    /// Every session, in memory; the keyspace is its durable copy, written in the same batch as
+    /// the state it describes. A lookup per write must not cost a search of the LSM tree.
+    session_cache: HashMap<u64, Session>,
+    /// Keys of the session records in the keyspace, ascending.
+    session_records: Vec<LogIndex>,
     applied: LogIndex,
 }
 
@@ -60,11 +104,23 @@ impl KvStore {
             }
             None => 0,
         };
+        let mut session_cache = HashMap::new();
+        let mut session_records = Vec::new();
+        for item in sessions.iter() {
+            let (k, v) = item.into_inner().map_err(io_err)?;
+            let key = <[u8; 8]>::try_from(k.as_ref()).map(u64::from_be_bytes);
+            match (key, decode_sessions(&v, &mut session_cache)) {
+                (Ok(key), Some(())) => session_records.push(key),
+                _ => return Err(StorageError::Io("corrupt client session record".into())),
+            }
+        }
         Ok(KvStore {
             db,
             kv,
             meta,
             sessions,
+            session_cache,
+            session_records,
             applied,
         })
     }
@@ -87,27 +143,6 @@ impl KvStore {
         self.kv.approximate_len()
     }
 
-    fn session(
-        &self,
-        client_id: u64,
-        overlay: &HashMap<u64, Session>,
-    ) -> Result<Option<Session>, StorageError> {
-        if let Some(s) = overlay.get(&client_id) {
-            return Ok(Some(*s));
-        }
-        let Some(v) = self.sessions.get(client_id.to_be_bytes()).map_err(io_err)? else {
-            return Ok(None);
-        };
-        if v.len() != 17 {
-            return Err(StorageError::Io(format!("corrupt session {client_id}")));
-        }
-        Ok(Some(Session {
-            seq: u64_at(&v, 0),
-            existed: v[8] != 0,
-            last_used: u64_at(&v, 9),
-        }))
-    }
-
     fn exists(&self, key: &Bytes, overlay: &HashMap<Bytes, bool>) -> Result<bool, StorageError> {
         match overlay.get(key) {
             Some(&present) => Ok(present),
@@ -127,11 +162,15 @@ impl KvStore {
         let mut outcomes = Vec::with_capacity(entries.len());
         // Effects of earlier entries of this batch, which reads must see.
         let mut present: HashMap<Bytes, bool> = HashMap::new();
-        let mut sessions: HashMap<u64, Session> = HashMap::new();
+        let mut touched: HashMap<u64, Session> = HashMap::new();
+        let mut expired: Vec<u64> = Vec::new();
         let mut applied = self.applied;
         for e in entries {
             assert_eq!(e.index, applied + 1, "entries must be applied in order");
             applied = e.index;
+            if e.index.is_multiple_of(SESSION_SWEEP_EVERY) {
+                expired.extend(self.expired_sessions(e.index, &touched));
+            }
             if e.kind == EntryKind::Noop {
                 outcomes.push(ApplyOutcome::Noop);
                 continue;
@@ -140,7 +179,9 @@ impl KvStore {
                 .map_err(|err| StorageError::Io(format!("log entry {}: {err}", e.index)))?;
             let id = cmd.id;
             if id.client_id != 0
-                && let Some(s) = self.session(id.client_id, &sessions)?
+                && let Some(s) = touched
+                    .get(&id.client_id)
+                    .or_else(|| self.session_cache.get(&id.client_id))
                 && id.seq <= s.seq
             {
                 outcomes.push(ApplyOutcome::Duplicate { existed: s.existed });
@@ -160,7 +201,7 @@ impl KvStore {
                 }
             };
             if id.client_id != 0 {
-                sessions.insert(
+                touched.insert(
                     id.client_id,
                     Session {
                         seq: id.seq,
@@ -170,39 +211,63 @@ impl KvStore {
                 );
             }
             outcomes.push(outcome);
-            if e.index % SESSION_SWEEP_EVERY == 0 {
-                self.sweep_sessions(&mut b, e.index, &sessions)?;
-            }
         }
-        for (client, s) in &sessions {
-            let mut v = Vec::with_capacity(17);
-            v.extend_from_slice(&s.seq.to_le_bytes());
-            v.push(u8::from(s.existed));
-            v.extend_from_slice(&s.last_used.to_le_bytes());
-            b.insert(&self.sessions, client.to_be_bytes().to_vec(), v);
+        let snapshot = !expired.is_empty() || self.session_records.len() >= SESSION_RECORDS_MAX;
+        let mut sessions_after = None;
+        if snapshot {
+            // Fold every record (and the expiries) into one full snapshot.
+            let mut all = self.session_cache.clone();
+            for id in &expired {
+                all.remove(id);
+            }
+            all.extend(touched.iter().map(|(&id, &s)| (id, s)));
+            for k in &self.session_records {
+                b.remove(&self.sessions, k.to_be_bytes().to_vec());
+            }
+            if !all.is_empty() {
+                b.insert(
+                    &self.sessions,
+                    applied.to_be_bytes().to_vec(),
+                    encode_sessions(all.iter()),
+                );
+            }
+            sessions_after = Some(all);
+        } else if !touched.is_empty() {
+            b.insert(
+                &self.sessions,
+                applied.to_be_bytes().to_vec(),
+                encode_sessions(touched.iter()),
+            );
         }
         b.insert(&self.meta, KEY_APPLIED, applied.to_le_bytes().to_vec());
         b.commit().map_err(io_err)?;
         self.applied = applied;
+        match sessions_after {
+            Some(all) => {
+                self.session_records = if all.is_empty() {
+                    Vec::new()
+                } else {
+                    vec![applied]
+                };
+                self.session_cache = all;
+            }
+            None => {
+                if !touched.is_empty() {
+                    self.session_records.push(applied);
+                }
+                self.session_cache.extend(touched);
+            }
+        }
         Ok(outcomes)
     }
 
-    fn sweep_sessions(
-        &self,
-        b: &mut fjall::OwnedWriteBatch,
-        now: LogIndex,
-        fresh: &HashMap<u64, Session>,
-    ) -> Result<(), StorageError> {
-        for item in self.sessions.iter() {
-            let (k, v) = item.into_inner().map_err(io_err)?;
-            if v.len() == 17 && u64_at(&v, 9) + SESSION_TTL_ENTRIES < now {
-                let id = u64::from_be_bytes(k.as_ref().try_into().unwrap_or([0; 8]));
-                if !fresh.contains_key(&id) {
-                    b.remove(&self.sessions, k.to_vec());
-                }
-            }
-        }
-        Ok(())
+    /// Sessions not used within `SESSION_TTL_ENTRIES` before `now` (and not just now).
+    fn expired_sessions(&self, now: LogIndex, fresh: &HashMap<u64, Session>) -> Vec<u64> {
+        self.session_cache
+            .iter()
+            .filter(|(id, s)| s.last_used + SESSION_TTL_ENTRIES < now && !fresh.contains_key(id))
+            .map(|(&id, _)| id)
+            .collect()
     }
 }
 
@@ -372,5 +437,90 @@ mod tests {
         let err = open(dir.path(), 2).err().expect("refused");
         let msg = err.to_string();
         assert!(msg.contains("belongs to node 1, not node 2"), "{msg}");
+    }
+
+    #[test]
+    fn log_batches_are_read_across_and_cut_in_the_middle_after_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mk = |i, t| Entry {
+            index: i,
+            term: t,
+            kind: EntryKind::Normal,
+            data: Bytes::from(format!("{i}/{t}")),
+        };
+        {
+            let mut r = open(dir.path(), 1).expect("open");
+            r.log
+                .append(&(1..=4).map(|i| mk(i, 1)).collect::<Vec<_>>(), None, true)
+                .expect("append");
+            r.log
+                .append(&(5..=8).map(|i| mk(i, 2)).collect::<Vec<_>>(), None, true)
+                .expect("append");
+            r.log
+                .append(&(9..=12).map(|i| mk(i, 2)).collect::<Vec<_>>(), None, true)
+                .expect("append");
+        }
+        let mut r = open(dir.path(), 1).expect("reopen");
+        // No tail cache after a restart: these come from fjall, across batch boundaries.
+        let got = r.log.entries(3, 11, usize::MAX).expect("entries");
+        assert_eq!(
+            got,
+            (3..=10)
+                .map(|i| mk(i, if i <= 4 { 1 } else { 2 }))
+                .collect::<Vec<_>>()
+        );
+        // A conflict in the middle of the second batch replaces the suffix from there on.
+        r.log
+            .append(&[mk(6, 3), mk(7, 3)], None, true)
+            .expect("append");
+        drop(r);
+        let r = open(dir.path(), 1).expect("reopen");
+        assert_eq!(r.log.last_index(), 7);
+        let terms: Vec<u64> = r
+            .log
+            .entries(1, 8, usize::MAX)
+            .expect("entries")
+            .iter()
+            .map(|e| e.term)
+            .collect();
+        assert_eq!(terms, vec![1, 1, 1, 1, 2, 3, 3]);
+        assert_eq!(r.log.term(5).expect("term"), 2);
+        assert!(r.log.term(8).is_err());
+    }
+
+    #[test]
+    fn sessions_survive_reopen_through_records_and_snapshots() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let batches = SESSION_RECORDS_MAX as u64 + 10;
+        {
+            let mut r = open(dir.path(), 1).expect("open");
+            for i in 1..=batches {
+                // Client i % 7 writes its i-th request.
+                let e = [put(i, 1 + i % 7, i, "k", "v")];
+                r.log.append(&e, None, false).expect("append");
+                r.kv.apply(&e).expect("apply");
+            }
+            assert!(
+                r.kv.session_records.len() < SESSION_RECORDS_MAX,
+                "records were folded"
+            );
+        }
+        let mut r = open(dir.path(), 1).expect("reopen");
+        assert_eq!(r.kv.session_cache.len(), 7);
+        // The last request of client 1 + batches % 7 is a duplicate; a newer one is not.
+        let client = 1 + batches % 7;
+        let out =
+            r.kv.apply(&[
+                put(batches + 1, client, batches, "k", "again"),
+                put(batches + 2, client, batches + 100, "k", "new"),
+            ])
+            .expect("apply");
+        assert_eq!(
+            out,
+            vec![
+                ApplyOutcome::Duplicate { existed: false },
+                ApplyOutcome::Put
+            ]
+        );
     }
 }
