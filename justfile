@@ -24,3 +24,7 @@ sim-seed SEED:
 lint:
     cargo fmt --check
     cargo clippy --release --all-targets -- -D warnings
+
+# Jepsen-style fault test with a linearizability check (SECS of faults; root for partitions).
+nemesis SECS="600":
+    RAFTKV_NEMESIS_SECS={{SECS}} cargo test --release --test nemesis -- --nocapture

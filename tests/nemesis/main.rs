@@ -1,0 +1,564 @@
+//! Linearizability under faults, Jepsen-style, against real `raftkv` processes.
+//!
+//! Concurrent clients run puts, gets and deletes over a few keys (each put with a unique value)
+//! and record what they asked and what they were told. Meanwhile a nemesis, driven by a printed
+//! seed, kills nodes with SIGKILL and restarts them, pauses them with SIGSTOP/SIGCONT, and cuts
+//! the network between groups of nodes (majority/minority splits with the leader on the minority
+//! side, one-way cuts). At the end everything is healed; the cluster must recover and converge,
+//! and the checker must find a linear order that explains every answer.
+//!
+//! - `cargo test --release --test nemesis`: the quick run (about a minute).
+//! - `RAFTKV_NEMESIS_SECS=600 cargo test --release --test nemesis -- --nocapture`: a long run
+//!   (`just nemesis 600`). `RAFTKV_NEMESIS_SEED=<n>` repeats a fault schedule.
+//! - `RAFTKV_NEMESIS_STALE_READS=1`: reads from any node's local state (the client's stale-read
+//!   option) instead of linearizable reads; the checker should then report a violation.
+//!
+//! Partitions need root (network namespaces); without root the run uses loopback and only
+//! kills and pauses, and says so.
+
+mod checker;
+mod net;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use checker::{Input, Op, Output, Verdict};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use raftkv::client::{Client, ClientError};
+use raftkv::raft::NodeId;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+
+const BIN: &str = env!("CARGO_BIN_EXE_raftkv");
+const NODES: usize = 5;
+const CLIENTS: usize = 10;
+const KEYS: usize = 6;
+const PORT: u16 = 7379;
+
+struct Cluster {
+    _dir: tempfile::TempDir,
+    config: PathBuf,
+    net: Option<net::Net>,
+    addrs: BTreeMap<NodeId, String>,
+    procs: BTreeMap<usize, Child>,
+    paused: BTreeSet<usize>,
+}
+
+impl Cluster {
+    fn new() -> Cluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let net = match net::Net::create(NODES) {
+            Ok(n) => Some(n),
+            Err(e) => {
+                println!("network namespaces unavailable ({e}); running without partitions");
+                None
+            }
+        };
+        let hosts: Vec<(String, u16)> = match &net {
+            Some(n) => (1..=NODES).map(|i| (n.addr(i), PORT)).collect(),
+            None => {
+                let ls: Vec<_> = (0..NODES)
+                    .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
+                    .collect();
+                ls.iter()
+                    .map(|l| {
+                        (
+                            "127.0.0.1".to_string(),
+                            l.local_addr().expect("addr").port(),
+                        )
+                    })
+                    .collect()
+            }
+        };
+        let nodes: Vec<String> = hosts
+            .iter()
+            .enumerate()
+            .map(|(i, (h, p))| format!(r#"{{"id": {}, "host": "{h}", "port": {p}}}"#, i + 1))
+            .collect();
+        let config = dir.path().join("config.json");
+        std::fs::write(
+            &config,
+            format!(
+                r#"{{"nodes": [{}], "election_timeout_ms": {{"min": 150, "max": 300}}, "heartbeat_interval_ms": 50, "data_directory": "./data"}}"#,
+                nodes.join(", ")
+            ),
+        )
+        .expect("write config");
+        let addrs = hosts
+            .iter()
+            .enumerate()
+            .map(|(i, (h, p))| (i as NodeId + 1, format!("{h}:{p}")))
+            .collect();
+        let mut c = Cluster {
+            _dir: dir,
+            config,
+            net,
+            addrs,
+            procs: BTreeMap::new(),
+            paused: BTreeSet::new(),
+        };
+        for i in 1..=NODES {
+            c.start(i);
+        }
+        c
+    }
+
+    fn start(&mut self, i: usize) {
+        let mut cmd = match &self.net {
+            Some(n) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &n.ns(i), BIN]);
+                c
+            }
+            None => Command::new(BIN),
+        };
+        cmd.args(["node", "--id", &i.to_string(), "--config"])
+            .arg(&self.config)
+            .arg("--quiet");
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        self.procs.insert(i, cmd.spawn().expect("spawn node"));
+    }
+
+    fn pid(&self, i: usize) -> Option<Pid> {
+        self.procs.get(&i).map(|c| Pid::from_raw(c.id() as i32))
+    }
+
+    fn kill9(&mut self, i: usize) {
+        if let Some(mut c) = self.procs.remove(&i) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.paused.remove(&i);
+    }
+
+    fn pause(&mut self, i: usize) {
+        if let Some(p) = self.pid(i) {
+            let _ = kill(p, Signal::SIGSTOP);
+            self.paused.insert(i);
+        }
+    }
+
+    fn resume_all(&mut self) {
+        for i in std::mem::take(&mut self.paused) {
+            if let Some(p) = self.pid(i) {
+                let _ = kill(p, Signal::SIGCONT);
+            }
+        }
+    }
+
+    fn client(&self) -> Client {
+        Client::new(self.addrs.clone())
+    }
+
+    async fn leader(&self) -> Option<NodeId> {
+        let reports = self.client().status_all(Duration::from_millis(300)).await;
+        reports
+            .iter()
+            .filter_map(|r| r.result.as_ref().ok())
+            .filter(|s| s.role == "leader")
+            .max_by_key(|s| s.term)
+            .map(|s| s.id)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.resume_all();
+        for (_, mut c) in std::mem::take(&mut self.procs) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+struct Recorder {
+    started: Instant,
+    ops: Mutex<Vec<Op>>,
+}
+
+impl Recorder {
+    fn now(&self) -> u64 {
+        self.started.elapsed().as_nanos() as u64
+    }
+
+    fn record(
+        &self,
+        client: usize,
+        key: &str,
+        input: Input,
+        output: Output,
+        call: u64,
+        ret: Option<u64>,
+    ) {
+        let mut ops = self.ops.lock().expect("lock");
+        let id = ops.len();
+        ops.push(Op {
+            id,
+            client,
+            key: key.to_string(),
+            input,
+            output,
+            call,
+            ret,
+        });
+    }
+}
+
+#[derive(Default, Debug)]
+struct Counts {
+    ok: u64,
+    failed: u64,
+    unknown: u64,
+}
+
+/// Runs one client until `until`.
+async fn client_loop(
+    id: usize,
+    mut client: Client,
+    rec: Arc<Recorder>,
+    until: Instant,
+    stale: bool,
+    seed: u64,
+) -> Counts {
+    let mut rng = SmallRng::seed_from_u64(seed ^ (id as u64) << 20);
+    let mut counts = Counts::default();
+    let mut n = 0u64;
+    while Instant::now() < until {
+        let key = format!("k{}", rng.random_range(0..KEYS));
+        let call = rec.now();
+        let roll = rng.random_range(0..100);
+        let (input, result): (Input, Result<Output, ClientError>) = if roll < 45 {
+            n += 1;
+            let v = format!("c{id}-{n}");
+            let r = client.put(key.clone(), v.clone()).await.map(|_| Output::Ok);
+            (Input::Put(v), r)
+        } else if roll < 90 {
+            let r = client
+                .get(key.clone(), stale)
+                .await
+                .map(|v| Output::Value(v.map(|b| String::from_utf8_lossy(&b).into_owned())));
+            (Input::Get, r)
+        } else {
+            let r = client.delete(key.clone()).await.map(Output::Existed);
+            (Input::Delete, r)
+        };
+        let ret = rec.now();
+        match result {
+            Ok(out) => {
+                counts.ok += 1;
+                rec.record(id, &key, input, out, call, Some(ret));
+            }
+            Err(e) if e.outcome_unknown() && input != Input::Get => {
+                // Like Jepsen's info: it may take effect at any time from now on, or never.
+                counts.unknown += 1;
+                rec.record(id, &key, input, Output::Unknown, call, None);
+            }
+            Err(_) => counts.failed += 1, // definitely not applied (or a read): no effect
+        }
+        tokio::time::sleep(Duration::from_millis(rng.random_range(0..8))).await;
+    }
+    counts
+}
+
+/// Injects faults until `until`; returns what it did.
+async fn nemesis(
+    cluster: Arc<tokio::sync::Mutex<Cluster>>,
+    until: Instant,
+    seed: u64,
+    t0: Instant,
+) -> Vec<String> {
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let mut log = Vec::new();
+    let stamp = |t0: Instant| format!("{:6.2}s", t0.elapsed().as_secs_f64());
+    loop {
+        let wait = Duration::from_millis(rng.random_range(500..2000));
+        if Instant::now() + wait + Duration::from_secs(4) >= until {
+            break;
+        }
+        tokio::time::sleep(wait).await;
+        let mut c = cluster.lock().await;
+        let leader = c.leader().await.map(|l| l as usize);
+        let pick_leader = rng.random_bool(0.5);
+        let victim = match leader {
+            Some(l) if pick_leader => l,
+            _ => rng.random_range(1..=NODES),
+        };
+        let has_net = c.net.is_some();
+        let fault = rng.random_range(0..if has_net { 5 } else { 2 });
+        let hold = Duration::from_millis(rng.random_range(600..3000));
+        let what = match fault {
+            0 => {
+                c.kill9(victim);
+                format!(
+                    "kill -9 node {victim}{}",
+                    if Some(victim) == leader {
+                        " (leader)"
+                    } else {
+                        ""
+                    }
+                )
+            }
+            1 => {
+                c.pause(victim);
+                format!(
+                    "SIGSTOP node {victim}{}",
+                    if Some(victim) == leader {
+                        " (leader)"
+                    } else {
+                        ""
+                    }
+                )
+            }
+            2 | 3 => {
+                // Majority/minority split; the leader (if known) on the minority side half the time.
+                let mut ids: Vec<usize> = (1..=NODES).collect();
+                for i in (1..ids.len()).rev() {
+                    let j = rng.random_range(0..=i);
+                    ids.swap(i, j);
+                }
+                if let (Some(l), true) = (leader, pick_leader) {
+                    let pos = ids.iter().position(|&x| x == l).unwrap_or(0);
+                    ids.swap(0, pos);
+                }
+                let minority = rng.random_range(1..=NODES / 2);
+                let (a, b) = ids.split_at(minority);
+                let net = c.net.as_mut().expect("net");
+                for &x in a {
+                    for &y in b {
+                        net.cut(x, y);
+                        net.cut(y, x);
+                    }
+                }
+                format!(
+                    "partition {a:?} | {b:?}{}",
+                    if leader.is_some_and(|l| a.contains(&l)) {
+                        " (leader in minority)"
+                    } else {
+                        ""
+                    }
+                )
+            }
+            _ => {
+                // One-way: the victim can hear everyone but nobody hears it (or the reverse).
+                let outbound = rng.random_bool(0.5);
+                let net = c.net.as_mut().expect("net");
+                for other in (1..=NODES).filter(|&o| o != victim) {
+                    if outbound {
+                        net.cut(victim, other);
+                    } else {
+                        net.cut(other, victim);
+                    }
+                }
+                format!(
+                    "one-way cut: node {victim} {}{}",
+                    if outbound {
+                        "cannot send"
+                    } else {
+                        "cannot receive"
+                    },
+                    if Some(victim) == leader {
+                        " (leader)"
+                    } else {
+                        ""
+                    }
+                )
+            }
+        };
+        log.push(format!("{} {what} for {} ms", stamp(t0), hold.as_millis()));
+        drop(c);
+        tokio::time::sleep(hold).await;
+        let mut c = cluster.lock().await;
+        match fault {
+            0 => c.start(victim),
+            1 => c.resume_all(),
+            _ => {
+                if let Some(n) = c.net.as_mut() {
+                    n.heal();
+                }
+            }
+        }
+    }
+    log
+}
+
+fn save_history(ops: &[Op], seed: u64) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("nemesis");
+    let _ = std::fs::create_dir_all(&dir);
+    let path = dir.join(format!("history-{seed}.jsonl"));
+    let text: String = ops
+        .iter()
+        .map(|o| serde_json::to_string(o).expect("json") + "\n")
+        .collect();
+    std::fs::write(&path, text).expect("write history");
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn linearizable_under_crashes_pauses_and_partitions() {
+    let secs: u64 = std::env::var("RAFTKV_NEMESIS_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(40);
+    let seed: u64 = std::env::var("RAFTKV_NEMESIS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_secs())
+        });
+    let stale = std::env::var("RAFTKV_NEMESIS_STALE_READS").is_ok_and(|v| v == "1");
+    println!(
+        "nemesis: seed={seed} ({secs}s, {CLIENTS} clients, {KEYS} keys, {NODES} nodes{}); replay with RAFTKV_NEMESIS_SEED={seed}",
+        if stale { ", STALE reads" } else { "" }
+    );
+
+    let cluster = Cluster::new();
+    let partitions = cluster.net.is_some();
+    // Wait for the first leader.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while cluster.leader().await.is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "no leader within 20s of starting"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A short deadline, so that faults leave some writes with an unknown outcome.
+    let base = cluster.client().with_timeout(Duration::from_secs(1));
+    let cluster = Arc::new(tokio::sync::Mutex::new(cluster));
+    let rec = Arc::new(Recorder {
+        started: Instant::now(),
+        ops: Mutex::new(Vec::new()),
+    });
+    let until = Instant::now() + Duration::from_secs(secs);
+
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|i| tokio::spawn(client_loop(i, base.fork(), rec.clone(), until, stale, seed)))
+        .collect();
+    let faults = nemesis(cluster.clone(), until, seed, rec.started).await;
+    let mut counts = Counts::default();
+    for c in clients {
+        let r = c.await.expect("client task");
+        counts.ok += r.ok;
+        counts.failed += r.failed;
+        counts.unknown += r.unknown;
+    }
+
+    // Heal everything; the cluster must recover and converge.
+    let mut c = cluster.lock().await;
+    c.resume_all();
+    if let Some(n) = c.net.as_mut() {
+        n.heal();
+    }
+    for i in 1..=NODES {
+        if !c.procs.contains_key(&i) {
+            c.start(i);
+        }
+    }
+    let recover_started = Instant::now();
+    let mut final_client = c.client().with_timeout(Duration::from_secs(10));
+    let mut final_reads = BTreeMap::new();
+    for k in 0..KEYS {
+        let key = format!("k{k}");
+        let call = rec.now();
+        let v = final_client
+            .get(key.clone(), false)
+            .await
+            .expect("the healed cluster serves reads");
+        let v = v.map(|b| String::from_utf8_lossy(&b).into_owned());
+        rec.record(
+            usize::MAX,
+            &key,
+            Input::Get,
+            Output::Value(v.clone()),
+            call,
+            Some(rec.now()),
+        );
+        final_reads.insert(key, v);
+    }
+    // Every node converges to the same applied state.
+    let converge_deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let reports = final_client.status_all(Duration::from_millis(500)).await;
+        let st: Vec<_> = reports
+            .iter()
+            .filter_map(|r| r.result.as_ref().ok())
+            .collect();
+        let commit = st
+            .iter()
+            .filter(|s| s.role == "leader")
+            .map(|s| s.commit_index)
+            .max();
+        if st.len() == NODES && commit.is_some_and(|c| st.iter().all(|s| s.applied_index >= c)) {
+            break;
+        }
+        assert!(
+            Instant::now() < converge_deadline,
+            "nodes did not converge within 30s: {st:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for id in 1..=NODES as NodeId {
+        for (key, want) in &final_reads {
+            let got = final_client
+                .get_from(id, key.clone())
+                .await
+                .expect("stale read");
+            let got = got.map(|b| String::from_utf8_lossy(&b).into_owned());
+            assert_eq!(&got, want, "node {id} diverged on {key}");
+        }
+    }
+    let recovered_in = recover_started.elapsed();
+    drop(c);
+
+    let ops = rec.ops.lock().expect("lock").clone();
+    let check_started = Instant::now();
+    let verdict = checker::check(&ops, 20_000_000);
+    let check_time = check_started.elapsed();
+    println!("faults injected ({}):", faults.len());
+    for f in &faults {
+        println!("  {f}");
+    }
+    if !partitions {
+        println!("  (partitions skipped: network namespaces need root and iproute2)");
+    }
+    println!(
+        "operations: {} ok, {} failed (not applied), {} indeterminate; recovered and converged in {:.1}s; checker: {} ops in {:.2}s",
+        counts.ok,
+        counts.failed,
+        counts.unknown,
+        recovered_in.as_secs_f64(),
+        ops.len(),
+        check_time.as_secs_f64()
+    );
+    assert!(
+        counts.ok > 100,
+        "too few operations succeeded ({counts:?}) to say anything"
+    );
+    match verdict {
+        Verdict::Ok => println!("verdict: linearizable"),
+        Verdict::Unknown(why) => panic!("checker gave up: {why}"),
+        Verdict::Violation(v) => {
+            let path = save_history(&ops, seed);
+            let stuck: String = ops
+                .iter()
+                .filter(|o| v.stuck.contains(&o.id))
+                .take(10)
+                .map(|o| format!("\n  {}", serde_json::to_string(o).expect("json")))
+                .collect();
+            panic!(
+                "NOT linearizable: key {:?}; {} operations linearized, then none of these fits (first 10):{stuck}\nhistory saved to {}\nreplay: RAFTKV_NEMESIS_SEED={seed}",
+                v.key,
+                v.linearized.len(),
+                path.display()
+            );
+        }
+    }
+}
