@@ -28,3 +28,11 @@ lint:
 # Jepsen-style fault test with a linearizability check (SECS of faults; root for partitions).
 nemesis SECS="600":
     RAFTKV_NEMESIS_SECS={{SECS}} cargo test --release --test nemesis -- --nocapture
+
+# The benchmark table (fresh clusters of real processes), e.g. `just bench`, or RUNS=2.
+bench RUNS="1":
+    RAFTKV_BENCH_RUNS={{RUNS}} cargo bench --bench table
+
+# Memory over a long write run: RSS of every node at start and end.
+bench-soak SECS="600":
+    RAFTKV_BENCH_SOAK={{SECS}} cargo bench --bench table

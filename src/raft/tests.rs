@@ -818,13 +818,29 @@ fn invalid_configs_are_refused() {
     }
     // Boundaries: a fixed timeout is allowed; a heartbeat as long as the timeout, or no
     // pipelining at all, is not.
-    let fixed = Config { election_ticks_min: 12, election_ticks_max: 12, ..config(1, 3) };
+    let fixed = Config {
+        election_ticks_min: 12,
+        election_ticks_max: 12,
+        ..config(1, 3)
+    };
     assert!(Raft::new(fixed, MemLogStore::new(), HardState::default(), 0).is_ok());
     let boundary_bad = [
-        Config { heartbeat_ticks: 10, ..config(1, 3) },
-        Config { heartbeat_ticks: 0, ..config(1, 3) },
-        Config { max_inflight_msgs: 0, ..config(1, 3) },
-        Config { voters: vec![1, 0, 2], ..config(1, 3) },
+        Config {
+            heartbeat_ticks: 10,
+            ..config(1, 3)
+        },
+        Config {
+            heartbeat_ticks: 0,
+            ..config(1, 3)
+        },
+        Config {
+            max_inflight_msgs: 0,
+            ..config(1, 3)
+        },
+        Config {
+            voters: vec![1, 0, 2],
+            ..config(1, 3)
+        },
     ];
     for c in boundary_bad {
         let r = Raft::new(c.clone(), MemLogStore::new(), HardState::default(), 0);

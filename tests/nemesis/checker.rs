@@ -137,7 +137,10 @@ pub fn check_key(ops: &[&Op], max_states: usize) -> Verdict {
     // `usize::MAX` ends the list. `n > 0`: every operation has a call event.
     let head = n;
     let mut next: Vec<usize> = (1..n).chain([usize::MAX, 0]).collect();
-    let mut prev: Vec<usize> = std::iter::once(head).chain(0..n - 1).chain([usize::MAX]).collect();
+    let mut prev: Vec<usize> = std::iter::once(head)
+        .chain(0..n - 1)
+        .chain([usize::MAX])
+        .collect();
     let unlink = |i: usize, next: &mut Vec<usize>, prev: &mut Vec<usize>| {
         let (p, nx) = (prev[i], next[i]);
         next[p] = nx;

@@ -581,3 +581,98 @@ fn cluster_without_auto_restart_leaves_a_killed_node_down() {
     let all: Vec<i32> = pids.iter().map(|p| p.1).collect();
     interrupt_and_check_all_stopped(sup, &mut lines, &all);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn monitor_once_and_json_report_the_cluster() {
+    let mut c = TestCluster::started(3);
+    let leader = c.wait_leader(ELECTION).await;
+    c.client().put("m", "1").await.expect("write");
+    let cfg = c.config.to_str().expect("utf-8 path").to_string();
+    let dir = c.dir.path().to_path_buf();
+
+    let (code, out, err) = run_cli(
+        &["monitor", "--config", &cfg, "--once", "--interval", "200ms"],
+        "",
+        &dir,
+    );
+    assert_eq!(code, 0, "quorum is up: {err}");
+    assert!(out.contains(&format!("leader: node {leader}")), "{out}");
+    assert!(out.contains("3/3 up, quorum ok"), "{out}");
+    assert_eq!(
+        out.lines().filter(|l| l.contains(" up ")).count(),
+        3,
+        "{out}"
+    );
+
+    let (code, out, _) = run_cli(
+        &["monitor", "--config", &cfg, "--json", "--interval", "200ms"],
+        "",
+        &dir,
+    );
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object");
+    assert_eq!(v["leader"], leader);
+    assert_eq!(v["quorum"], true);
+    assert_eq!(v["nodes"].as_array().map(Vec::len), Some(3));
+
+    // Two of three down: no quorum, exit code 1, the dead nodes reported with their error.
+    let others: Vec<_> = c.ids().into_iter().filter(|&id| id != leader).collect();
+    for id in &others {
+        c.kill9(*id);
+    }
+    let (code, out, err) = run_cli(
+        &["monitor", "--config", &cfg, "--json", "--interval", "200ms"],
+        "",
+        &dir,
+    );
+    assert_eq!(code, 1, "{out}");
+    assert!(err.contains("no quorum"), "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object");
+    assert_eq!(v["up"], 1);
+    let down: Vec<_> = v["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .filter(|n| n["up"] == false)
+        .collect();
+    assert_eq!(down.len(), 2);
+    assert!(
+        down.iter()
+            .all(|n| n["error"].as_str().is_some_and(|e| !e.is_empty()))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_reports_json_with_percentiles() {
+    let c = TestCluster::started(3);
+    c.wait_leader(ELECTION).await;
+    let cfg = c.config.to_str().expect("utf-8 path").to_string();
+    let (code, out, err) = run_cli(
+        &[
+            "bench",
+            "--config",
+            &cfg,
+            "--clients",
+            "4",
+            "--ops",
+            "300",
+            "--keys",
+            "50",
+            "--workload",
+            "mixed",
+            "--warmup",
+            "100ms",
+            "--json",
+        ],
+        "",
+        c.dir.path(),
+    );
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object");
+    assert!(v["ops"].as_u64().is_some_and(|n| n >= 300), "{v}");
+    assert_eq!(v["errors"], 0, "{v}");
+    let p50 = v["p50_ms"].as_f64().expect("p50");
+    let p99 = v["p99_ms"].as_f64().expect("p99");
+    let max = v["max_ms"].as_f64().expect("max");
+    assert!(p50 > 0.0 && p50 <= p99 && p99 <= max, "{v}");
+}

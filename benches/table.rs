@@ -1,0 +1,240 @@
+//! The benchmark table of issue 4, end to end: for each row a fresh cluster of real `raftkv`
+//! processes (free loopback ports, temporary directories), `raftkv bench` against it, and one
+//! line of the table. Run with `cargo bench --bench table` (or `just bench`).
+//!
+//! - `RAFTKV_BENCH_RUNS=2`: runs per row; the table shows the median by throughput.
+//! - `RAFTKV_BENCH_SECS=8`: measured seconds per run (after 1 s of warm-up).
+//! - `RAFTKV_BENCH_ROWS=3:put:64,5:get:256`: only these rows.
+//! - `RAFTKV_BENCH_SOAK=600`: instead of the table, a write run of that many seconds at 64
+//!   clients on 3 nodes, reporting every node's resident memory at the start and the end.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_raftkv");
+
+struct Cluster {
+    _dir: tempfile::TempDir,
+    config: String,
+    nodes: Vec<Child>,
+}
+
+impl Cluster {
+    fn start(n: usize) -> Cluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let listeners: Vec<_> = (0..n)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
+            .collect();
+        let nodes: Vec<String> = listeners
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                format!(
+                    r#"{{"id": {}, "host": "127.0.0.1", "port": {}}}"#,
+                    i + 1,
+                    l.local_addr().expect("addr").port()
+                )
+            })
+            .collect();
+        drop(listeners);
+        let config = dir.path().join("config.json");
+        std::fs::write(
+            &config,
+            format!(
+                r#"{{"nodes": [{}], "election_timeout_ms": {{"min": 150, "max": 300}}, "heartbeat_interval_ms": 50, "data_directory": "./data"}}"#,
+                nodes.join(", ")
+            ),
+        )
+        .expect("write config");
+        let config = config.to_str().expect("utf-8").to_string();
+        let nodes = (1..=n)
+            .map(|id| {
+                Command::new(BIN)
+                    .args([
+                        "node",
+                        "--id",
+                        &id.to_string(),
+                        "--config",
+                        &config,
+                        "--quiet",
+                    ])
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("spawn node")
+            })
+            .collect();
+        let c = Cluster {
+            _dir: dir,
+            config,
+            nodes,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let out = Command::new(BIN)
+                .args([
+                    "monitor",
+                    "--config",
+                    &c.config,
+                    "--once",
+                    "--interval",
+                    "100ms",
+                ])
+                .output();
+            if out.is_ok_and(|o| o.status.success()) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "no leader within 20 s");
+        }
+        c
+    }
+
+    fn rss_kib(&self) -> Vec<u64> {
+        self.nodes
+            .iter()
+            .map(|c| {
+                std::fs::read_to_string(format!("/proc/{}/status", c.id()))
+                    .ok()
+                    .and_then(|s| {
+                        s.lines()
+                            .find(|l| l.starts_with("VmRSS:"))
+                            .map(str::to_string)
+                    })
+                    .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+                    .unwrap_or(0)
+            })
+            .collect()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for c in &mut self.nodes {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn bench(config: &str, workload: &str, clients: usize, secs: u64) -> serde_json::Value {
+    let out = Command::new(BIN)
+        .args([
+            "bench",
+            "--config",
+            config,
+            "--workload",
+            workload,
+            "--clients",
+            &clients.to_string(),
+        ])
+        .args([
+            "--duration",
+            &format!("{secs}s"),
+            "--warmup",
+            "1s",
+            "--keys",
+            "1000",
+            "--value-size",
+            "256",
+            "--json",
+        ])
+        .stderr(Stdio::null())
+        .output()
+        .expect("run raftkv bench");
+    assert!(out.status.success(), "raftkv bench failed");
+    serde_json::from_slice(&out.stdout).expect("bench JSON")
+}
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; `cargo test --benches` passes nothing: run only on request.
+    if !std::env::args().any(|a| a == "--bench") {
+        return;
+    }
+    assert!(Path::new(BIN).exists(), "build raftkv first");
+    if let Some(secs) = std::env::var("RAFTKV_BENCH_SOAK")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        let c = Cluster::start(3);
+        let warm = bench(&c.config, "put", 64, 5);
+        let before = c.rss_kib();
+        let r = bench(&c.config, "put", 64, secs);
+        let after = c.rss_kib();
+        println!(
+            "soak: {secs} s of writes at 64 clients on 3 nodes: {:.0} ops/s (warm-up {:.0} ops/s)",
+            r["ops_per_sec"].as_f64().unwrap_or(0.0),
+            warm["ops_per_sec"].as_f64().unwrap_or(0.0)
+        );
+        for (i, (b, a)) in before.iter().zip(&after).enumerate() {
+            println!(
+                "  node {}: RSS {} MiB at start, {} MiB at end",
+                i + 1,
+                b / 1024,
+                a / 1024
+            );
+        }
+        return;
+    }
+    let runs = env_u64("RAFTKV_BENCH_RUNS", 1).max(1);
+    let secs = env_u64("RAFTKV_BENCH_SECS", 8);
+    let all: Vec<(usize, &str, usize)> = vec![
+        (3, "put", 1),
+        (3, "put", 64),
+        (3, "put", 256),
+        (3, "get", 1),
+        (3, "get", 64),
+        (3, "get", 256),
+        (5, "put", 1),
+        (5, "put", 64),
+        (5, "put", 256),
+        (5, "get", 64),
+        (5, "get", 256),
+    ];
+    let wanted: Option<Vec<String>> = std::env::var("RAFTKV_BENCH_ROWS")
+        .ok()
+        .map(|v| v.split(',').map(str::to_string).collect());
+    println!("| cluster | workload | clients | ops/s | p50 ms | p99 ms | errors |");
+    println!("|---|---|---:|---:|---:|---:|---:|");
+    for (nodes, workload, clients) in all {
+        if wanted
+            .as_ref()
+            .is_some_and(|w| !w.contains(&format!("{nodes}:{workload}:{clients}")))
+        {
+            continue;
+        }
+        let mut samples: Vec<serde_json::Value> = (0..runs)
+            .map(|_| {
+                let c = Cluster::start(nodes);
+                bench(&c.config, workload, clients, secs)
+            })
+            .collect();
+        samples.sort_by(|a, b| {
+            a["ops_per_sec"]
+                .as_f64()
+                .partial_cmp(&b["ops_per_sec"].as_f64())
+                .unwrap_or(std::cmp::Ordering::Equal)
+        });
+        let m = &samples[samples.len() / 2];
+        let name = if workload == "get" {
+            "linearizable get"
+        } else {
+            workload
+        };
+        println!(
+            "| {nodes} nodes | {name} | {clients} | {:.0} | {:.2} | {:.2} | {} |",
+            m["ops_per_sec"].as_f64().unwrap_or(0.0),
+            m["p50_ms"].as_f64().unwrap_or(0.0),
+            m["p99_ms"].as_f64().unwrap_or(0.0),
+            m["errors"]
+        );
+    }
+}
