@@ -53,12 +53,12 @@ pub enum Command {
     Shell(shell::ShellArgs),
     /// Live dashboard of every node (or --once / --json for scripts).
     #[command(
-        long_about = "A live terminal dashboard of the cluster.\n\n        One row per node: address, up/down, role, term, leader, commit/applied/last log index and         how far it lags the leader, or why it is down. The top line shows the leader, quorum         health and writes/s. q, Esc or Ctrl-C quit. --once prints a plain table and --json one         JSON object; both exit 0 if a quorum is up, 1 if not."
+        long_about = "A live terminal dashboard of the cluster.\n\nOne row per node: address, up/down, role, term, leader, commit/applied/last log index and how far it lags the leader, or why it is down. The top line shows the leader, quorum health and writes/s. q, Esc or Ctrl-C quit. --once prints a plain table and --json one JSON object; both exit 0 if a quorum is up, 1 if not."
     )]
     Monitor(monitor::MonitorArgs),
     /// Measure throughput and latency with a closed-loop load.
     #[command(
-        long_about = "Measure throughput and latency.\n\n        --clients concurrent clients each keep one request in flight (closed loop). After         --warmup, the run measures --ops operations or for --duration, then reports ops/s,         latency percentiles (p50/p90/p99/p99.9/max, HDR histogram), errors by kind and leader         changes. --json prints one machine-readable line."
+        long_about = "Measure throughput and latency.\n\n--clients concurrent clients each keep one request in flight (closed loop). After --warmup, the run measures --ops operations or for --duration, then reports ops/s, latency percentiles (p50/p90/p99/p99.9/max, HDR histogram), errors by kind and leader changes. --json prints one machine-readable line."
     )]
     Bench(bench::BenchArgs),
 }
