@@ -209,9 +209,24 @@ pub fn plain(v: &ClusterView) -> String {
 
 /// Draws the dashboard.
 pub fn render(f: &mut Frame, v: &ClusterView, title: &str) {
-    let [top, table, bottom] = Layout::vertical([
+    let errors: Vec<Line> = v
+        .nodes
+        .iter()
+        .filter_map(|n| {
+            n.error
+                .as_ref()
+                .map(|e| Line::from(format!("node {} ({}): {e}", n.id, n.addr)).red())
+        })
+        .collect();
+    let error_rows = if errors.is_empty() {
+        0
+    } else {
+        errors.len() as u16 + 2
+    };
+    let [top, table, problems, bottom] = Layout::vertical([
         Constraint::Length(3),
         Constraint::Min(3),
+        Constraint::Length(error_rows),
         Constraint::Length(1),
     ])
     .areas(f.area());
@@ -226,10 +241,7 @@ pub fn render(f: &mut Frame, v: &ClusterView, title: &str) {
         top,
     );
     let rows = v.nodes.iter().map(|n| {
-        let mut cells: Vec<String> = cells(n).into();
-        if let Some(e) = &n.error {
-            cells[3] = e.clone();
-        }
+        let cells: Vec<String> = cells(n).into();
         let style = if !n.up {
             Style::new().fg(Color::Red)
         } else if n.role.as_deref() == Some("leader") {
@@ -259,6 +271,12 @@ pub fn render(f: &mut Frame, v: &ClusterView, title: &str) {
             .block(Block::bordered().title(" nodes ")),
         table,
     );
+    if !errors.is_empty() {
+        f.render_widget(
+            Paragraph::new(errors).block(Block::bordered().title(" unreachable ")),
+            problems,
+        );
+    }
     f.render_widget(Line::from("q / Esc / Ctrl-C: quit").dim(), bottom);
 }
 
@@ -374,7 +392,7 @@ mod tests {
     }
 
     fn screen(v: &ClusterView) -> String {
-        let mut t = Terminal::new(TestBackend::new(110, 12)).expect("terminal");
+        let mut t = Terminal::new(TestBackend::new(110, 16)).expect("terminal");
         t.draw(|f| render(f, v, "config.json")).expect("draw");
         let buf = t.backend().buffer().clone();
         let mut s = String::new();
@@ -388,7 +406,7 @@ mod tests {
     }
 
     fn style_of_row(v: &ClusterView, row_text: &str) -> Style {
-        let mut t = Terminal::new(TestBackend::new(110, 12)).expect("terminal");
+        let mut t = Terminal::new(TestBackend::new(110, 16)).expect("terminal");
         t.draw(|f| render(f, v, "config.json")).expect("draw");
         let buf = t.backend().buffer().clone();
         for y in 0..buf.area.height {
@@ -450,7 +468,10 @@ mod tests {
         let text = screen(&v);
         assert!(text.contains("2/3 up, quorum ok"), "{text}");
         assert!(text.contains("down"), "{text}");
-        assert!(text.contains("unreachable"), "{text}");
+        assert!(
+            text.contains("node 2 (127.0.0.1:5002): unreachable (connection refused)"),
+            "{text}"
+        );
         assert_eq!(style_of_row(&v, "127.0.0.1:5002").fg, Some(Color::Red));
         assert!(plain(&v).contains("(unreachable (connection refused))"));
     }
