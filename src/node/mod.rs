@@ -91,8 +91,11 @@ pub async fn run(
             max_value_bytes: cfg.max_value_bytes(),
         },
     };
+    // Stops the server and the core: on a signal, or when the core stops by itself (a fatal
+    // storage error), so that the process exits instead of serving without a core.
+    let (stop_tx, stop_rx) = watch::channel(false);
     let server_shutdown = {
-        let mut s = shutdown.clone();
+        let mut s = stop_rx.clone();
         async move {
             let _ = s.wait_for(|v| *v).await;
         }
@@ -143,16 +146,23 @@ pub async fn run(
         leader: 0,
     };
     let tick = Duration::from_millis(cfg.tick_ms());
-    let core_shutdown = shutdown.clone();
     let handle = tokio::runtime::Handle::current();
+    let (core_done_tx, core_done_rx) = tokio::sync::oneshot::channel::<()>();
     let core_thread = std::thread::Builder::new()
         .name(format!("raft-core-{id}"))
-        .spawn(move || handle.block_on(core.run(inbound_rx, tick, core_shutdown)))
+        .spawn(move || {
+            let result = handle.block_on(core.run(inbound_rx, tick, stop_rx));
+            let _ = core_done_tx.send(());
+            result
+        })
         .context("starting the core thread")?;
     tracing::info!(node = id, %local, "listening");
 
-    let _ = shutdown.wait_for(|v| *v).await;
-    tracing::info!(node = id, "shutting down");
+    tokio::select! {
+        _ = shutdown.wait_for(|v| *v) => tracing::info!(node = id, "shutting down"),
+        _ = core_done_rx => tracing::error!(node = id, "the Raft core stopped; shutting down"),
+    }
+    let _ = stop_tx.send(true);
     let core_result = tokio::task::spawn_blocking(move || core_thread.join())
         .await
         .context("joining the core thread")?
