@@ -544,7 +544,13 @@ async fn linearizable_under_crashes_pauses_and_partitions() {
     );
     match verdict {
         Verdict::Ok => println!("verdict: linearizable"),
-        Verdict::Unknown(why) => panic!("checker gave up: {why}"),
+        Verdict::Unknown(why) => {
+            let path = save_history(&ops, seed);
+            panic!(
+                "checker gave up: {why}; history saved to {}",
+                path.display()
+            )
+        }
         Verdict::Violation(v) => {
             let path = save_history(&ops, seed);
             let stuck: String = ops
