@@ -466,12 +466,9 @@ impl<S: LogStore> Raft<S> {
             self.heartbeat_elapsed = 0;
             let peers: Vec<NodeId> = self.peers().collect();
             for p in peers {
-                // A probe that went unanswered may be retried after a heartbeat.
+                // A probe that went unanswered is retried when the heartbeat is answered.
                 if let Some(pr) = self.progress.get_mut(&p) {
                     pr.check_stalled();
-                    if pr.state == ProgressState::Probe {
-                        pr.probe_sent = false;
-                    }
                 }
                 self.send_heartbeat(p);
             }

@@ -559,6 +559,94 @@ fn figure_8_old_term_entry_is_not_committed_by_counting() {
 // Dissertation 9.6 pre-vote and 6.2 check-quorum
 // ---------------------------------------------------------------------------------------------
 
+// Reference: dissertation 9.6. A pre-vote is granted only for a later term: a node asking about
+// our own term (it is behind us) is refused while we have a leader.
+#[test]
+fn pre_vote_for_the_current_term_is_refused() {
+    let mut net = Net::new(3);
+    net.elect(1);
+    let term = net.node(2).term();
+    net.node(2)
+        .step(Message {
+            from: 3,
+            to: 2,
+            term,
+            body: MessageBody::VoteRequest {
+                pre_vote: true,
+                last_log_index: 100,
+                last_log_term: term,
+            },
+        })
+        .expect("step");
+    let rd = net.node(2).ready().expect("ready");
+    let answer = rd
+        .messages
+        .iter()
+        .find(|m| m.to == 3)
+        .map(|m| m.body.clone());
+    assert_eq!(
+        answer,
+        Some(MessageBody::VoteResponse {
+            pre_vote: true,
+            granted: false
+        })
+    );
+    net.node(2).advance();
+}
+
+// A pre-candidate counts only pre-vote answers: real votes do not make it a candidate, and a
+// quorum of refusals (at its own term) sends it back to follower.
+#[test]
+fn pre_candidate_counts_only_pre_votes() {
+    let mut r = Raft::new(
+        config(1, 3),
+        MemLogStore::new(),
+        HardState {
+            term: 4,
+            vote: 0,
+            commit: 0,
+        },
+        0,
+    )
+    .expect("cfg");
+    r.hup();
+    assert_eq!(r.role(), Role::PreCandidate);
+    let _ = r.ready().expect("ready");
+    r.advance();
+    // Refusals of a real vote (at our term) are not pre-vote answers.
+    for from in [2, 3] {
+        r.step(Message {
+            from,
+            to: 1,
+            term: 4,
+            body: MessageBody::VoteResponse {
+                pre_vote: false,
+                granted: false,
+            },
+        })
+        .expect("step");
+    }
+    assert_eq!(
+        r.role(),
+        Role::PreCandidate,
+        "real-vote answers are not pre-votes"
+    );
+    for from in [2, 3] {
+        r.step(Message {
+            from,
+            to: 1,
+            term: 4,
+            body: MessageBody::VoteResponse {
+                pre_vote: true,
+                granted: false,
+            },
+        })
+        .expect("step");
+    }
+    assert_eq!(r.role(), Role::Follower, "a quorum refused");
+    assert_eq!(r.term(), 4);
+}
+
 // A node cut off from the cluster keeps timing out, but with pre-vote it never raises its term;
 // when it comes back it does not depose the healthy leader.
 #[test]
