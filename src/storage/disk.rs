@@ -79,12 +79,22 @@ pub fn open(dir: &Path, id: NodeId) -> Result<Recovered, OpenError> {
         }
         Err(e) => return Err(wrap(io_err(e))),
     };
-    let ks = |name: &str| {
-        db.keyspace(name, KeyspaceCreateOptions::default)
-            .map_err(io_err)
-            .map_err(wrap)
+    // Memtable sizes bound a node's memory (fjall's default is 64 MiB per keyspace); smaller
+    // memtables also keep inserts cheap. The log is written once per batch and read back from
+    // the in-memory tail, so it needs little.
+    let ks = |name: &str, memtable_bytes: u64| {
+        db.keyspace(name, || {
+            KeyspaceCreateOptions::default().max_memtable_size(memtable_bytes)
+        })
+        .map_err(io_err)
+        .map_err(wrap)
     };
-    let (log, meta, kv, sessions) = (ks("log")?, ks("meta")?, ks("kv")?, ks("sessions")?);
+    let (log, meta, kv, sessions) = (
+        ks("log", 16 << 20)?,
+        ks("meta", 1 << 20)?,
+        ks("kv", 32 << 20)?,
+        ks("sessions", 4 << 20)?,
+    );
     let corrupt = |what: &str| OpenError::Corrupt {
         dir: dir.to_path_buf(),
         what: what.to_string(),
