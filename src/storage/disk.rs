@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use bytes::Bytes;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 
+use crate::raft::storage::take_within_budget;
 use crate::raft::{Entry, EntryKind, HardState, LogIndex, LogStore, NodeId, StorageError, Term};
 
 use super::kv::KvStore;
@@ -351,20 +352,16 @@ impl LogStore for DiskLog {
             return Err(StorageError::Unavailable(if lo < 1 { lo } else { hi - 1 }));
         }
         let mut out = Vec::with_capacity((hi - lo).min(1024) as usize);
-        let mut bytes = 0usize;
         if let Some(first) = self.tail.front()
             && lo >= first.index
         {
             let range = (lo - first.index) as usize..(hi - first.index) as usize;
-            for e in self.tail.range(range) {
-                bytes += e.size_bytes();
-                if !out.is_empty() && bytes > max_bytes {
-                    break;
-                }
-                out.push(e.clone());
-            }
-            return Ok(out);
+            return Ok(take_within_budget(
+                self.tail.range(range).cloned(),
+                max_bytes,
+            ));
         }
+        let mut bytes = 0usize;
         // The batch holding `lo`, and those after it.
         let from = self.batches[self.batches.partition_point(|&k| k <= lo) - 1];
         'batches: for item in self.log.range(from.to_be_bytes()..hi.to_be_bytes()) {
