@@ -249,6 +249,41 @@ fn higher_term_deposes_and_stale_term_is_rejected() {
     ));
 }
 
+// Messages addressed to another node, claiming to come from this node, or from a node outside
+// the configuration change nothing (the transport checks too; the core does not rely on it).
+#[test]
+fn misaddressed_and_foreign_messages_are_ignored() {
+    let vote = |from, to| Message {
+        from,
+        to,
+        term: 9,
+        body: MessageBody::VoteRequest {
+            pre_vote: false,
+            last_log_index: 9,
+            last_log_term: 9,
+        },
+    };
+    for (from, to) in [(2, 3), (1, 1), (7, 1), (0, 1)] {
+        let mut r = Raft::new(
+            no_pre_vote(1, 3),
+            MemLogStore::new(),
+            HardState {
+                term: 2,
+                vote: 0,
+                commit: 0,
+            },
+            0,
+        )
+        .expect("cfg");
+        r.step(vote(from, to)).expect("step");
+        assert_eq!(r.term(), 2, "from {from} to {to}");
+        assert!(
+            !r.has_ready(),
+            "from {from} to {to}: no answer, no state change"
+        );
+    }
+}
+
 // Reference: section 5.4.1. A voter denies its vote if its own log is more up-to-date.
 #[test]
 fn vote_denied_to_candidate_with_stale_log() {
