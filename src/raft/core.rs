@@ -631,17 +631,15 @@ impl<S: LogStore> Raft<S> {
                     }
             );
             if !keeps_term {
-                let leader = match m.body {
-                    MessageBody::AppendRequest { .. } => m.from,
-                    _ => 0,
-                };
-                self.become_follower(m.term, leader);
+                // An append names its sender as leader below, with the rest of its handling.
+                self.become_follower(m.term, 0);
             }
         } else if m.term < self.term {
             match m.body {
-                MessageBody::AppendRequest { .. } if self.cfg.check_quorum || self.cfg.pre_vote => {
-                    // A deposed leader (or a partitioned node's peer) learns our newer term and
-                    // steps down; without this, pre-vote could leave it leading forever.
+                MessageBody::AppendRequest { .. } => {
+                    // A deposed leader learns our newer term and steps down. Without this, a
+                    // leader cut off by a partition could go on leading a stale term forever:
+                    // with pre-vote, nodes that moved on never send it a higher-term request.
                     self.send(
                         m.from,
                         self.term,
@@ -655,6 +653,8 @@ impl<S: LogStore> Raft<S> {
                     );
                 }
                 MessageBody::VoteRequest { pre_vote: true, .. } => {
+                    // Tell a pre-candidate behind us at once, rather than let it wait out its
+                    // timeout: it learns our term from the refusal and follows.
                     self.send(
                         m.from,
                         self.term,

@@ -720,6 +720,143 @@ fn without_pre_vote_partitioned_node_raises_its_term() {
     assert!(net.node(3).term() > term);
 }
 
+// The lease lasts exactly the minimum election timeout: a vote request one tick earlier is
+// ignored, one at the boundary is answered.
+#[test]
+fn lease_ends_at_the_minimum_election_timeout() {
+    for seed in 0..50 {
+        let mut c = config(2, 3);
+        c.seed = seed;
+        let mut r = Raft::new(
+            c,
+            MemLogStore::new(),
+            HardState {
+                term: 1,
+                vote: 0,
+                commit: 0,
+            },
+            0,
+        )
+        .expect("cfg");
+        let heartbeat = Message {
+            from: 1,
+            to: 2,
+            term: 1,
+            body: MessageBody::AppendRequest {
+                prev_log_index: 0,
+                prev_log_term: 0,
+                entries: vec![],
+                leader_commit: 0,
+                read_context: 0,
+            },
+        };
+        r.step(heartbeat).expect("step");
+        let _ = r.ready().expect("ready");
+        r.advance();
+        for _ in 0..9 {
+            r.tick();
+        }
+        let request = |r: &mut Raft<MemLogStore>| {
+            r.step(Message {
+                from: 3,
+                to: 2,
+                term: 2,
+                body: MessageBody::VoteRequest {
+                    pre_vote: false,
+                    last_log_index: 5,
+                    last_log_term: 1,
+                },
+            })
+            .expect("step")
+        };
+        request(&mut r);
+        assert_eq!(
+            r.term(),
+            1,
+            "9 ticks after the leader spoke: still in the lease"
+        );
+        r.tick();
+        if r.role() != Role::Follower {
+            continue; // this seed's timeout was exactly the minimum: it campaigned itself
+        }
+        request(&mut r);
+        assert_eq!(
+            r.term(),
+            2,
+            "at the minimum election timeout the lease is over"
+        );
+        return;
+    }
+    panic!("no seed kept the node a follower for the minimum election timeout");
+}
+
+// A pre-vote request from a node behind us is refused at once, with our term.
+#[test]
+fn pre_vote_from_an_older_term_is_refused_with_our_term() {
+    let mut r = Raft::new(
+        config(1, 3),
+        MemLogStore::new(),
+        HardState {
+            term: 5,
+            vote: 0,
+            commit: 0,
+        },
+        0,
+    )
+    .expect("cfg");
+    r.step(Message {
+        from: 2,
+        to: 1,
+        term: 3,
+        body: MessageBody::VoteRequest {
+            pre_vote: true,
+            last_log_index: 0,
+            last_log_term: 0,
+        },
+    })
+    .expect("step");
+    let rd = r.ready().expect("ready");
+    assert_eq!(
+        rd.messages,
+        vec![Message {
+            from: 1,
+            to: 2,
+            term: 5,
+            body: MessageBody::VoteResponse {
+                pre_vote: true,
+                granted: false
+            }
+        }]
+    );
+}
+
+// A probe that is lost does not stall a follower: the next heartbeat's answer allows another.
+#[test]
+fn lost_probe_is_retried_after_a_heartbeat() {
+    let mut net = Net::new(3);
+    net.elect(1);
+    net.isolate(3);
+    for i in 0..5 {
+        net.propose(1, &format!("v{i}")).expect("leader");
+    }
+    net.heal();
+    // The first append that carries entries to node 3 is lost.
+    let dropped = std::cell::Cell::new(false);
+    net.filter = Some(Box::new(move |m: &Message| {
+        let carries =
+            matches!(&m.body, MessageBody::AppendRequest { entries, .. } if !entries.is_empty());
+        if m.to == 3 && carries && !dropped.get() {
+            dropped.set(true);
+            return false;
+        }
+        true
+    }));
+    for _ in 0..4 {
+        net.tick_all();
+    }
+    assert_eq!(net.log_of(3), net.log_of(1));
+}
+
 // Check-quorum: a leader that cannot hear from a majority steps down.
 #[test]
 fn check_quorum_leader_steps_down_when_isolated() {
