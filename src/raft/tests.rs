@@ -830,6 +830,29 @@ fn pre_vote_from_an_older_term_is_refused_with_our_term() {
     );
 }
 
+// Once a follower has acknowledged, the leader streams to it (Replicate): each new batch of
+// proposals goes out without waiting for the previous one's answer (Probe would send one).
+#[test]
+fn leader_pipelines_appends_to_a_caught_up_follower() {
+    let mut net = Net::new(3);
+    net.elect(1);
+    net.propose(1, "warm-up").expect("leader");
+    let r = net.node(1);
+    let mut appends_to_2 = 0;
+    for i in 0..3 {
+        r.propose(Bytes::from(format!("v{i}"))).expect("leader");
+        let rd = r.ready().expect("ready");
+        appends_to_2 += rd
+            .messages
+            .iter()
+            .filter(|m| m.to == 2 && matches!(&m.body, MessageBody::AppendRequest { entries, .. } if !entries.is_empty()))
+            .count();
+        r.store_mut().append(&rd.entries);
+        r.advance();
+    }
+    assert_eq!(appends_to_2, 3, "three appends in flight at once");
+}
+
 // A probe that is lost does not stall a follower: the next heartbeat's answer allows another.
 #[test]
 fn lost_probe_is_retried_after_a_heartbeat() {
