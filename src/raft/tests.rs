@@ -356,6 +356,42 @@ fn leader_commits_noop_and_proposals_on_majority() {
     }
 }
 
+// A leader counts itself toward a quorum only for entries it has made durable: an entry still
+// waiting for its own write is committed only if enough followers have it.
+#[test]
+fn leader_does_not_count_its_unpersisted_entries() {
+    let mut net = Net::new(3);
+    net.elect(1);
+    let commit = net.node(1).commit_index();
+    let r = net.node(1);
+    let (index, term) = r.propose(Bytes::from("x")).expect("leader");
+    // Node 2 claims the entry before the leader has written it (an asynchronous runtime could
+    // see this order); one follower plus an unwritten leader copy is not a majority of 3.
+    r.step(Message {
+        from: 2,
+        to: 1,
+        term,
+        body: MessageBody::AppendResponse {
+            success: true,
+            index,
+            reject_hint_index: 0,
+            reject_hint_term: 0,
+            read_context: 0,
+        },
+    })
+    .expect("step");
+    assert_eq!(
+        r.commit_index(),
+        commit,
+        "committed before the leader's own write"
+    );
+    // Once the leader's write is done, the same two copies are a majority.
+    let rd = r.ready().expect("ready");
+    r.store_mut().append(&rd.entries);
+    r.advance();
+    assert_eq!(r.commit_index(), index);
+}
+
 // Reference: section 5.3. A leader with only a minority cannot commit.
 #[test]
 fn minority_leader_does_not_commit() {
