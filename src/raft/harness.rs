@@ -122,6 +122,13 @@ impl Net {
     fn run_ready(&mut self, id: NodeId) {
         let r = self.nodes.get_mut(&id).expect("node exists");
         if !r.has_ready() {
+            // has_ready must not hide work.
+            let rd = r.ready().expect("ready");
+            assert!(
+                rd.is_empty() && !rd.must_sync,
+                "node {id}: has_ready() was false but ready() had {rd:?}"
+            );
+            r.advance();
             return;
         }
         let rd = r.ready().expect("ready");

@@ -1009,6 +1009,157 @@ fn read_index_waits_for_quorum_round() {
     assert_eq!(net.read_states[&1], vec![ReadState { ctx: 42, index: 2 }]);
 }
 
+// A read is confirmed only by a heartbeat round that started after it arrived: answers to an
+// older round prove nothing about leadership at the time of the read.
+#[test]
+fn read_is_not_confirmed_by_an_older_round() {
+    let mut net = Net::new(3);
+    net.elect(1);
+    let r = net.node(1);
+    let term = r.term();
+    let mut round_of = |r: &mut Raft<MemLogStore>, ctx| {
+        r.read_index(ctx).expect("leader");
+        let rd = r.ready().expect("ready");
+        r.advance();
+        rd.messages
+            .iter()
+            .find_map(|m| match m.body {
+                MessageBody::AppendRequest { read_context, .. } => Some(read_context),
+                _ => None,
+            })
+            .expect("a heartbeat round went out")
+    };
+    let first = round_of(r, 1);
+    let second = round_of(r, 2);
+    assert!(second > first);
+    // Both followers answer the first round only: read 1 is confirmed, read 2 is not.
+    for from in [2, 3] {
+        r.step(Message {
+            from,
+            to: 1,
+            term,
+            body: MessageBody::AppendResponse {
+                success: true,
+                index: 1,
+                reject_hint_index: 0,
+                reject_hint_term: 0,
+                read_context: first,
+            },
+        })
+        .expect("step");
+    }
+    let rd = r.ready().expect("ready");
+    assert_eq!(rd.read_states, vec![ReadState { ctx: 1, index: 1 }]);
+    r.advance();
+}
+
+// Committed entries are handed out in slices of max_apply_bytes; has_ready keeps reporting the
+// rest until all are applied.
+#[test]
+fn committed_entries_are_applied_in_slices() {
+    let mut net = Net::with(3, |id, n| {
+        let mut c = config(id, n);
+        c.max_apply_bytes = 1;
+        c
+    });
+    net.elect(1);
+    for i in 0..4 {
+        net.propose_no_settle(1, &format!("v{i}")).expect("leader");
+    }
+    net.settle();
+    net.tick_all();
+    for id in 1..=3 {
+        assert_eq!(
+            net.applied[&id].len(),
+            5,
+            "node {id}: no-op and four proposals"
+        );
+    }
+}
+
+// Whether a Ready needs an fsync: new entries, a new term or a new vote do; a new commit index
+// alone does not (it can be re-learned from the leader).
+#[test]
+fn must_sync_exactly_when_entries_term_or_vote_change() {
+    let mut r = Raft::new(
+        no_pre_vote(1, 3),
+        MemLogStore::new(),
+        HardState::default(),
+        0,
+    )
+    .expect("cfg");
+    // New term and vote (campaign).
+    r.hup();
+    let rd = r.ready().expect("ready");
+    assert!(rd.must_sync);
+    r.advance();
+    // A vote granted in the same term as ours: vote changes, term does not.
+    let mut f = Raft::new(
+        no_pre_vote(2, 3),
+        MemLogStore::new(),
+        HardState {
+            term: 1,
+            vote: 0,
+            commit: 0,
+        },
+        0,
+    )
+    .expect("cfg");
+    f.step(Message {
+        from: 1,
+        to: 2,
+        term: 1,
+        body: MessageBody::VoteRequest {
+            pre_vote: false,
+            last_log_index: 0,
+            last_log_term: 0,
+        },
+    })
+    .expect("step");
+    let rd = f.ready().expect("ready");
+    assert_eq!(rd.hard_state.map(|h| (h.term, h.vote)), Some((1, 1)));
+    assert!(rd.must_sync, "a vote must be durable before it is sent");
+    f.advance();
+    // Entries in the same term.
+    f.step(Message {
+        from: 1,
+        to: 2,
+        term: 1,
+        body: MessageBody::AppendRequest {
+            prev_log_index: 0,
+            prev_log_term: 0,
+            entries: vec![entry(1, 1)],
+            leader_commit: 0,
+            read_context: 0,
+        },
+    })
+    .expect("step");
+    let rd = f.ready().expect("ready");
+    assert!(rd.must_sync && rd.hard_state.is_none_or(|h| h.term == 1 && h.vote == 1));
+    f.store_mut().append(&rd.entries);
+    f.advance();
+    // Only the commit index moves.
+    f.step(Message {
+        from: 1,
+        to: 2,
+        term: 1,
+        body: MessageBody::AppendRequest {
+            prev_log_index: 1,
+            prev_log_term: 1,
+            entries: vec![],
+            leader_commit: 1,
+            read_context: 0,
+        },
+    })
+    .expect("step");
+    let rd = f.ready().expect("ready");
+    assert_eq!(rd.hard_state.map(|h| h.commit), Some(1));
+    assert!(rd.entries.is_empty());
+    assert!(!rd.must_sync, "a commit index alone needs no fsync");
+    assert_eq!(rd.committed_entries.len(), 1, "and the entry is applied");
+    f.advance();
+}
+
 #[test]
 fn many_reads_share_one_round() {
     let mut net = Net::new(3);
