@@ -514,6 +514,38 @@ fn leader_syncs_follower_logs_of_figure_7() {
     }
 }
 
+// Reference: section 5.3. A conflict inside entries not yet durable (two leaders' appends in one
+// batch of input) cuts exactly there; one inside durable entries replaces them from there on.
+#[test]
+fn log_truncation_inside_and_below_the_unstable_entries() {
+    use super::log::RaftLog;
+    let mut store = MemLogStore::new();
+    store.append(&log_terms(&[1, 1]));
+    let mut log = RaftLog::new(store, 0, 0);
+    log.append(&[entry(3, 1), entry(4, 1), entry(5, 1), entry(6, 1)]);
+    log.append(&[entry(5, 2)]);
+    log.check_invariants();
+    let terms: Vec<Term> = log
+        .entries(1, log.last_index() + 1, usize::MAX)
+        .expect("entries")
+        .iter()
+        .map(|e| e.term)
+        .collect();
+    assert_eq!(terms, vec![1, 1, 1, 1, 2]);
+    assert_eq!(log.unstable_entries().first().map(|e| e.index), Some(3));
+    // Now below the unstable part: the durable entry 2 is replaced too.
+    log.append(&[entry(2, 3)]);
+    log.check_invariants();
+    let terms: Vec<Term> = log
+        .entries(1, log.last_index() + 1, usize::MAX)
+        .expect("entries")
+        .iter()
+        .map(|e| e.term)
+        .collect();
+    assert_eq!(terms, vec![1, 3]);
+    assert_eq!(log.unstable_entries(), &[entry(2, 3)]);
+}
+
 // Fast backtracking: a follower with a long divergent suffix is repaired in a number of round
 // trips bounded by the number of conflicting terms, not entries.
 #[test]
@@ -1017,7 +1049,7 @@ fn read_is_not_confirmed_by_an_older_round() {
     net.elect(1);
     let r = net.node(1);
     let term = r.term();
-    let mut round_of = |r: &mut Raft<MemLogStore>, ctx| {
+    let round_of = |r: &mut Raft<MemLogStore>, ctx| {
         r.read_index(ctx).expect("leader");
         let rd = r.ready().expect("ready");
         r.advance();
