@@ -546,6 +546,80 @@ fn log_truncation_inside_and_below_the_unstable_entries() {
     assert_eq!(log.unstable_entries(), &[entry(2, 3)]);
 }
 
+// Fast backtracking's search: the last index at or before `index` whose term is at most `term`
+// (Figure 7's leader log: terms 1 1 1 4 4 5 5 6 6 6).
+#[test]
+fn find_conflict_by_term_on_figure_7() {
+    use super::log::RaftLog;
+    let mut store = MemLogStore::new();
+    store.append(&log_terms(&[1, 1, 1, 4, 4, 5, 5, 6, 6, 6]));
+    let log = RaftLog::new(store, 0, 0);
+    assert_eq!(log.find_conflict_by_term(10, 6), (10, 6));
+    assert_eq!(log.find_conflict_by_term(10, 4), (5, 4));
+    assert_eq!(log.find_conflict_by_term(10, 3), (3, 1));
+    assert_eq!(log.find_conflict_by_term(7, 5), (7, 5));
+    assert_eq!(
+        log.find_conflict_by_term(12, 7),
+        (10, 6),
+        "beyond the log: from its end"
+    );
+    assert_eq!(log.find_conflict_by_term(10, 0), (0, 0));
+    assert_eq!(log.first_index(), 1);
+}
+
+// Entries across the durable and not-yet-durable parts, whole and under byte budgets (each test
+// entry is 3 bytes of data + 24 of overhead = 27 bytes).
+#[test]
+fn entries_span_durable_and_unstable_parts_within_budget() {
+    use super::log::RaftLog;
+    let mut store = MemLogStore::new();
+    store.append(&log_terms(&[1, 1, 1]));
+    let mut log = RaftLog::new(store, 0, 0);
+    log.append(&[entry(4, 2), entry(5, 2), entry(6, 2)]);
+    let idx = |v: Vec<Entry>| v.iter().map(|e| e.index).collect::<Vec<_>>();
+    let size = entry(1, 1).size_bytes();
+    assert_eq!(
+        idx(log.entries(2, 6, usize::MAX).expect("entries")),
+        vec![2, 3, 4, 5]
+    );
+    assert_eq!(
+        idx(log.entries(4, 7, usize::MAX).expect("entries")),
+        vec![4, 5, 6]
+    );
+    assert_eq!(
+        idx(log.entries(1, 7, 2 * size).expect("entries")),
+        vec![1, 2],
+        "budget ends in the durable part"
+    );
+    assert_eq!(
+        idx(log.entries(2, 7, 3 * size).expect("entries")),
+        vec![2, 3, 4],
+        "budget ends in the unstable part"
+    );
+    assert_eq!(
+        idx(log.entries(2, 7, 3 * size + 1).expect("entries")),
+        vec![2, 3, 4]
+    );
+    assert_eq!(
+        idx(log.entries(3, 7, 1).expect("entries")),
+        vec![3],
+        "at least one"
+    );
+    assert_eq!(
+        idx(log.entries(5, 7, 1).expect("entries")),
+        vec![5],
+        "at least one, unstable"
+    );
+    assert_eq!(
+        idx(log.entries(3, 3, usize::MAX).expect("entries")),
+        Vec::<u64>::new()
+    );
+    assert!(
+        log.entries(5, 8, usize::MAX).is_err(),
+        "beyond the last index"
+    );
+}
+
 // Fast backtracking: a follower with a long divergent suffix is repaired in a number of round
 // trips bounded by the number of conflicting terms, not entries.
 #[test]
