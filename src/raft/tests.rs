@@ -601,6 +601,11 @@ fn entries_span_durable_and_unstable_parts_within_budget() {
         vec![2, 3, 4]
     );
     assert_eq!(
+        idx(log.entries(4, 7, 2 * size).expect("entries")),
+        vec![4, 5],
+        "budget within the unstable part"
+    );
+    assert_eq!(
         idx(log.entries(3, 7, 1).expect("entries")),
         vec![3],
         "at least one"
