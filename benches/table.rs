@@ -12,6 +12,9 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+#[path = "../tests/common/cluster_config.rs"]
+mod cluster_config;
+
 const BIN: &str = env!("CARGO_BIN_EXE_raftkv");
 
 struct Cluster {
@@ -23,30 +26,7 @@ struct Cluster {
 impl Cluster {
     fn start(n: usize) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
-        let listeners: Vec<_> = (0..n)
-            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
-            .collect();
-        let nodes: Vec<String> = listeners
-            .iter()
-            .enumerate()
-            .map(|(i, l)| {
-                format!(
-                    r#"{{"id": {}, "host": "127.0.0.1", "port": {}}}"#,
-                    i + 1,
-                    l.local_addr().expect("addr").port()
-                )
-            })
-            .collect();
-        drop(listeners);
-        let config = dir.path().join("config.json");
-        std::fs::write(
-            &config,
-            format!(
-                r#"{{"nodes": [{}], "election_timeout_ms": {{"min": 150, "max": 300}}, "heartbeat_interval_ms": 50, "data_directory": "./data"}}"#,
-                nodes.join(", ")
-            ),
-        )
-        .expect("write config");
+        let config = cluster_config::write(dir.path(), &cluster_config::free_loopback(n), "");
         let config = config.to_str().expect("utf-8").to_string();
         let nodes = (1..=n)
             .map(|id| {

@@ -1371,60 +1371,50 @@ fn duplicate_and_stale_appends_are_harmless() {
 
 #[test]
 fn invalid_configs_are_refused() {
+    let base = || config(1, 3);
     let bad = [
-        Config {
-            id: 0,
-            ..config(1, 3)
-        },
-        Config {
-            id: 4,
-            ..config(1, 3)
-        },
+        Config { id: 0, ..base() },
+        Config { id: 4, ..base() },
         Config {
             voters: vec![1, 1, 2],
-            ..config(1, 3)
+            ..base()
+        },
+        Config {
+            voters: vec![1, 0, 2],
+            ..base()
         },
         Config {
             heartbeat_ticks: 20,
-            ..config(1, 3)
+            ..base()
+        },
+        // A heartbeat as long as the minimum election timeout, or none at all.
+        Config {
+            heartbeat_ticks: 10,
+            ..base()
+        },
+        Config {
+            heartbeat_ticks: 0,
+            ..base()
         },
         Config {
             election_ticks_max: 5,
-            ..config(1, 3)
+            ..base()
+        },
+        // No pipelining at all.
+        Config {
+            max_inflight_msgs: 0,
+            ..base()
         },
     ];
     for c in bad {
         let r = Raft::new(c.clone(), MemLogStore::new(), HardState::default(), 0);
         assert!(matches!(r, Err(Error::Config(_))), "{c:?}");
     }
-    // Boundaries: a fixed timeout is allowed; a heartbeat as long as the timeout, or no
-    // pipelining at all, is not.
+    // A fixed election timeout (min == max) is allowed.
     let fixed = Config {
         election_ticks_min: 12,
         election_ticks_max: 12,
-        ..config(1, 3)
+        ..base()
     };
     assert!(Raft::new(fixed, MemLogStore::new(), HardState::default(), 0).is_ok());
-    let boundary_bad = [
-        Config {
-            heartbeat_ticks: 10,
-            ..config(1, 3)
-        },
-        Config {
-            heartbeat_ticks: 0,
-            ..config(1, 3)
-        },
-        Config {
-            max_inflight_msgs: 0,
-            ..config(1, 3)
-        },
-        Config {
-            voters: vec![1, 0, 2],
-            ..config(1, 3)
-        },
-    ];
-    for c in boundary_bad {
-        let r = Raft::new(c.clone(), MemLogStore::new(), HardState::default(), 0);
-        assert!(matches!(r, Err(Error::Config(_))), "{c:?}");
-    }
 }

@@ -17,6 +17,8 @@
 //! kills and pauses, and says so.
 
 mod checker;
+#[path = "../common/cluster_config.rs"]
+mod cluster_config;
 mod net;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -60,34 +62,9 @@ impl Cluster {
         };
         let hosts: Vec<(String, u16)> = match &net {
             Some(n) => (1..=NODES).map(|i| (n.addr(i), PORT)).collect(),
-            None => {
-                let ls: Vec<_> = (0..NODES)
-                    .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
-                    .collect();
-                ls.iter()
-                    .map(|l| {
-                        (
-                            "127.0.0.1".to_string(),
-                            l.local_addr().expect("addr").port(),
-                        )
-                    })
-                    .collect()
-            }
+            None => cluster_config::free_loopback(NODES),
         };
-        let nodes: Vec<String> = hosts
-            .iter()
-            .enumerate()
-            .map(|(i, (h, p))| format!(r#"{{"id": {}, "host": "{h}", "port": {p}}}"#, i + 1))
-            .collect();
-        let config = dir.path().join("config.json");
-        std::fs::write(
-            &config,
-            format!(
-                r#"{{"nodes": [{}], "election_timeout_ms": {{"min": 150, "max": 300}}, "heartbeat_interval_ms": 50, "data_directory": "./data"}}"#,
-                nodes.join(", ")
-            ),
-        )
-        .expect("write config");
+        let config = cluster_config::write(dir.path(), &hosts, "");
         let addrs = hosts
             .iter()
             .enumerate()

@@ -11,40 +11,10 @@ use raftkv::client::Client;
 use raftkv::proto::StatusResponse;
 use raftkv::raft::NodeId;
 
+#[path = "../common/cluster_config.rs"]
+mod cluster_config;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_raftkv");
-
-/// Ports that were free a moment ago (the listener is closed before the node binds).
-pub fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<std::net::TcpListener> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"))
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().expect("local addr").port())
-        .collect()
-}
-
-pub fn write_config(dir: &Path, ports: &[u16]) -> PathBuf {
-    let nodes: Vec<String> = ports
-        .iter()
-        .enumerate()
-        .map(|(i, p)| format!(r#"{{"id": {}, "host": "127.0.0.1", "port": {p}}}"#, i + 1))
-        .collect();
-    let text = format!(
-        r#"{{
-    "nodes": [{}],
-    "election_timeout_ms": {{"min": 150, "max": 300}},
-    "heartbeat_interval_ms": 50,
-    "data_directory": "./data",
-    "log_directory": "./logs",
-    "max_value_bytes": 65536
-}}"#,
-        nodes.join(", ")
-    );
-    let path = dir.join("config.json");
-    std::fs::write(&path, text).expect("write config");
-    path
-}
 
 pub struct TestCluster {
     pub dir: tempfile::TempDir,
@@ -57,8 +27,9 @@ impl TestCluster {
     /// Writes a config for `n` nodes; starts none.
     pub fn new(n: usize) -> TestCluster {
         let dir = tempfile::tempdir().expect("tempdir");
-        let ports = free_ports(n);
-        let config = write_config(dir.path(), &ports);
+        let hosts = cluster_config::free_loopback(n);
+        let ports = hosts.iter().map(|h| h.1).collect();
+        let config = cluster_config::write(dir.path(), &hosts, r#""max_value_bytes": 65536"#);
         TestCluster {
             dir,
             config,

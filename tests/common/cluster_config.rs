@@ -1,0 +1,45 @@
+//! Shared by the process tests, the nemesis test and the benchmark table: a `config.json` for a
+//! cluster of real `raftkv` processes in a test directory.
+#![allow(dead_code)] // each user needs a different part
+
+use std::path::{Path, PathBuf};
+
+/// `n` loopback addresses on ports that were free a moment ago (the listeners are closed before
+/// the nodes bind them).
+pub fn free_loopback(n: usize) -> Vec<(String, u16)> {
+    let listeners: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"))
+        .collect();
+    listeners
+        .iter()
+        .map(|l| {
+            (
+                "127.0.0.1".to_string(),
+                l.local_addr().expect("local addr").port(),
+            )
+        })
+        .collect()
+}
+
+/// Writes `dir/config.json` for nodes 1..=n at `hosts`, with the seed's timing, data in
+/// `./data` and logs in `./logs`; `extra` is appended as further JSON fields (e.g.
+/// `"max_value_bytes": 65536`).
+pub fn write(dir: &Path, hosts: &[(String, u16)], extra: &str) -> PathBuf {
+    let nodes: Vec<String> = hosts
+        .iter()
+        .enumerate()
+        .map(|(i, (h, p))| format!(r#"{{"id": {}, "host": "{h}", "port": {p}}}"#, i + 1))
+        .collect();
+    let extra = if extra.is_empty() {
+        String::new()
+    } else {
+        format!(", {extra}")
+    };
+    let text = format!(
+        r#"{{"nodes": [{}], "election_timeout_ms": {{"min": 150, "max": 300}}, "heartbeat_interval_ms": 50, "data_directory": "./data", "log_directory": "./logs"{extra}}}"#,
+        nodes.join(", ")
+    );
+    let path = dir.join("config.json");
+    std::fs::write(&path, text).expect("write config");
+    path
+}
