@@ -186,6 +186,8 @@ pub struct Raft<S: LogStore> {
     prev_soft: SoftState,
     prev_hard: HardState,
     in_flight: Option<InFlightReady>,
+    /// Scratch space for quorum computations.
+    quorum_scratch: Vec<u64>,
 }
 
 impl<S: LogStore> Raft<S> {
@@ -235,6 +237,7 @@ impl<S: LogStore> Raft<S> {
             },
             prev_hard: HardState::default(),
             in_flight: None,
+            quorum_scratch: Vec::new(),
             cfg,
         };
         r.prev_hard = r.hard_state();
@@ -880,9 +883,13 @@ impl<S: LogStore> Raft<S> {
 
     /// Advances the commit index to what a majority has made durable, if it is of this term.
     fn maybe_commit(&mut self) -> bool {
-        let mut matches: Vec<LogIndex> = self.progress.values().map(|p| p.match_index).collect();
+        // Runs on every append answer: reuse one buffer rather than allocate.
+        let mut matches = std::mem::take(&mut self.quorum_scratch);
+        matches.clear();
+        matches.extend(self.progress.values().map(|p| p.match_index));
         matches.push(self.persisted_index());
-        let index = quorum_value(matches);
+        let index = quorum_value(&mut matches);
+        self.quorum_scratch = matches;
         if !self.log.maybe_commit(index, self.term) {
             return false;
         }
@@ -991,9 +998,12 @@ impl<S: LogStore> Raft<S> {
 
     /// Releases reads whose round a quorum (us included) has acknowledged.
     fn confirm_reads(&mut self) {
-        let mut acks: Vec<u64> = self.progress.values().map(|p| p.read_ack).collect();
+        let mut acks = std::mem::take(&mut self.quorum_scratch);
+        acks.clear();
+        acks.extend(self.progress.values().map(|p| p.read_ack));
         acks.push(self.read_round);
-        let confirmed = quorum_value(acks);
+        let confirmed = quorum_value(&mut acks);
+        self.quorum_scratch = acks;
         while self
             .pending_reads
             .front()

@@ -145,7 +145,8 @@ pub fn majority(voters: usize) -> usize {
 }
 
 /// The largest value that a majority of `values` (one per voter) has reached.
-pub fn quorum_value(mut values: Vec<u64>) -> u64 {
+pub fn quorum_value(mut values: impl AsMut<[u64]>) -> u64 {
+    let values = values.as_mut();
     let n = values.len();
     if n == 0 {
         return 0;

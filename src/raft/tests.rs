@@ -14,6 +14,30 @@ fn log_terms(terms: &[Term]) -> Vec<Entry> {
         .collect()
 }
 
+/// A core with `store` as its durable log, at `term` with no vote, having committed `commit`.
+fn core(cfg: Config, store: MemLogStore, term: Term, commit: LogIndex) -> Raft<MemLogStore> {
+    Raft::new(
+        cfg,
+        store,
+        HardState {
+            term,
+            vote: 0,
+            commit,
+        },
+        0,
+    )
+    .expect("valid config")
+}
+
+fn msg(from: NodeId, to: NodeId, term: Term, body: MessageBody) -> Message {
+    Message {
+        from,
+        to,
+        term,
+        body,
+    }
+}
+
 fn no_pre_vote(id: NodeId, n: u64) -> Config {
     let mut c = config(id, n);
     c.pre_vote = false;
@@ -28,13 +52,7 @@ fn no_pre_vote(id: NodeId, n: u64) -> Config {
 // candidate: it increments its term, votes for itself and asks every other node for its vote.
 #[test]
 fn follower_times_out_and_campaigns() {
-    let mut r = Raft::new(
-        no_pre_vote(1, 3),
-        MemLogStore::new(),
-        HardState::default(),
-        0,
-    )
-    .expect("cfg");
+    let mut r = core(no_pre_vote(1, 3), MemLogStore::new(), 0, 0);
     for _ in 0..20 {
         r.tick();
     }
@@ -77,7 +95,7 @@ fn election_timeouts_are_randomized_within_bounds() {
     for seed in 0..200 {
         let mut c = no_pre_vote(1, 3);
         c.seed = seed;
-        let mut r = Raft::new(c, MemLogStore::new(), HardState::default(), 0).expect("cfg");
+        let mut r = core(c, MemLogStore::new(), 0, 0);
         let mut ticks = 0;
         while r.role() == Role::Follower {
             r.tick();
@@ -121,13 +139,7 @@ fn leader_election_in_one_round() {
 // first-come-first-served basis.
 #[test]
 fn voter_votes_once_per_term() {
-    let mut r = Raft::new(
-        no_pre_vote(1, 3),
-        MemLogStore::new(),
-        HardState::default(),
-        0,
-    )
-    .expect("cfg");
+    let mut r = core(no_pre_vote(1, 3), MemLogStore::new(), 0, 0);
     let req = |from| Message {
         from,
         to: 1,
@@ -159,29 +171,23 @@ fn voter_votes_once_per_term() {
 // returns to follower state.
 #[test]
 fn candidate_steps_down_for_leader_of_same_term() {
-    let mut r = Raft::new(
-        no_pre_vote(1, 3),
-        MemLogStore::new(),
-        HardState::default(),
-        0,
-    )
-    .expect("cfg");
+    let mut r = core(no_pre_vote(1, 3), MemLogStore::new(), 0, 0);
     r.hup();
     let _ = r.ready().expect("ready");
     r.advance();
     assert_eq!(r.role(), Role::Candidate);
-    r.step(Message {
-        from: 2,
-        to: 1,
-        term: 1,
-        body: MessageBody::AppendRequest {
+    r.step(msg(
+        2,
+        1,
+        1,
+        MessageBody::AppendRequest {
             prev_log_index: 0,
             prev_log_term: 0,
             entries: vec![],
             leader_commit: 0,
             read_context: 0,
         },
-    })
+    ))
     .expect("step");
     assert_eq!(r.role(), Role::Follower);
     assert_eq!(r.leader(), 2);
@@ -197,46 +203,36 @@ fn higher_term_deposes_and_stale_term_is_rejected() {
     assert_eq!(net.leaders(), vec![1]);
     let t = net.node(1).term();
     net.node(1)
-        .step(Message {
-            from: 2,
-            to: 1,
-            term: t + 5,
-            body: MessageBody::AppendResponse {
+        .step(msg(
+            2,
+            1,
+            t + 5,
+            MessageBody::AppendResponse {
                 success: false,
                 index: 0,
                 reject_hint_index: 0,
                 reject_hint_term: 0,
                 read_context: 0,
             },
-        })
+        ))
         .expect("step");
     assert_eq!(net.node(1).role(), Role::Follower);
     assert_eq!(net.node(1).term(), t + 5);
 
     // A stale append is answered with our term and changes nothing.
-    let mut r = Raft::new(
-        config(1, 3),
-        MemLogStore::new(),
-        HardState {
-            term: 5,
-            vote: 0,
-            commit: 0,
-        },
-        0,
-    )
-    .expect("cfg");
-    r.step(Message {
-        from: 2,
-        to: 1,
-        term: 3,
-        body: MessageBody::AppendRequest {
+    let mut r = core(config(1, 3), MemLogStore::new(), 5, 0);
+    r.step(msg(
+        2,
+        1,
+        3,
+        MessageBody::AppendRequest {
             prev_log_index: 0,
             prev_log_term: 0,
             entries: vec![entry(1, 3)],
             leader_commit: 1,
             read_context: 0,
         },
-    })
+    ))
     .expect("step");
     assert_eq!(r.term(), 5);
     assert_eq!(r.last_index(), 0);
@@ -264,17 +260,7 @@ fn misaddressed_and_foreign_messages_are_ignored() {
         },
     };
     for (from, to) in [(2, 3), (1, 1), (7, 1), (0, 1)] {
-        let mut r = Raft::new(
-            no_pre_vote(1, 3),
-            MemLogStore::new(),
-            HardState {
-                term: 2,
-                vote: 0,
-                commit: 0,
-            },
-            0,
-        )
-        .expect("cfg");
+        let mut r = core(no_pre_vote(1, 3), MemLogStore::new(), 2, 0);
         r.step(vote(from, to)).expect("step");
         assert_eq!(r.term(), 2, "from {from} to {to}");
         assert!(
@@ -299,27 +285,17 @@ fn vote_denied_to_candidate_with_stale_log() {
     for &(terms, li, lt, want) in cases {
         let mut store = MemLogStore::new();
         store.append(&log_terms(terms));
-        let mut r = Raft::new(
-            no_pre_vote(1, 3),
-            store,
-            HardState {
-                term: 3,
-                vote: 0,
-                commit: 0,
-            },
-            0,
-        )
-        .expect("cfg");
-        r.step(Message {
-            from: 2,
-            to: 1,
-            term: 4,
-            body: MessageBody::VoteRequest {
+        let mut r = core(no_pre_vote(1, 3), store, 3, 0);
+        r.step(msg(
+            2,
+            1,
+            4,
+            MessageBody::VoteRequest {
                 pre_vote: false,
                 last_log_index: li,
                 last_log_term: lt,
             },
-        })
+        ))
         .expect("step");
         let rd = r.ready().expect("ready");
         let granted = matches!(
@@ -419,29 +395,21 @@ fn follower_consistency_check_and_truncation() {
     let mk = || {
         let mut store = MemLogStore::new();
         store.append(&log_terms(&[1, 2, 2]));
-        Raft::new(
-            config(1, 3),
-            store,
-            HardState {
-                term: 2,
-                vote: 0,
-                commit: 1,
-            },
-            0,
-        )
-        .expect("cfg")
+        core(config(1, 3), store, 2, 1)
     };
-    let append = |prev_log_index, prev_log_term, entries: Vec<Entry>| Message {
-        from: 2,
-        to: 1,
-        term: 3,
-        body: MessageBody::AppendRequest {
-            prev_log_index,
-            prev_log_term,
-            entries,
-            leader_commit: 3,
-            read_context: 0,
-        },
+    let append = |prev_log_index, prev_log_term, entries: Vec<Entry>| {
+        msg(
+            2,
+            1,
+            3,
+            MessageBody::AppendRequest {
+                prev_log_index,
+                prev_log_term,
+                entries,
+                leader_commit: 3,
+                read_context: 0,
+            },
+        )
     };
     // (prev index, prev term, entries, success, resulting log terms)
     type Case = (LogIndex, Term, Vec<Entry>, bool, Vec<Term>);
@@ -780,17 +748,7 @@ fn pre_vote_for_the_current_term_is_refused() {
 // quorum of refusals (at its own term) sends it back to follower.
 #[test]
 fn pre_candidate_counts_only_pre_votes() {
-    let mut r = Raft::new(
-        config(1, 3),
-        MemLogStore::new(),
-        HardState {
-            term: 4,
-            vote: 0,
-            commit: 0,
-        },
-        0,
-    )
-    .expect("cfg");
+    let mut r = core(config(1, 3), MemLogStore::new(), 4, 0);
     r.hup();
     assert_eq!(r.role(), Role::PreCandidate);
     let _ = r.ready().expect("ready");
@@ -874,29 +832,19 @@ fn lease_ends_at_the_minimum_election_timeout() {
     for seed in 0..50 {
         let mut c = config(2, 3);
         c.seed = seed;
-        let mut r = Raft::new(
-            c,
-            MemLogStore::new(),
-            HardState {
-                term: 1,
-                vote: 0,
-                commit: 0,
-            },
-            0,
-        )
-        .expect("cfg");
-        let heartbeat = Message {
-            from: 1,
-            to: 2,
-            term: 1,
-            body: MessageBody::AppendRequest {
+        let mut r = core(c, MemLogStore::new(), 1, 0);
+        let heartbeat = msg(
+            1,
+            2,
+            1,
+            MessageBody::AppendRequest {
                 prev_log_index: 0,
                 prev_log_term: 0,
                 entries: vec![],
                 leader_commit: 0,
                 read_context: 0,
             },
-        };
+        );
         r.step(heartbeat).expect("step");
         let _ = r.ready().expect("ready");
         r.advance();
@@ -904,16 +852,16 @@ fn lease_ends_at_the_minimum_election_timeout() {
             r.tick();
         }
         let request = |r: &mut Raft<MemLogStore>| {
-            r.step(Message {
-                from: 3,
-                to: 2,
-                term: 2,
-                body: MessageBody::VoteRequest {
+            r.step(msg(
+                3,
+                2,
+                2,
+                MessageBody::VoteRequest {
                     pre_vote: false,
                     last_log_index: 5,
                     last_log_term: 1,
                 },
-            })
+            ))
             .expect("step")
         };
         request(&mut r);
@@ -940,40 +888,30 @@ fn lease_ends_at_the_minimum_election_timeout() {
 // A pre-vote request from a node behind us is refused at once, with our term.
 #[test]
 fn pre_vote_from_an_older_term_is_refused_with_our_term() {
-    let mut r = Raft::new(
-        config(1, 3),
-        MemLogStore::new(),
-        HardState {
-            term: 5,
-            vote: 0,
-            commit: 0,
-        },
-        0,
-    )
-    .expect("cfg");
-    r.step(Message {
-        from: 2,
-        to: 1,
-        term: 3,
-        body: MessageBody::VoteRequest {
+    let mut r = core(config(1, 3), MemLogStore::new(), 5, 0);
+    r.step(msg(
+        2,
+        1,
+        3,
+        MessageBody::VoteRequest {
             pre_vote: true,
             last_log_index: 0,
             last_log_term: 0,
         },
-    })
+    ))
     .expect("step");
     let rd = r.ready().expect("ready");
     assert_eq!(
         rd.messages,
-        vec![Message {
-            from: 1,
-            to: 2,
-            term: 5,
-            body: MessageBody::VoteResponse {
+        vec![msg(
+            1,
+            2,
+            5,
+            MessageBody::VoteResponse {
                 pre_vote: true,
                 granted: false
             }
-        }]
+        )]
     );
 }
 
@@ -1049,16 +987,16 @@ fn follower_in_lease_ignores_vote_requests() {
     net.elect(1);
     let term = net.node(1).term();
     net.node(2)
-        .step(Message {
-            from: 3,
-            to: 2,
-            term: term + 1,
-            body: MessageBody::VoteRequest {
+        .step(msg(
+            3,
+            2,
+            term + 1,
+            MessageBody::VoteRequest {
                 pre_vote: false,
                 last_log_index: 100,
                 last_log_term: 100,
             },
-        })
+        ))
         .expect("step");
     assert_eq!(net.node(2).term(), term);
     assert!(!net.node(2).has_ready() || net.node(2).ready().expect("ready").messages.is_empty());
@@ -1192,76 +1130,60 @@ fn committed_entries_are_applied_in_slices() {
 // alone does not (it can be re-learned from the leader).
 #[test]
 fn must_sync_exactly_when_entries_term_or_vote_change() {
-    let mut r = Raft::new(
-        no_pre_vote(1, 3),
-        MemLogStore::new(),
-        HardState::default(),
-        0,
-    )
-    .expect("cfg");
+    let mut r = core(no_pre_vote(1, 3), MemLogStore::new(), 0, 0);
     // New term and vote (campaign).
     r.hup();
     let rd = r.ready().expect("ready");
     assert!(rd.must_sync);
     r.advance();
     // A vote granted in the same term as ours: vote changes, term does not.
-    let mut f = Raft::new(
-        no_pre_vote(2, 3),
-        MemLogStore::new(),
-        HardState {
-            term: 1,
-            vote: 0,
-            commit: 0,
-        },
-        0,
-    )
-    .expect("cfg");
-    f.step(Message {
-        from: 1,
-        to: 2,
-        term: 1,
-        body: MessageBody::VoteRequest {
+    let mut f = core(no_pre_vote(2, 3), MemLogStore::new(), 1, 0);
+    f.step(msg(
+        1,
+        2,
+        1,
+        MessageBody::VoteRequest {
             pre_vote: false,
             last_log_index: 0,
             last_log_term: 0,
         },
-    })
+    ))
     .expect("step");
     let rd = f.ready().expect("ready");
     assert_eq!(rd.hard_state.map(|h| (h.term, h.vote)), Some((1, 1)));
     assert!(rd.must_sync, "a vote must be durable before it is sent");
     f.advance();
     // Entries in the same term.
-    f.step(Message {
-        from: 1,
-        to: 2,
-        term: 1,
-        body: MessageBody::AppendRequest {
+    f.step(msg(
+        1,
+        2,
+        1,
+        MessageBody::AppendRequest {
             prev_log_index: 0,
             prev_log_term: 0,
             entries: vec![entry(1, 1)],
             leader_commit: 0,
             read_context: 0,
         },
-    })
+    ))
     .expect("step");
     let rd = f.ready().expect("ready");
     assert!(rd.must_sync && rd.hard_state.is_none_or(|h| h.term == 1 && h.vote == 1));
     f.store_mut().append(&rd.entries);
     f.advance();
     // Only the commit index moves.
-    f.step(Message {
-        from: 1,
-        to: 2,
-        term: 1,
-        body: MessageBody::AppendRequest {
+    f.step(msg(
+        1,
+        2,
+        1,
+        MessageBody::AppendRequest {
             prev_log_index: 1,
             prev_log_term: 1,
             entries: vec![],
             leader_commit: 1,
             read_context: 0,
         },
-    })
+    ))
     .expect("step");
     let rd = f.ready().expect("ready");
     assert_eq!(rd.hard_state.map(|h| h.commit), Some(1));
