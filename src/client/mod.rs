@@ -6,14 +6,19 @@
 //! answer is applied at most once. Reads are linearizable (ReadIndex on the leader) unless
 //! `stale` is asked for, in which case any node answers from its own state.
 
+mod pipeline;
+
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::time::Instant;
+use tonic::metadata::MetadataValue;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
+
+use pipeline::{Failure, Pipeline, Reply, Request};
 
 use crate::proto;
 use crate::proto::data_service_client::DataServiceClient;
@@ -76,6 +81,7 @@ fn tried_list(tried: &BTreeMap<NodeId, (String, String)>) -> String {
 pub struct Client {
     nodes: BTreeMap<NodeId, String>,
     channels: BTreeMap<NodeId, Channel>,
+    pipelines: BTreeMap<NodeId, Pipeline>,
     leader: Option<NodeId>,
     client_id: u64,
     seq: u64,
@@ -88,28 +94,22 @@ pub struct StatusReport {
     pub result: Result<proto::StatusResponse, String>,
 }
 
-enum Req {
-    Put(proto::PutRequest),
-    Get(proto::GetRequest),
-    Delete(proto::DeleteRequest),
-}
-
-enum Resp {
-    Put(proto::PutResponse),
-    Get(proto::GetResponse),
-    Delete(proto::DeleteResponse),
-}
-
 impl Client {
     /// A client for the cluster `nodes` (`id -> host:port`). Connections are made lazily.
+    /// Must be called within a Tokio runtime.
     pub fn new(nodes: BTreeMap<NodeId, String>) -> Client {
-        let channels = nodes
+        let channels: BTreeMap<NodeId, Channel> = nodes
             .iter()
             .filter_map(|(&id, addr)| Some((id, endpoint(addr)?.connect_lazy())))
+            .collect();
+        let pipelines = channels
+            .iter()
+            .map(|(&id, ch)| (id, Pipeline::start(ch.clone())))
             .collect();
         Client {
             nodes,
             channels,
+            pipelines,
             leader: None,
             client_id: random_id(),
             seq: 0,
@@ -159,9 +159,9 @@ impl Client {
             value: value.into(),
             id: Some(self.next_id()),
         };
-        match self.call(Req::Put(req), true, false).await? {
-            Resp::Put(r) => Ok(r.index),
-            _ => unreachable!("put answers put"),
+        match self.call(Request::Put(req), true, false).await? {
+            Reply::Put(r) => Ok(r.index),
+            other => Err(unexpected(other)),
         }
     }
 
@@ -175,9 +175,9 @@ impl Client {
             key: key.into(),
             stale,
         };
-        match self.call(Req::Get(req), false, stale).await? {
-            Resp::Get(r) => Ok(r.found.then_some(r.value)),
-            _ => unreachable!("get answers get"),
+        match self.call(Request::Get(req), false, stale).await? {
+            Reply::Get(r) => Ok(r.found.then_some(r.value)),
+            other => Err(unexpected(other)),
         }
     }
 
@@ -213,9 +213,9 @@ impl Client {
             key: key.into(),
             id: Some(self.next_id()),
         };
-        match self.call(Req::Delete(req), true, false).await? {
-            Resp::Delete(r) => Ok(r.existed),
-            _ => unreachable!("delete answers delete"),
+        match self.call(Request::Delete(req), true, false).await? {
+            Reply::Delete(r) => Ok(r.existed),
+            other => Err(unexpected(other)),
         }
     }
 
@@ -246,7 +246,12 @@ impl Client {
         reports
     }
 
-    async fn call(&mut self, req: Req, write: bool, any_node: bool) -> Result<Resp, ClientError> {
+    async fn call(
+        &mut self,
+        req: Request,
+        write: bool,
+        any_node: bool,
+    ) -> Result<Reply, ClientError> {
         let deadline = Instant::now() + self.timeout;
         let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
         let mut tried: BTreeMap<NodeId, (String, String)> = BTreeMap::new();
@@ -267,46 +272,45 @@ impl Client {
                 break;
             }
             let addr = self.nodes.get(&target).cloned().unwrap_or_default();
-            let Some(ch) = self.channels.get(&target).cloned() else {
+            let Some(pipeline) = self.pipelines.get(&target) else {
                 tried.insert(target, (addr, "invalid address".into()));
                 target = ids[next_in_turn % ids.len()];
                 next_in_turn += 1;
                 continue;
             };
-            let mut c = DataServiceClient::new(ch)
-                .max_decoding_message_size(crate::transport::peer::GRPC_MESSAGE_BYTES_MAX)
-                .max_encoding_message_size(crate::transport::peer::GRPC_MESSAGE_BYTES_MAX);
             let remaining = deadline - now;
-            let fut = async {
-                match &req {
-                    Req::Put(r) => c.put(r.clone()).await.map(|r| Resp::Put(r.into_inner())),
-                    Req::Get(r) => c.get(r.clone()).await.map(|r| Resp::Get(r.into_inner())),
-                    Req::Delete(r) => c
-                        .delete(r.clone())
-                        .await
-                        .map(|r| Resp::Delete(r.into_inner())),
-                }
-            };
-            let status = match tokio::time::timeout(remaining, fut).await {
-                Ok(Ok(resp)) => {
-                    if !any_node {
-                        self.leader = Some(target);
+            let (status, refused) =
+                match tokio::time::timeout(remaining, pipeline.call(req.clone())).await {
+                    Ok(Ok(Reply::Error(e))) => (status_of(e), false),
+                    Ok(Ok(reply)) => {
+                        if !any_node {
+                            self.leader = Some(target);
+                        }
+                        return Ok(reply);
                     }
-                    return Ok(resp);
-                }
-                Ok(Err(status)) => status,
-                Err(_) => {
-                    tried.insert(target, (addr, "no answer before the deadline".into()));
-                    reached_any = true;
-                    outcome_unknown |= write;
-                    break;
-                }
-            };
-            let refused = is_connect_error(&status);
+                    Ok(Err(Failure::NotSent(status))) => (status, true),
+                    Ok(Err(Failure::Lost(status))) => (status, false),
+                    Err(_) => {
+                        tried.insert(target, (addr, "no answer before the deadline".into()));
+                        reached_any = true;
+                        outcome_unknown |= write;
+                        break;
+                    }
+                };
             if !refused {
                 reached_any = true;
             }
-            tried.insert(target, (addr, describe(&status)));
+            tried.insert(
+                target,
+                (
+                    addr,
+                    if refused {
+                        describe_unsent(&status)
+                    } else {
+                        describe(&status)
+                    },
+                ),
+            );
             match status.code() {
                 Code::InvalidArgument | Code::OutOfRange => {
                     return Err(ClientError::Rejected(status.message().to_string()));
@@ -361,6 +365,30 @@ impl Client {
     }
 }
 
+/// A pipelined request's error as the status the unary call would have returned.
+fn status_of(e: proto::RequestError) -> Status {
+    let mut s = Status::new(Code::from_i32(e.code), e.message);
+    if e.leader_id != 0
+        && let Ok(v) = MetadataValue::try_from(e.leader_id.to_string())
+    {
+        s.metadata_mut().insert(LEADER_ID_HEADER, v);
+    }
+    if !e.leader_addr.is_empty()
+        && let Ok(v) = MetadataValue::try_from(e.leader_addr)
+    {
+        s.metadata_mut().insert(LEADER_ADDR_HEADER, v);
+    }
+    s
+}
+
+/// A node that answered a request with the wrong kind of reply: a bug on its side, reported
+/// rather than trusted.
+fn unexpected(reply: Reply) -> ClientError {
+    ClientError::Rejected(format!(
+        "the node answered with an unexpected reply: {reply:?}"
+    ))
+}
+
 fn endpoint(addr: &str) -> Option<Endpoint> {
     Some(
         Endpoint::from_shared(format!("http://{addr}"))
@@ -385,6 +413,15 @@ fn is_connect_error(s: &Status) -> bool {
         src = e.source();
     }
     text.contains("connect") || text.contains("refused")
+}
+
+/// A one-line account of a request that never reached the node.
+fn describe_unsent(s: &Status) -> String {
+    if is_connect_error(s) {
+        "unreachable (connection refused or timed out)".to_string()
+    } else {
+        format!("not reached: {}", describe(s))
+    }
 }
 
 /// A one-line account of a gRPC failure.

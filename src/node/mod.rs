@@ -261,33 +261,45 @@ impl Core {
     fn handle(&mut self, input: Inbound) -> anyhow::Result<()> {
         match input {
             Inbound::Peer(m) => self.raft.step(m)?,
-            Inbound::Client(ClientRequest::Put {
+            Inbound::Client(r) => self.handle_client(r),
+            Inbound::Clients(rs) => {
+                for r in rs {
+                    self.handle_client(r);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn handle_client(&mut self, request: ClientRequest) {
+        match request {
+            ClientRequest::Put {
                 key,
                 value,
                 id,
                 reply,
-            }) => {
+            } => {
                 self.propose(Op::Put { key, value }, id, PendingWrite::Put(reply));
             }
-            Inbound::Client(ClientRequest::Delete { key, id, reply }) => {
+            ClientRequest::Delete { key, id, reply } => {
                 self.propose(Op::Delete { key }, id, PendingWrite::Delete(reply));
             }
-            Inbound::Client(ClientRequest::Get {
+            ClientRequest::Get {
                 key,
                 stale: true,
                 reply,
-            }) => {
+            } => {
                 let _ = reply.send(
                     self.kv
                         .get(&key)
                         .map_err(|e| ServiceError::Storage(e.to_string())),
                 );
             }
-            Inbound::Client(ClientRequest::Get {
+            ClientRequest::Get {
                 key,
                 stale: false,
                 reply,
-            }) => {
+            } => {
                 self.next_read += 1;
                 let ctx = self.next_read;
                 match self.raft.read_index(ctx) {
@@ -299,11 +311,10 @@ impl Core {
                     }
                 }
             }
-            Inbound::Client(ClientRequest::Status { reply }) => {
+            ClientRequest::Status { reply } => {
                 let _ = reply.send(Ok(self.status()));
             }
         }
-        Ok(())
     }
 
     fn propose(&mut self, op: Op, id: RequestId, pending: PendingWrite) {

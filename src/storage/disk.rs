@@ -93,7 +93,7 @@ pub fn open(dir: &Path, id: NodeId) -> Result<Recovered, OpenError> {
     let (log, meta, kv, sessions) = (
         ks("log", 16 << 20)?,
         ks("meta", 1 << 20)?,
-        ks("kv", 32 << 20)?,
+        ks("kv", 8 << 20)?,
         ks("sessions", 4 << 20)?,
     );
     let corrupt = |what: &str| OpenError::Corrupt {

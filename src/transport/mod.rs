@@ -19,6 +19,8 @@ pub const LEADER_ADDR_HEADER: &str = "raftkv-leader-addr";
 pub enum Inbound {
     Peer(Message),
     Client(ClientRequest),
+    /// Requests that arrived together on one pipeline call.
+    Clients(Vec<ClientRequest>),
 }
 
 pub type Reply<T> = oneshot::Sender<Result<T, ServiceError>>;

@@ -3,7 +3,12 @@
 
 use std::time::Duration;
 
+use futures_util::FutureExt as _;
+use futures_util::StreamExt as _;
+use futures_util::future::BoxFuture;
+use futures_util::stream::FuturesUnordered;
 use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -20,6 +25,8 @@ use super::{
 
 /// How long a client request may wait for the node (commit, read confirmation) by default.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Answer batches of one pipeline call queued for sending before its requests wait.
+const PIPELINE_REPLY_BATCHES: usize = 64;
 
 #[derive(Clone)]
 pub struct Limits {
@@ -129,6 +136,172 @@ impl ClientService {
         }
         Ok(())
     }
+
+    fn check_value(&self, value: &[u8]) -> Result<(), Status> {
+        if value.len() > self.limits.max_value_bytes {
+            return Err(Status::invalid_argument(format!(
+                "value of {} bytes exceeds the limit of {} bytes (max_value_bytes); nothing was written",
+                value.len(),
+                self.limits.max_value_bytes
+            )));
+        }
+        Ok(())
+    }
+
+    /// Checks one pipelined request and turns it into a request for the core and a future of
+    /// its tagged answer.
+    fn prepare(
+        &self,
+        r: proto::TaggedRequest,
+    ) -> Result<(ClientRequest, BoxFuture<'static, proto::TaggedReply>), Status> {
+        use proto::tagged_reply::Reply as Out;
+        use proto::tagged_request::Request as In;
+        let tag = r.tag;
+        let answer = move |reply: Result<Out, Status>| proto::TaggedReply {
+            tag,
+            reply: Some(reply.unwrap_or_else(|s| Out::Error(request_error(&s)))),
+        };
+        match r.request {
+            Some(In::Put(p)) => {
+                self.check_key(&p.key)?;
+                self.check_value(&p.value)?;
+                let (reply, rx) = oneshot::channel();
+                let req = ClientRequest::Put {
+                    key: p.key,
+                    value: p.value,
+                    id: request_id(p.id),
+                    reply,
+                };
+                let fut = rx.map(move |r| {
+                    answer(core_answer(r).map(|index| Out::Put(proto::PutResponse { index })))
+                });
+                Ok((req, fut.boxed()))
+            }
+            Some(In::Get(g)) => {
+                self.check_key(&g.key)?;
+                let (reply, rx) = oneshot::channel();
+                let req = ClientRequest::Get {
+                    key: g.key,
+                    stale: g.stale,
+                    reply,
+                };
+                let fut = rx.map(move |r| {
+                    answer(core_answer(r).map(|value| {
+                        Out::Get(proto::GetResponse {
+                            found: value.is_some(),
+                            value: value.unwrap_or_default(),
+                        })
+                    }))
+                });
+                Ok((req, fut.boxed()))
+            }
+            Some(In::Delete(d)) => {
+                self.check_key(&d.key)?;
+                let (reply, rx) = oneshot::channel();
+                let req = ClientRequest::Delete {
+                    key: d.key,
+                    id: request_id(d.id),
+                    reply,
+                };
+                let fut = rx.map(move |r| {
+                    answer(core_answer(r).map(|(existed, index)| {
+                        Out::Delete(proto::DeleteResponse { existed, index })
+                    }))
+                });
+                Ok((req, fut.boxed()))
+            }
+            None => Err(Status::invalid_argument("empty request")),
+        }
+    }
+
+    /// Serves one `Pipeline` call: takes request batches, hands each batch's valid requests
+    /// to the core at once, and sends answers back in batches as they complete.
+    async fn serve_pipeline(
+        self,
+        mut incoming: Streaming<proto::RequestBatch>,
+        out: mpsc::Sender<Result<proto::ReplyBatch, Status>>,
+    ) {
+        let mut pending = FuturesUnordered::new();
+        let mut open = true;
+        loop {
+            tokio::select! {
+                batch = incoming.message(), if open => {
+                    let batch = match batch {
+                        Ok(Some(b)) => b,
+                        Ok(None) => {
+                            open = false;
+                            continue;
+                        }
+                        Err(_) => return, // the client went away
+                    };
+                    let mut to_core = Vec::with_capacity(batch.requests.len());
+                    let mut refused = Vec::new();
+                    for r in batch.requests {
+                        let tag = r.tag;
+                        match self.prepare(r) {
+                            Ok((req, answer)) => {
+                                to_core.push(req);
+                                pending.push(answer);
+                            }
+                            Err(s) => refused.push(proto::TaggedReply {
+                                tag,
+                                reply: Some(proto::tagged_reply::Reply::Error(request_error(&s))),
+                            }),
+                        }
+                    }
+                    if !to_core.is_empty()
+                        && self.inbound.send(Inbound::Clients(to_core)).await.is_err()
+                    {
+                        let _ = out.send(Err(status_from(ServiceError::ShuttingDown))).await;
+                        return;
+                    }
+                    if !refused.is_empty()
+                        && out.send(Ok(proto::ReplyBatch { replies: refused })).await.is_err()
+                    {
+                        return;
+                    }
+                }
+                Some(first) = pending.next() => {
+                    let mut replies = vec![first];
+                    while let Some(Some(r)) = pending.next().now_or_never() {
+                        replies.push(r);
+                    }
+                    if out.send(Ok(proto::ReplyBatch { replies })).await.is_err() {
+                        return;
+                    }
+                }
+                else => return, // the client is done and everything is answered
+            }
+        }
+    }
+}
+
+/// What the core answered, as the unary call would return it.
+fn core_answer<T>(
+    r: Result<Result<T, ServiceError>, oneshot::error::RecvError>,
+) -> Result<T, Status> {
+    match r {
+        Ok(r) => r.map_err(status_from),
+        Err(_) => Err(status_from(ServiceError::ShuttingDown)),
+    }
+}
+
+/// A pipelined request's error: the status the unary call would have returned.
+pub fn request_error(s: &Status) -> proto::RequestError {
+    let header = |name| {
+        s.metadata()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    proto::RequestError {
+        code: s.code() as i32,
+        message: s.message().to_string(),
+        leader_id: header(LEADER_ID_HEADER)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
+        leader_addr: header(LEADER_ADDR_HEADER).unwrap_or_default(),
+    }
 }
 
 fn request_id(id: Option<proto::RequestId>) -> RequestId {
@@ -146,13 +319,7 @@ impl DataService for ClientService {
     ) -> Result<Response<proto::PutResponse>, Status> {
         let r = request.into_inner();
         self.check_key(&r.key)?;
-        if r.value.len() > self.limits.max_value_bytes {
-            return Err(Status::invalid_argument(format!(
-                "value of {} bytes exceeds the limit of {} bytes (max_value_bytes); nothing was written",
-                r.value.len(),
-                self.limits.max_value_bytes
-            )));
-        }
+        self.check_value(&r.value)?;
         let id = request_id(r.id);
         let index = self
             .call(
@@ -208,6 +375,17 @@ impl DataService for ClientService {
             )
             .await?;
         Ok(Response::new(proto::DeleteResponse { existed, index }))
+    }
+
+    type PipelineStream = ReceiverStream<Result<proto::ReplyBatch, Status>>;
+
+    async fn pipeline(
+        &self,
+        request: Request<Streaming<proto::RequestBatch>>,
+    ) -> Result<Response<Self::PipelineStream>, Status> {
+        let (out, answers) = mpsc::channel(PIPELINE_REPLY_BATCHES);
+        tokio::spawn(self.clone().serve_pipeline(request.into_inner(), out));
+        Ok(Response::new(ReceiverStream::new(answers)))
     }
 
     async fn status(
