@@ -260,7 +260,11 @@ impl Core {
 
     fn handle(&mut self, input: Inbound) -> anyhow::Result<()> {
         match input {
-            Inbound::Peer(m) => self.raft.step(m)?,
+            Inbound::Peers(ms) => {
+                for m in ms {
+                    self.raft.step(m)?;
+                }
+            }
             Inbound::Client(r) => self.handle_client(r),
             Inbound::Clients(rs) => {
                 for r in rs {
@@ -406,8 +410,9 @@ impl Core {
             .into_iter()
             .partition(|m| !m.needs_persisted_state());
         for m in requests {
-            self.peers.send(m);
+            self.peers.push(m);
         }
+        self.peers.flush();
         // 2. Make entries and hard state durable: one batch, at most one fsync.
         if !rd.entries.is_empty() || rd.hard_state.is_some() {
             self.raft
@@ -417,8 +422,9 @@ impl Core {
         }
         // 3. Responses promise durable state; it is durable now.
         for m in responses {
-            self.peers.send(m);
+            self.peers.push(m);
         }
+        self.peers.flush();
         // 4. Apply committed entries and answer their clients.
         if !rd.committed_entries.is_empty() {
             let outcomes = self

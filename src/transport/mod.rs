@@ -17,7 +17,8 @@ pub const LEADER_ADDR_HEADER: &str = "raftkv-leader-addr";
 
 /// Everything the node runtime receives.
 pub enum Inbound {
-    Peer(Message),
+    /// The messages of one batch from a peer, in order.
+    Peers(Vec<Message>),
     Client(ClientRequest),
     /// Requests that arrived together on one pipeline call.
     Clients(Vec<ClientRequest>),

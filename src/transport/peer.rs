@@ -1,9 +1,12 @@
 //! Outgoing Raft messages: one long-lived gRPC stream per peer, messages pipelined in batches.
 //!
-//! A slow or dead peer never blocks the core or the other peers: each peer has a bounded queue,
-//! and a message that does not fit is dropped (Raft retries on the next heartbeat).
+//! The core collects each round's messages per peer and hands every peer one batch, straight
+//! into the peer's stream. A task per peer only keeps the stream open. A slow or dead peer never
+//! blocks the core or the other peers: each stream has a bounded queue, and a batch that does
+//! not fit is dropped (Raft retries on the next heartbeat).
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -16,42 +19,74 @@ use crate::raft::{Message, NodeId};
 
 use super::convert::message_to_wire;
 
-/// Messages queued per peer before new ones are dropped.
-const PEER_QUEUE_MESSAGES: usize = 4096;
-/// Messages sent in one batch at most.
-const BATCH_MESSAGES_MAX: usize = 512;
+/// Batches queued per peer stream before new ones are dropped.
+const PEER_QUEUE_BATCHES: usize = 256;
 pub const GRPC_MESSAGE_BYTES_MAX: usize = 64 << 20;
 pub const STREAM_WINDOW_BYTES: u32 = 8 << 20;
 pub const CONNECTION_WINDOW_BYTES: u32 = 16 << 20;
 
-#[derive(Clone)]
+/// The sending end of one peer's live stream, if it has one.
+type Slot = Arc<Mutex<Option<mpsc::Sender<proto::MessageBatch>>>>;
+
 pub struct Peers {
-    queues: HashMap<NodeId, mpsc::Sender<Message>>,
+    streams: HashMap<NodeId, Slot>,
+    /// Messages of the current round, by peer (reused between rounds).
+    pending: HashMap<NodeId, Vec<proto::RaftMessage>>,
 }
 
 impl Peers {
-    /// Starts one sender task per peer (`id -> host:port`).
+    /// Starts one connection task per peer (`id -> host:port`).
     pub fn start(peers: impl IntoIterator<Item = (NodeId, String)>) -> Peers {
-        let mut queues = HashMap::new();
+        let mut streams = HashMap::new();
         for (id, addr) in peers {
-            let (tx, rx) = mpsc::channel(PEER_QUEUE_MESSAGES);
-            tokio::spawn(peer_loop(id, addr, rx));
-            queues.insert(id, tx);
+            let slot = Slot::default();
+            tokio::spawn(peer_loop(id, addr, slot.clone()));
+            streams.insert(id, slot);
         }
-        Peers { queues }
+        Peers {
+            streams,
+            pending: HashMap::new(),
+        }
     }
 
-    /// Queues a message; drops it if the peer's queue is full.
-    pub fn send(&self, m: Message) {
-        if let Some(q) = self.queues.get(&m.to)
-            && q.try_send(m).is_err()
-        {
-            tracing::trace!("peer queue full; message dropped");
+    /// Adds a message to its peer's batch; `flush` sends the batches.
+    pub fn push(&mut self, m: Message) {
+        if self.streams.contains_key(&m.to) {
+            self.pending
+                .entry(m.to)
+                .or_default()
+                .push(message_to_wire(m));
+        }
+    }
+
+    /// Hands each peer its batch: straight to the peer's stream, with no task in between. A
+    /// peer without a live stream, or whose stream is backed up, loses the batch; Raft resends
+    /// what matters.
+    pub fn flush(&mut self) {
+        for (id, messages) in &mut self.pending {
+            if messages.is_empty() {
+                continue;
+            }
+            let batch = proto::MessageBatch {
+                messages: std::mem::take(messages),
+            };
+            let slot = &self.streams[id];
+            let sent = match &*slot.lock().unwrap_or_else(|e| e.into_inner()) {
+                Some(tx) => tx.try_send(batch).is_ok(),
+                None => false,
+            };
+            if !sent {
+                tracing::trace!(
+                    peer = id,
+                    "no stream to peer or stream backed up; batch dropped"
+                );
+            }
         }
     }
 }
 
-async fn peer_loop(id: NodeId, addr: String, mut rx: mpsc::Receiver<Message>) {
+/// Keeps a stream open to one peer, reconnecting with backoff, and publishes its sending end.
+async fn peer_loop(id: NodeId, addr: String, slot: Slot) {
     let endpoint = match Endpoint::from_shared(format!("http://{addr}")) {
         Ok(e) => e
             .connect_timeout(Duration::from_millis(500))
@@ -65,13 +100,12 @@ async fn peer_loop(id: NodeId, addr: String, mut rx: mpsc::Receiver<Message>) {
             return;
         }
     };
+    let set = |tx: Option<mpsc::Sender<proto::MessageBatch>>| {
+        *slot.lock().unwrap_or_else(|e| e.into_inner()) = tx;
+    };
     let mut backoff = Duration::from_millis(20);
     let mut was_connected = true;
     loop {
-        // Connect only when there is something to say.
-        let Some(first) = rx.recv().await else {
-            return;
-        };
         let channel = match endpoint.connect().await {
             Ok(c) => c,
             Err(e) => {
@@ -81,8 +115,6 @@ async fn peer_loop(id: NodeId, addr: String, mut rx: mpsc::Receiver<Message>) {
                 }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_millis(500));
-                // Whatever queued up meanwhile is stale; Raft will resend what matters.
-                while rx.try_recv().is_ok() {}
                 continue;
             }
         };
@@ -91,36 +123,16 @@ async fn peer_loop(id: NodeId, addr: String, mut rx: mpsc::Receiver<Message>) {
         }
         was_connected = true;
         backoff = Duration::from_millis(20);
-        let (tx, batches) = mpsc::channel::<proto::MessageBatch>(64);
+        let (tx, batches) = mpsc::channel::<proto::MessageBatch>(PEER_QUEUE_BATCHES);
         let mut client = NodeCommunicationClient::new(channel)
             .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX)
             .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX);
-        let call = tokio::spawn(async move { client.stream(ReceiverStream::new(batches)).await });
-        let mut pending = vec![first];
-        loop {
-            while pending.len() < BATCH_MESSAGES_MAX {
-                match rx.try_recv() {
-                    Ok(m) => pending.push(m),
-                    Err(_) => break,
-                }
-            }
-            let batch = proto::MessageBatch {
-                messages: pending.drain(..).map(message_to_wire).collect(),
-            };
-            if tx.send(batch).await.is_err() {
-                break; // the stream ended: reconnect
-            }
-            match rx.recv().await {
-                Some(m) => pending.push(m),
-                None => {
-                    call.abort();
-                    return;
-                }
-            }
-        }
-        if let Ok(Err(status)) = call.await {
+        set(Some(tx));
+        // Runs until the stream breaks (the peer went away or the connection failed).
+        if let Err(status) = client.stream(ReceiverStream::new(batches)).await {
             tracing::debug!(peer = id, "stream to peer ended: {status}");
         }
+        set(None);
         tokio::time::sleep(backoff).await;
     }
 }

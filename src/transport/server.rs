@@ -49,18 +49,18 @@ impl NodeCommunication for PeerService {
     ) -> Result<Response<proto::StreamClosed>, Status> {
         let mut stream = request.into_inner();
         while let Some(batch) = stream.message().await? {
-            for m in batch.messages {
-                match message_from_wire(m, self.id, |id| self.members.contains(&id)) {
-                    Ok(m) => {
-                        if self.inbound.send(Inbound::Peer(m)).await.is_err() {
-                            return Err(Status::unavailable("node is shutting down"));
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!("dropping invalid peer message: {e}");
-                        return Err(Status::invalid_argument(e.to_string()));
-                    }
-                }
+            let messages = batch
+                .messages
+                .into_iter()
+                .map(|m| message_from_wire(m, self.id, |id| self.members.contains(&id)))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| {
+                    tracing::warn!("dropping a stream with an invalid peer message: {e}");
+                    Status::invalid_argument(e.to_string())
+                })?;
+            // The whole batch is one input for the core: one wake-up, not one per message.
+            if self.inbound.send(Inbound::Peers(messages)).await.is_err() {
+                return Err(Status::unavailable("node is shutting down"));
             }
         }
         Ok(Response::new(proto::StreamClosed {}))
