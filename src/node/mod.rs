@@ -245,8 +245,11 @@ impl Core {
             while self.raft.has_ready() {
                 self.process_ready()?;
             }
+            // Pipelined answers of this round go out together, one batch per client call.
+            crate::transport::flush_replies();
         }
         self.fail_all(|| ServiceError::ShuttingDown);
+        crate::transport::flush_replies();
         Ok(())
     }
 

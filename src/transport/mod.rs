@@ -5,8 +5,13 @@ pub mod convert;
 pub mod peer;
 pub mod server;
 
+use std::cell::RefCell;
+use std::sync::{Arc, Mutex};
+
 use bytes::Bytes;
-use tokio::sync::oneshot;
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use crate::proto;
 
 use crate::raft::{LogIndex, Message, NodeId};
 use crate::storage::command::RequestId;
@@ -24,7 +29,96 @@ pub enum Inbound {
     Clients(Vec<ClientRequest>),
 }
 
-pub type Reply<T> = oneshot::Sender<Result<T, ServiceError>>;
+/// Where the answer to one client request goes: a unary call's waiting task, or a tagged
+/// answer in its pipeline's next reply batch.
+pub enum Reply<T> {
+    Once(oneshot::Sender<Result<T, ServiceError>>),
+    Tagged(Tagged<T>),
+}
+
+pub struct Tagged<T> {
+    pub tag: u64,
+    pub sink: ReplySink,
+    pub encode: fn(T) -> proto::tagged_reply::Reply,
+}
+
+impl<T> Reply<T> {
+    /// Answers the request; false if nobody waits for the answer any more.
+    pub fn send(self, result: Result<T, ServiceError>) -> bool {
+        match self {
+            Reply::Once(tx) => tx.send(result).is_ok(),
+            Reply::Tagged(t) => {
+                let reply = match result {
+                    Ok(v) => (t.encode)(v),
+                    Err(e) => proto::tagged_reply::Reply::Error(server::request_error(
+                        &server::status_from(e),
+                    )),
+                };
+                t.sink.push(proto::TaggedReply {
+                    tag: t.tag,
+                    reply: Some(reply),
+                })
+            }
+        }
+    }
+}
+
+/// The answers of one pipeline call. Answers given during a round of the core collect here
+/// and go out as one batch when the core calls [`flush_replies`], straight to the call's
+/// response stream (no task in between).
+#[derive(Clone)]
+pub struct ReplySink(Arc<SinkInner>);
+
+struct SinkInner {
+    buffered: Mutex<Vec<proto::TaggedReply>>,
+    out: mpsc::UnboundedSender<Result<proto::ReplyBatch, tonic::Status>>,
+    /// Requests the call may still have in flight; returned as answers go out.
+    credit: Arc<Semaphore>,
+}
+
+thread_local! {
+    /// Sinks with buffered answers, on the thread that answered (the core's).
+    static DIRTY: RefCell<Vec<ReplySink>> = const { RefCell::new(Vec::new()) };
+}
+
+impl ReplySink {
+    pub fn new(
+        out: mpsc::UnboundedSender<Result<proto::ReplyBatch, tonic::Status>>,
+        credit: Arc<Semaphore>,
+    ) -> ReplySink {
+        ReplySink(Arc::new(SinkInner {
+            buffered: Mutex::new(Vec::new()),
+            out,
+            credit,
+        }))
+    }
+
+    fn push(&self, reply: proto::TaggedReply) -> bool {
+        if self.0.out.is_closed() {
+            return false;
+        }
+        let mut buffered = self.0.buffered.lock().unwrap_or_else(|e| e.into_inner());
+        if buffered.is_empty() {
+            DIRTY.with(|d| d.borrow_mut().push(self.clone()));
+        }
+        buffered.push(reply);
+        true
+    }
+}
+
+/// Sends every answer buffered on this thread, one batch per pipeline call.
+pub fn flush_replies() {
+    let dirty = DIRTY.with(|d| std::mem::take(&mut *d.borrow_mut()));
+    for sink in dirty {
+        let replies =
+            std::mem::take(&mut *sink.0.buffered.lock().unwrap_or_else(|e| e.into_inner()));
+        if replies.is_empty() {
+            continue;
+        }
+        sink.0.credit.add_permits(replies.len());
+        let _ = sink.0.out.send(Ok(proto::ReplyBatch { replies }));
+    }
+}
 
 pub enum ClientRequest {
     Put {

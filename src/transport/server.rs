@@ -3,12 +3,11 @@
 
 use std::time::Duration;
 
-use futures_util::FutureExt as _;
-use futures_util::StreamExt as _;
-use futures_util::future::BoxFuture;
-use futures_util::stream::FuturesUnordered;
-use tokio::sync::{mpsc, oneshot};
-use tokio_stream::wrappers::ReceiverStream;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -20,13 +19,14 @@ use crate::storage::command::RequestId;
 
 use super::convert::message_from_wire;
 use super::{
-    ClientRequest, Inbound, LEADER_ADDR_HEADER, LEADER_ID_HEADER, NodeStatus, ServiceError,
+    ClientRequest, Inbound, LEADER_ADDR_HEADER, LEADER_ID_HEADER, NodeStatus, Reply, ReplySink,
+    ServiceError, Tagged,
 };
 
 /// How long a client request may wait for the node (commit, read confirmation) by default.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// Answer batches of one pipeline call queued for sending before its requests wait.
-const PIPELINE_REPLY_BATCHES: usize = 64;
+/// Requests of one pipeline call that may wait for answers at a time; more wait to be read.
+const PIPELINE_IN_FLIGHT_MAX: usize = 16 * 1024;
 
 #[derive(Clone)]
 pub struct Limits {
@@ -100,12 +100,12 @@ pub fn status_from(e: ServiceError) -> Status {
 impl ClientService {
     async fn call<T>(
         &self,
-        make: impl FnOnce(super::Reply<T>) -> ClientRequest,
+        make: impl FnOnce(Reply<T>) -> ClientRequest,
         what: &str,
     ) -> Result<T, Status> {
         let (tx, rx) = oneshot::channel();
         self.inbound
-            .send(Inbound::Client(make(tx)))
+            .send(Inbound::Client(make(Reply::Once(tx))))
             .await
             .map_err(|_| status_from(ServiceError::ShuttingDown))?;
         match tokio::time::timeout(REQUEST_TIMEOUT, rx).await {
@@ -148,141 +148,108 @@ impl ClientService {
         Ok(())
     }
 
-    /// Checks one pipelined request and turns it into a request for the core and a future of
-    /// its tagged answer.
-    fn prepare(
-        &self,
-        r: proto::TaggedRequest,
-    ) -> Result<(ClientRequest, BoxFuture<'static, proto::TaggedReply>), Status> {
+    /// Checks one pipelined request and turns it into a request for the core, answered into
+    /// `sink`.
+    fn prepare(&self, r: proto::TaggedRequest, sink: &ReplySink) -> Result<ClientRequest, Status> {
         use proto::tagged_reply::Reply as Out;
         use proto::tagged_request::Request as In;
         let tag = r.tag;
-        let answer = move |reply: Result<Out, Status>| proto::TaggedReply {
-            tag,
-            reply: Some(reply.unwrap_or_else(|s| Out::Error(request_error(&s)))),
+        let tagged = |encode| {
+            Reply::Tagged(Tagged {
+                tag,
+                sink: sink.clone(),
+                encode,
+            })
         };
         match r.request {
             Some(In::Put(p)) => {
                 self.check_key(&p.key)?;
                 self.check_value(&p.value)?;
-                let (reply, rx) = oneshot::channel();
-                let req = ClientRequest::Put {
+                Ok(ClientRequest::Put {
                     key: p.key,
                     value: p.value,
                     id: request_id(p.id),
-                    reply,
-                };
-                let fut = rx.map(move |r| {
-                    answer(core_answer(r).map(|index| Out::Put(proto::PutResponse { index })))
-                });
-                Ok((req, fut.boxed()))
+                    reply: tagged(|index| Out::Put(proto::PutResponse { index })),
+                })
             }
             Some(In::Get(g)) => {
                 self.check_key(&g.key)?;
-                let (reply, rx) = oneshot::channel();
-                let req = ClientRequest::Get {
+                Ok(ClientRequest::Get {
                     key: g.key,
                     stale: g.stale,
-                    reply,
-                };
-                let fut = rx.map(move |r| {
-                    answer(core_answer(r).map(|value| {
-                        Out::Get(proto::GetResponse {
-                            found: value.is_some(),
-                            value: value.unwrap_or_default(),
-                        })
-                    }))
-                });
-                Ok((req, fut.boxed()))
+                    reply: Reply::Tagged(Tagged {
+                        tag,
+                        sink: sink.clone(),
+                        encode: |value: Option<Bytes>| {
+                            Out::Get(proto::GetResponse {
+                                found: value.is_some(),
+                                value: value.unwrap_or_default(),
+                            })
+                        },
+                    }),
+                })
             }
             Some(In::Delete(d)) => {
                 self.check_key(&d.key)?;
-                let (reply, rx) = oneshot::channel();
-                let req = ClientRequest::Delete {
+                Ok(ClientRequest::Delete {
                     key: d.key,
                     id: request_id(d.id),
-                    reply,
-                };
-                let fut = rx.map(move |r| {
-                    answer(core_answer(r).map(|(existed, index)| {
-                        Out::Delete(proto::DeleteResponse { existed, index })
-                    }))
-                });
-                Ok((req, fut.boxed()))
+                    reply: Reply::Tagged(Tagged {
+                        tag,
+                        sink: sink.clone(),
+                        encode: |(existed, index)| {
+                            Out::Delete(proto::DeleteResponse { existed, index })
+                        },
+                    }),
+                })
             }
             None => Err(Status::invalid_argument("empty request")),
         }
     }
 
-    /// Serves one `Pipeline` call: takes request batches, hands each batch's valid requests
-    /// to the core at once, and sends answers back in batches as they complete.
+    /// Serves one `Pipeline` call: takes request batches and hands each batch's valid requests
+    /// to the core at once. The core answers into the call's sink; invalid requests are
+    /// answered here. At most `PIPELINE_IN_FLIGHT_MAX` requests wait for answers at a time.
     async fn serve_pipeline(
         self,
         mut incoming: Streaming<proto::RequestBatch>,
-        out: mpsc::Sender<Result<proto::ReplyBatch, Status>>,
+        out: mpsc::UnboundedSender<Result<proto::ReplyBatch, Status>>,
     ) {
-        let mut pending = FuturesUnordered::new();
-        let mut open = true;
-        loop {
-            tokio::select! {
-                batch = incoming.message(), if open => {
-                    let batch = match batch {
-                        Ok(Some(b)) => b,
-                        Ok(None) => {
-                            open = false;
-                            continue;
-                        }
-                        Err(_) => return, // the client went away
-                    };
-                    let mut to_core = Vec::with_capacity(batch.requests.len());
-                    let mut refused = Vec::new();
-                    for r in batch.requests {
-                        let tag = r.tag;
-                        match self.prepare(r) {
-                            Ok((req, answer)) => {
-                                to_core.push(req);
-                                pending.push(answer);
-                            }
-                            Err(s) => refused.push(proto::TaggedReply {
-                                tag,
-                                reply: Some(proto::tagged_reply::Reply::Error(request_error(&s))),
-                            }),
-                        }
-                    }
-                    if !to_core.is_empty()
-                        && self.inbound.send(Inbound::Clients(to_core)).await.is_err()
-                    {
-                        let _ = out.send(Err(status_from(ServiceError::ShuttingDown))).await;
-                        return;
-                    }
-                    if !refused.is_empty()
-                        && out.send(Ok(proto::ReplyBatch { replies: refused })).await.is_err()
-                    {
-                        return;
-                    }
+        let credit = Arc::new(Semaphore::new(PIPELINE_IN_FLIGHT_MAX));
+        let sink = ReplySink::new(out.clone(), credit.clone());
+        while let Ok(Some(batch)) = incoming.message().await {
+            let mut to_core = Vec::with_capacity(batch.requests.len());
+            let mut refused = Vec::new();
+            for r in batch.requests {
+                let tag = r.tag;
+                match self.prepare(r, &sink) {
+                    Ok(req) => to_core.push(req),
+                    Err(s) => refused.push(proto::TaggedReply {
+                        tag,
+                        reply: Some(proto::tagged_reply::Reply::Error(request_error(&s))),
+                    }),
                 }
-                Some(first) = pending.next() => {
-                    let mut replies = vec![first];
-                    while let Some(Some(r)) = pending.next().now_or_never() {
-                        replies.push(r);
-                    }
-                    if out.send(Ok(proto::ReplyBatch { replies })).await.is_err() {
-                        return;
-                    }
-                }
-                else => return, // the client is done and everything is answered
+            }
+            if !refused.is_empty()
+                && out
+                    .send(Ok(proto::ReplyBatch { replies: refused }))
+                    .is_err()
+            {
+                return;
+            }
+            if to_core.is_empty() {
+                continue;
+            }
+            let n = u32::try_from(to_core.len().min(PIPELINE_IN_FLIGHT_MAX)).unwrap_or(u32::MAX);
+            match credit.acquire_many(n).await {
+                Ok(permits) => permits.forget(), // returned as the answers go out
+                Err(_) => return,
+            }
+            if self.inbound.send(Inbound::Clients(to_core)).await.is_err() {
+                let _ = out.send(Err(status_from(ServiceError::ShuttingDown)));
+                return;
             }
         }
-    }
-}
-
-/// What the core answered, as the unary call would return it.
-fn core_answer<T>(
-    r: Result<Result<T, ServiceError>, oneshot::error::RecvError>,
-) -> Result<T, Status> {
-    match r {
-        Ok(r) => r.map_err(status_from),
-        Err(_) => Err(status_from(ServiceError::ShuttingDown)),
     }
 }
 
@@ -377,15 +344,15 @@ impl DataService for ClientService {
         Ok(Response::new(proto::DeleteResponse { existed, index }))
     }
 
-    type PipelineStream = ReceiverStream<Result<proto::ReplyBatch, Status>>;
+    type PipelineStream = UnboundedReceiverStream<Result<proto::ReplyBatch, Status>>;
 
     async fn pipeline(
         &self,
         request: Request<Streaming<proto::RequestBatch>>,
     ) -> Result<Response<Self::PipelineStream>, Status> {
-        let (out, answers) = mpsc::channel(PIPELINE_REPLY_BATCHES);
+        let (out, answers) = mpsc::unbounded_channel();
         tokio::spawn(self.clone().serve_pipeline(request.into_inner(), out));
-        Ok(Response::new(ReceiverStream::new(answers)))
+        Ok(Response::new(UnboundedReceiverStream::new(answers)))
     }
 
     async fn status(

@@ -676,3 +676,144 @@ async fn bench_reports_json_with_percentiles() {
     let max = v["max_ms"].as_f64().expect("max");
     assert!(p50 > 0.0 && p50 <= p99 && p99 <= max, "{v}");
 }
+
+/// The raw `Pipeline` call: one batch mixing writes, reads and invalid requests is answered
+/// request by request under the client's tags, errors as the unary calls give them; a follower
+/// answers with the leader hint; the call ends once the client is done and all is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipeline_answers_every_tagged_request_like_the_unary_calls() {
+    use raftkv::proto::tagged_reply::Reply as Out;
+    use raftkv::proto::tagged_request::Request as In;
+    use raftkv::proto::{GetRequest, PutRequest, RequestBatch, RequestId, TaggedRequest};
+
+    let c = TestCluster::started(3);
+    let leader = c.wait_leader(ELECTION).await;
+    let follower = c
+        .ids()
+        .into_iter()
+        .find(|&id| id != leader)
+        .expect("follower");
+    let put = |tag, key: &str, value: Vec<u8>| TaggedRequest {
+        tag,
+        request: Some(In::Put(PutRequest {
+            key: key.to_string().into(),
+            value: value.into(),
+            id: Some(RequestId {
+                client_id: 77,
+                seq: tag,
+            }),
+        })),
+    };
+    let get = |tag, key: &str| TaggedRequest {
+        tag,
+        request: Some(In::Get(GetRequest {
+            key: key.to_string().into(),
+            stale: false,
+        })),
+    };
+    let call = |id: u64, batches: Vec<RequestBatch>| {
+        let addr = c.addrs()[&id].clone();
+        async move {
+            let mut raw = DataServiceClient::connect(format!("http://{addr}"))
+                .await
+                .expect("connect");
+            let mut replies = raw
+                .pipeline(tokio_stream::iter(batches))
+                .await
+                .expect("pipeline call")
+                .into_inner();
+            let mut got = std::collections::BTreeMap::new();
+            // The node ends the call after the last answer, since our side is done.
+            while let Some(batch) = tokio::time::timeout(Duration::from_secs(10), replies.message())
+                .await
+                .expect("answers within 10 s")
+                .expect("a healthy stream")
+            {
+                for r in batch.replies {
+                    assert!(got.insert(r.tag, r.reply).is_none(), "tag {} twice", r.tag);
+                }
+            }
+            got
+        }
+    };
+
+    let mut batch = vec![put(1, "a", b"1".to_vec()), put(2, "b", b"2".to_vec())];
+    batch.push(put(3, "big", vec![b'x'; 65537]));
+    batch.push(put(4, "", b"v".to_vec()));
+    batch.push(TaggedRequest {
+        tag: 5,
+        request: None,
+    });
+    let got = call(
+        leader,
+        vec![
+            RequestBatch { requests: batch },
+            RequestBatch {
+                requests: vec![get(6, "a"), get(7, "missing")],
+            },
+        ],
+    )
+    .await;
+    assert_eq!(got.len(), 7, "{got:?}");
+    let index = |tag| match &got[&tag] {
+        Some(Out::Put(p)) => p.index,
+        other => panic!("tag {tag}: {other:?}"),
+    };
+    assert!(index(1) > 0 && index(2) > index(1), "{got:?}");
+    let error = |tag: u64| match &got[&tag] {
+        Some(Out::Error(e)) => e.clone(),
+        other => panic!("tag {tag}: {other:?}"),
+    };
+    assert_eq!(error(3).code, tonic::Code::InvalidArgument as i32);
+    assert!(
+        error(3).message.contains("limit of 65536 bytes"),
+        "{:?}",
+        error(3)
+    );
+    assert!(
+        error(4).message.contains("must not be empty"),
+        "{:?}",
+        error(4)
+    );
+    assert_eq!(error(5).code, tonic::Code::InvalidArgument as i32);
+    match &got[&6] {
+        Some(Out::Get(g)) => assert!(g.found && g.value.as_ref() == b"1", "{g:?}"),
+        other => panic!("tag 6: {other:?}"),
+    }
+    match &got[&7] {
+        Some(Out::Get(g)) => assert!(!g.found, "{g:?}"),
+        other => panic!("tag 7: {other:?}"),
+    }
+
+    // A retried write (same client id and seq) is acknowledged again; its entry changes
+    // nothing, since the first one was applied.
+    let again = call(
+        leader,
+        vec![RequestBatch {
+            requests: vec![put(2, "b", b"2".to_vec())],
+        }],
+    )
+    .await;
+    match &again[&2] {
+        Some(Out::Put(p)) => assert!(p.index > index(2), "{p:?}"),
+        other => panic!("retry: {other:?}"),
+    }
+
+    // A follower refuses writes and linearizable reads, naming the leader.
+    let got = call(
+        follower,
+        vec![RequestBatch {
+            requests: vec![put(10, "c", b"3".to_vec()), get(11, "a")],
+        }],
+    )
+    .await;
+    for tag in [10, 11] {
+        let e = match &got[&tag] {
+            Some(Out::Error(e)) => e.clone(),
+            other => panic!("tag {tag}: {other:?}"),
+        };
+        assert_eq!(e.code, tonic::Code::FailedPrecondition as i32, "{e:?}");
+        assert_eq!(e.leader_id, leader, "{e:?}");
+        assert_eq!(e.leader_addr, c.addrs()[&leader], "{e:?}");
+    }
+}
