@@ -127,6 +127,20 @@ fn bench(config: &str, workload: &str, clients: usize, secs: u64) -> serde_json:
     serde_json::from_slice(&out.stdout).expect("bench JSON")
 }
 
+/// Bytes of all files under `dir`.
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir).map_or(0, |entries| {
+        entries
+            .flatten()
+            .map(|e| match e.file_type() {
+                Ok(t) if t.is_dir() => dir_bytes(&e.path()),
+                Ok(_) => e.metadata().map_or(0, |m| m.len()),
+                Err(_) => 0,
+            })
+            .sum()
+    })
+}
+
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()
@@ -147,21 +161,46 @@ fn main() {
         let c = Cluster::start(3);
         let warm = bench(&c.config, "put", 64, 5);
         let before = c.rss_kib();
-        let r = bench(&c.config, "put", 64, secs);
-        let after = c.rss_kib();
+        // The measured run goes on in a thread; every tenth of it, each node's RSS and the size
+        // of the data directories (the log is never compacted yet, so it grows with every write).
+        let config = c.config.clone();
+        let run = std::thread::spawn(move || bench(&config, "put", 64, secs));
+        let step = Duration::from_secs((secs / 10).max(1));
+        let started = Instant::now();
+        println!("soak: {secs} s of writes at 64 clients on 3 nodes (RSS per node, data on disk)");
         println!(
-            "soak: {secs} s of writes at 64 clients on 3 nodes: {:.0} ops/s (warm-up {:.0} ops/s)",
-            r["ops_per_sec"].as_f64().unwrap_or(0.0),
-            warm["ops_per_sec"].as_f64().unwrap_or(0.0)
+            "  {:>5} s  RSS MiB {:?}",
+            0,
+            before.iter().map(|k| k / 1024).collect::<Vec<_>>()
         );
-        for (i, (b, a)) in before.iter().zip(&after).enumerate() {
-            println!(
-                "  node {}: RSS {} MiB at start, {} MiB at end",
-                i + 1,
-                b / 1024,
-                a / 1024
-            );
+        let mut next = step;
+        while !run.is_finished() {
+            std::thread::sleep(Duration::from_millis(200));
+            if started.elapsed() >= next && !run.is_finished() {
+                next += step;
+                println!(
+                    "  {:>5} s  RSS MiB {:?}  data {} MiB",
+                    started.elapsed().as_secs(),
+                    c.rss_kib().iter().map(|k| k / 1024).collect::<Vec<_>>(),
+                    dir_bytes(c._dir.path()) >> 20
+                );
+            }
         }
+        let after = c.rss_kib();
+        let r = run.join().expect("bench thread");
+        println!(
+            "  {:>5} s  RSS MiB {:?}  data {} MiB",
+            started.elapsed().as_secs(),
+            after.iter().map(|k| k / 1024).collect::<Vec<_>>(),
+            dir_bytes(c._dir.path()) >> 20
+        );
+        println!(
+            "soak: {:.0} ops/s over {secs} s (warm-up {:.0} ops/s), p50 {:.2} ms, p99 {:.2} ms",
+            r["ops_per_sec"].as_f64().unwrap_or(0.0),
+            warm["ops_per_sec"].as_f64().unwrap_or(0.0),
+            r["p50_ms"].as_f64().unwrap_or(0.0),
+            r["p99_ms"].as_f64().unwrap_or(0.0),
+        );
         return;
     }
     let runs = env_u64("RAFTKV_BENCH_RUNS", 1).max(1);
