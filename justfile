@@ -33,7 +33,7 @@ nemesis SECS="600":
 bench RUNS="1":
     RAFTKV_BENCH_RUNS={{RUNS}} cargo bench --bench table
 
-# Memory over a long write run: RSS of every node at start and end.
+# Memory over a long write run: RSS of every node and the data size, sampled ten times.
 bench-soak SECS="600":
     RAFTKV_BENCH_SOAK={{SECS}} cargo bench --bench table
 

@@ -6,7 +6,8 @@
 //! - `RAFTKV_BENCH_SECS=8`: measured seconds per run (after 1 s of warm-up).
 //! - `RAFTKV_BENCH_ROWS=3:put:64,5:get:256`: only these rows.
 //! - `RAFTKV_BENCH_SOAK=600`: instead of the table, a write run of that many seconds at 64
-//!   clients on 3 nodes, reporting every node's resident memory at the start and the end.
+//!   clients on 3 nodes, reporting every node's resident memory and the data size at the start
+//!   and ten times during the run.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};

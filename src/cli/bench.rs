@@ -61,7 +61,8 @@ pub struct BenchArgs {
     /// Unmeasured warm-up before the measurement.
     #[arg(long, default_value = "1s", value_parser = super::parse_duration)]
     pub warmup: Duration,
-    /// gRPC connections per node, shared by the clients.
+    /// Connections per node. The clients share them: each connection carries one pipelined
+    /// call, and requests issued at the same time travel together in one message.
     #[arg(long, default_value_t = 4)]
     pub conns: usize,
     /// Per-request deadline (leader discovery and retries included).

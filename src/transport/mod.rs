@@ -37,12 +37,21 @@ pub enum Reply<T> {
 }
 
 pub struct Tagged<T> {
-    pub tag: u64,
-    pub sink: ReplySink,
-    pub encode: fn(T) -> proto::tagged_reply::Reply,
+    tag: u64,
+    sink: ReplySink,
+    encode: fn(T) -> proto::tagged_reply::Reply,
 }
 
 impl<T> Reply<T> {
+    /// An answer for request `tag` of a pipeline call, encoded by `encode` when it succeeds.
+    pub fn tagged(tag: u64, sink: &ReplySink, encode: fn(T) -> proto::tagged_reply::Reply) -> Self {
+        Reply::Tagged(Tagged {
+            tag,
+            sink: sink.clone(),
+            encode,
+        })
+    }
+
     /// Answers the request; false if nobody waits for the answer any more.
     pub fn send(self, result: Result<T, ServiceError>) -> bool {
         match self {

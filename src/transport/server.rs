@@ -20,7 +20,7 @@ use crate::storage::command::RequestId;
 use super::convert::message_from_wire;
 use super::{
     ClientRequest, Inbound, LEADER_ADDR_HEADER, LEADER_ID_HEADER, NodeStatus, Reply, ReplySink,
-    ServiceError, Tagged,
+    ServiceError,
 };
 
 /// How long a client request may wait for the node (commit, read confirmation) by default.
@@ -154,13 +154,6 @@ impl ClientService {
         use proto::tagged_reply::Reply as Out;
         use proto::tagged_request::Request as In;
         let tag = r.tag;
-        let tagged = |encode| {
-            Reply::Tagged(Tagged {
-                tag,
-                sink: sink.clone(),
-                encode,
-            })
-        };
         match r.request {
             Some(In::Put(p)) => {
                 self.check_key(&p.key)?;
@@ -169,7 +162,7 @@ impl ClientService {
                     key: p.key,
                     value: p.value,
                     id: request_id(p.id),
-                    reply: tagged(|index| Out::Put(proto::PutResponse { index })),
+                    reply: Reply::tagged(tag, sink, |index| Out::Put(proto::PutResponse { index })),
                 })
             }
             Some(In::Get(g)) => {
@@ -177,15 +170,11 @@ impl ClientService {
                 Ok(ClientRequest::Get {
                     key: g.key,
                     stale: g.stale,
-                    reply: Reply::Tagged(Tagged {
-                        tag,
-                        sink: sink.clone(),
-                        encode: |value: Option<Bytes>| {
-                            Out::Get(proto::GetResponse {
-                                found: value.is_some(),
-                                value: value.unwrap_or_default(),
-                            })
-                        },
+                    reply: Reply::tagged(tag, sink, |value: Option<Bytes>| {
+                        Out::Get(proto::GetResponse {
+                            found: value.is_some(),
+                            value: value.unwrap_or_default(),
+                        })
                     }),
                 })
             }
@@ -194,12 +183,8 @@ impl ClientService {
                 Ok(ClientRequest::Delete {
                     key: d.key,
                     id: request_id(d.id),
-                    reply: Reply::Tagged(Tagged {
-                        tag,
-                        sink: sink.clone(),
-                        encode: |(existed, index)| {
-                            Out::Delete(proto::DeleteResponse { existed, index })
-                        },
+                    reply: Reply::tagged(tag, sink, |(existed, index)| {
+                        Out::Delete(proto::DeleteResponse { existed, index })
                     }),
                 })
             }
