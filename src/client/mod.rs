@@ -26,6 +26,8 @@ use crate::raft::NodeId;
 use crate::transport::{LEADER_ADDR_HEADER, LEADER_ID_HEADER};
 
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Why a request failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -395,6 +397,13 @@ fn endpoint(addr: &str) -> Option<Endpoint> {
             .ok()?
             .connect_timeout(Duration::from_millis(500))
             .tcp_nodelay(true)
+            // A node that stops answering (paused, partitioned away) would otherwise hold every
+            // request on its long-lived connection until the deadline: pings find it dead in
+            // about two seconds, its requests fail as "outcome unknown", and the client goes on
+            // to the other nodes.
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true)
             .initial_stream_window_size(crate::transport::peer::STREAM_WINDOW_BYTES)
             .initial_connection_window_size(crate::transport::peer::CONNECTION_WINDOW_BYTES),
     )

@@ -71,6 +71,12 @@ impl TestCluster {
         }
     }
 
+    /// Sends `signal` to node `id` (e.g. SIGSTOP / SIGCONT to pause and resume it).
+    pub fn signal(&self, id: NodeId, signal: Signal) {
+        let c = self.procs.get(&id).expect("node is running");
+        kill(Pid::from_raw(c.id() as i32), signal).expect("signal the node");
+    }
+
     /// SIGTERM and wait: a clean stop. Returns the exit code.
     pub fn stop(&mut self, id: NodeId) -> Option<i32> {
         let mut c = self.procs.remove(&id)?;

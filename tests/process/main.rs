@@ -817,3 +817,30 @@ async fn pipeline_answers_every_tagged_request_like_the_unary_calls() {
         assert_eq!(e.leader_addr, c.addrs()[&leader], "{e:?}");
     }
 }
+
+/// A leader that stops answering without closing its connections (SIGSTOP): the client's pings
+/// find its connection dead, and the write goes through the new leader. Without them the write
+/// would wait on the dead connection until the client's deadline and fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_goes_through_the_new_leader_while_the_old_one_is_paused() {
+    use nix::sys::signal::Signal;
+    let c = TestCluster::started(3);
+    let leader = c.wait_leader(ELECTION).await;
+    let mut client = c.client();
+    client.put("k", "before").await.expect("write");
+    assert_eq!(client.leader(), Some(leader));
+
+    c.signal(leader, Signal::SIGSTOP);
+    let during = client.put("k", "during").await;
+    let new_leader = client.leader();
+    c.signal(leader, Signal::SIGCONT);
+    during.expect("the write goes through the new leader within the deadline");
+    assert!(
+        new_leader.is_some_and(|l| l != leader),
+        "new leader {new_leader:?}, old {leader}"
+    );
+    assert_eq!(
+        client.get("k", false).await.expect("read").as_deref(),
+        Some(&b"during"[..])
+    );
+}
