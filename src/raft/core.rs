@@ -164,10 +164,9 @@ pub struct Raft<S: LogStore> {
     rng: SmallRng,
 
     msgs: Vec<Message>,
-    /// Leader: entries or a new commit index to broadcast at the next `ready`.
+    /// Leader: new entries (or a commit that may free flow control) to send at the next
+    /// `ready`.
     need_bcast: bool,
-    /// Leader: the commit index followers were last sent.
-    bcast_commit: LogIndex,
 
     /// Leader: the last ReadIndex heartbeat round started.
     read_round: u64,
@@ -222,7 +221,6 @@ impl<S: LogStore> Raft<S> {
             rng: SmallRng::seed_from_u64(cfg.seed),
             msgs: Vec::new(),
             need_bcast: false,
-            bcast_commit: 0,
             read_round: 0,
             read_round_needed: false,
             pending_reads: VecDeque::new(),
@@ -409,7 +407,6 @@ impl<S: LogStore> Raft<S> {
             pr.recent_active = true;
             self.progress.insert(p, pr);
         }
-        self.bcast_commit = 0;
         // Raft 5.4.2 / dissertation 6.4: commit an entry of our own term at once; it also
         // commits every earlier entry and lets us serve ReadIndex reads.
         let noop = Entry {
@@ -797,7 +794,7 @@ impl<S: LogStore> Raft<S> {
             };
             let pr = self.progress.get_mut(&from).expect("progress exists");
             if pr.maybe_decr_to(index, match_hint) {
-                self.send_append(from, false)?;
+                self.send_append(from)?;
             }
             return Ok(());
         }
@@ -813,13 +810,13 @@ impl<S: LogStore> Raft<S> {
             }
         }
         // Keep the pipeline full while the follower is behind.
-        while self.send_append(from, false)? {}
+        while self.send_append(from)? {}
         Ok(())
     }
 
-    /// Sends `to` the entries it lacks (or, with `allow_empty`, an empty append carrying the
-    /// commit index). Returns whether a message went out.
-    fn send_append(&mut self, to: NodeId, allow_empty: bool) -> Result<bool, Error> {
+    /// Sends `to` the entries it lacks, with the commit index. Returns whether a message went
+    /// out (not if `to` has everything or its flow control is full).
+    fn send_append(&mut self, to: NodeId) -> Result<bool, Error> {
         let max_inflight = self.cfg.max_inflight_msgs;
         let Some(pr) = self.progress.get(&to) else {
             return Ok(false);
@@ -829,7 +826,7 @@ impl<S: LogStore> Raft<S> {
         }
         let next = pr.next_index;
         let last = self.log.last_index();
-        if next > last && !allow_empty {
+        if next > last {
             return Ok(false);
         }
         let prev_log_index = next - 1;
@@ -1045,14 +1042,14 @@ impl<S: LogStore> Raft<S> {
             self.read_round += 1;
         }
         let bcast = std::mem::take(&mut self.need_bcast);
-        let commit_news = self.log.committed != self.bcast_commit;
         if !bcast && !start_round {
             return Ok(());
         }
-        self.bcast_commit = self.log.committed;
+        // A new commit index alone is not worth a message round: it rides on the next append
+        // or heartbeat. Followers only need it to apply, and no client waits for that.
         let peers: Vec<NodeId> = self.peers().collect();
         for p in peers {
-            let sent = bcast && self.send_append(p, commit_news)?;
+            let sent = bcast && self.send_append(p)?;
             if start_round && !sent {
                 self.send_heartbeat(p);
             }

@@ -105,6 +105,9 @@ impl Net {
                 self.run_ready(id);
             }
             let Some(m) = self.queue.pop_front() else {
+                if self.nodes.values().any(|r| r.has_ready()) {
+                    continue; // e.g. committed entries handed out in slices
+                }
                 return;
             };
             if self.cut.contains(&(m.from, m.to)) || self.filter.as_ref().is_some_and(|f| !f(&m)) {

@@ -1288,6 +1288,8 @@ fn duplicate_and_stale_appends_are_harmless() {
         net.settle();
     }
     assert_eq!(net.log_of(2), net.log_of(1));
+    // The last commit index travels with the next append or heartbeat.
+    net.tick_all();
     assert_eq!(net.node(2).commit_index(), net.node(1).commit_index());
 }
 
@@ -1339,4 +1341,39 @@ fn invalid_configs_are_refused() {
         ..base()
     };
     assert!(Raft::new(fixed, MemLogStore::new(), HardState::default(), 0).is_ok());
+}
+
+// A new commit index alone sends nothing: it rides on the next append or heartbeat. So a write
+// costs one append and one answer per follower, not a second round to spread the commit.
+#[test]
+fn commit_index_rides_on_the_next_append_or_heartbeat() {
+    let mut net = Net::new(3);
+    net.elect(1);
+    net.tick_all(); // the followers learn that the no-op (index 1) is committed
+    assert_eq!(net.node(2).commit_index(), 1);
+    let before = net.delivered.len();
+    net.propose(1, "x").expect("leader");
+    let count = |net: &Net, pick: fn(&MessageBody) -> bool| {
+        net.delivered[before..]
+            .iter()
+            .filter(|m| pick(&m.body))
+            .count()
+    };
+    assert_eq!(
+        count(&net, |b| matches!(b, MessageBody::AppendRequest { .. })),
+        2,
+        "one append per follower"
+    );
+    assert_eq!(
+        count(&net, |b| matches!(b, MessageBody::AppendResponse { .. })),
+        2,
+        "one answer per follower"
+    );
+    assert_eq!(net.node(1).commit_index(), 2);
+    assert_eq!(net.node(2).commit_index(), 1, "not yet told");
+    net.tick_all();
+    for id in [2, 3] {
+        assert_eq!(net.node(id).commit_index(), 2, "node {id}");
+        assert_eq!(net.applied[&id].len(), 2, "node {id}: no-op and x");
+    }
 }
