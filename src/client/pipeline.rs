@@ -19,7 +19,8 @@ use tonic::transport::Channel;
 
 use crate::proto;
 use crate::proto::data_service_client::DataServiceClient;
-use crate::transport::peer::GRPC_MESSAGE_BYTES_MAX;
+use crate::transport::peer::{BATCH_BYTES_MAX, GRPC_MESSAGE_BYTES_MAX};
+use crate::transport::split_by_encoded_len;
 
 /// Requests sent in one batch at most.
 const BATCH_REQUESTS_MAX: usize = 1024;
@@ -106,7 +107,7 @@ async fn run(channel: Channel, mut calls: mpsc::UnboundedReceiver<Call>) {
                 }
             }
             if !queued.is_empty() {
-                let requests = queued
+                let requests: Vec<_> = queued
                     .drain(..)
                     .filter(|c| !c.answer.is_closed())
                     .map(|c| {
@@ -118,7 +119,11 @@ async fn run(channel: Channel, mut calls: mpsc::UnboundedReceiver<Call>) {
                         }
                     })
                     .collect();
-                if batches.send(proto::RequestBatch { requests }).is_err() {
+                // Large values: several batches, each far below the gRPC message limit.
+                let sent = split_by_encoded_len(requests, BATCH_BYTES_MAX)
+                    .into_iter()
+                    .all(|requests| batches.send(proto::RequestBatch { requests }).is_ok());
+                if !sent {
                     break Status::unavailable("the connection to the node closed");
                 }
             }

@@ -115,7 +115,8 @@ impl ReplySink {
     }
 }
 
-/// Sends every answer buffered on this thread, one batch per pipeline call.
+/// Sends every answer buffered on this thread, one batch per pipeline call (more if the
+/// answers are large: a batch stays under `peer::BATCH_BYTES_MAX`).
 pub fn flush_replies() {
     let dirty = DIRTY.with(|d| std::mem::take(&mut *d.borrow_mut()));
     for sink in dirty {
@@ -125,8 +126,31 @@ pub fn flush_replies() {
             continue;
         }
         sink.0.credit.add_permits(replies.len());
-        let _ = sink.0.out.send(Ok(proto::ReplyBatch { replies }));
+        for replies in split_by_encoded_len(replies, peer::BATCH_BYTES_MAX) {
+            let _ = sink.0.out.send(Ok(proto::ReplyBatch { replies }));
+        }
     }
+}
+
+/// Splits `items` into runs of at most `max_bytes` encoded (a single larger item goes alone),
+/// in order, so that a batch of them never nears the gRPC message limit.
+pub fn split_by_encoded_len<T: prost::Message>(items: Vec<T>, max_bytes: usize) -> Vec<Vec<T>> {
+    let mut runs = Vec::new();
+    let mut current = Vec::new();
+    let mut bytes = 0;
+    for item in items {
+        let len = item.encoded_len();
+        if !current.is_empty() && bytes + len > max_bytes {
+            runs.push(std::mem::take(&mut current));
+            bytes = 0;
+        }
+        bytes += len;
+        current.push(item);
+    }
+    if !current.is_empty() {
+        runs.push(current);
+    }
+    runs
 }
 
 pub enum ClientRequest {
@@ -198,4 +222,47 @@ pub struct NodeStatus {
     pub last_log_index: LogIndex,
     pub voters: Vec<NodeId>,
     pub progress: Vec<PeerStatus>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message as _;
+
+    fn append(bytes: usize) -> proto::RaftMessage {
+        proto::RaftMessage {
+            from: 1,
+            to: 2,
+            term: 1,
+            body: Some(proto::raft_message::Body::AppendRequest(
+                proto::AppendRequest {
+                    entries: vec![proto::Entry {
+                        index: 1,
+                        term: 1,
+                        kind: 0,
+                        data: vec![b'x'; bytes].into(),
+                    }],
+                    ..Default::default()
+                },
+            )),
+        }
+    }
+
+    #[test]
+    fn runs_stay_under_the_byte_limit_and_keep_order() {
+        let messages: Vec<_> = (0..10).map(|i| append(300 + i)).collect();
+        let one = messages[0].encoded_len();
+        let runs = split_by_encoded_len(messages.clone(), 3 * one + 5);
+        assert!(runs.len() >= 4, "{} runs", runs.len());
+        for r in &runs {
+            let bytes: usize = r.iter().map(|m| m.encoded_len()).sum();
+            assert!(r.len() == 1 || bytes <= 3 * one + 5, "{bytes} bytes");
+        }
+        let flat: Vec<_> = runs.into_iter().flatten().collect();
+        assert_eq!(flat, messages, "nothing lost or reordered");
+        // An item over the limit goes alone rather than being dropped.
+        let big = split_by_encoded_len(vec![append(10), append(5000), append(10)], 1000);
+        assert_eq!(big.iter().map(Vec::len).collect::<Vec<_>>(), [1, 1, 1]);
+        assert!(split_by_encoded_len(Vec::<proto::RaftMessage>::new(), 1000).is_empty());
+    }
 }

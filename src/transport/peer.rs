@@ -9,7 +9,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use prost::Message as _;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
@@ -24,7 +23,7 @@ use super::convert::message_to_wire;
 const PEER_QUEUE_BATCHES: usize = 256;
 /// Encoded bytes per batch at most (a single larger message goes alone); far below
 /// `GRPC_MESSAGE_BYTES_MAX`, which a batch must never reach.
-const BATCH_BYTES_MAX: usize = 8 << 20;
+pub const BATCH_BYTES_MAX: usize = 8 << 20;
 pub const GRPC_MESSAGE_BYTES_MAX: usize = 64 << 20;
 pub const STREAM_WINDOW_BYTES: u32 = 8 << 20;
 pub const CONNECTION_WINDOW_BYTES: u32 = 16 << 20;
@@ -73,7 +72,10 @@ impl Peers {
             }
             let slot = &self.streams[id];
             let tx = slot.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            for batch in split_batches(std::mem::take(messages), BATCH_BYTES_MAX) {
+            // A follower catching up can be sent hundreds of appends of up to `max_msg_bytes`
+            // in one round: together they could exceed the gRPC message limit.
+            for messages in super::split_by_encoded_len(std::mem::take(messages), BATCH_BYTES_MAX) {
+                let batch = proto::MessageBatch { messages };
                 if tx.as_ref().is_none_or(|tx| tx.try_send(batch).is_err()) {
                     tracing::trace!(
                         peer = id,
@@ -83,30 +85,6 @@ impl Peers {
             }
         }
     }
-}
-
-/// Splits a round's messages into batches of at most `max_bytes` encoded (a single larger
-/// message goes alone), in order. A follower catching up can be sent hundreds of appends of up
-/// to `max_msg_bytes` in one round; one batch of them all could exceed the gRPC message limit.
-fn split_batches(messages: Vec<proto::RaftMessage>, max_bytes: usize) -> Vec<proto::MessageBatch> {
-    let mut batches = Vec::new();
-    let mut current = Vec::new();
-    let mut bytes = 0;
-    for m in messages {
-        let len = m.encoded_len();
-        if !current.is_empty() && bytes + len > max_bytes {
-            batches.push(proto::MessageBatch {
-                messages: std::mem::take(&mut current),
-            });
-            bytes = 0;
-        }
-        bytes += len;
-        current.push(m);
-    }
-    if !current.is_empty() {
-        batches.push(proto::MessageBatch { messages: current });
-    }
-    batches
 }
 
 /// Keeps a stream open to one peer, reconnecting with backoff, and publishes its sending end.
@@ -158,53 +136,5 @@ async fn peer_loop(id: NodeId, addr: String, slot: Slot) {
         }
         set(None);
         tokio::time::sleep(backoff).await;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn append(bytes: usize) -> proto::RaftMessage {
-        proto::RaftMessage {
-            from: 1,
-            to: 2,
-            term: 1,
-            body: Some(proto::raft_message::Body::AppendRequest(
-                proto::AppendRequest {
-                    entries: vec![proto::Entry {
-                        index: 1,
-                        term: 1,
-                        kind: 0,
-                        data: vec![b'x'; bytes].into(),
-                    }],
-                    ..Default::default()
-                },
-            )),
-        }
-    }
-
-    #[test]
-    fn batches_stay_under_the_byte_limit_and_keep_order() {
-        let messages: Vec<_> = (0..10).map(|i| append(300 + i)).collect();
-        let one = messages[0].encoded_len();
-        let batches = split_batches(messages.clone(), 3 * one + 5);
-        assert!(batches.len() >= 4, "{} batches", batches.len());
-        for b in &batches {
-            let bytes: usize = b.messages.iter().map(|m| m.encoded_len()).sum();
-            assert!(
-                b.messages.len() == 1 || bytes <= 3 * one + 5,
-                "{bytes} bytes"
-            );
-        }
-        let flat: Vec<_> = batches.into_iter().flat_map(|b| b.messages).collect();
-        assert_eq!(flat, messages, "nothing lost or reordered");
-        // A message over the limit goes alone rather than being dropped.
-        let big = split_batches(vec![append(10), append(5000), append(10)], 1000);
-        assert_eq!(
-            big.iter().map(|b| b.messages.len()).collect::<Vec<_>>(),
-            [1, 1, 1]
-        );
-        assert!(split_batches(Vec::new(), 1000).is_empty());
     }
 }

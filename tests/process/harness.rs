@@ -24,12 +24,17 @@ pub struct TestCluster {
 }
 
 impl TestCluster {
-    /// Writes a config for `n` nodes; starts none.
+    /// Writes a config for `n` nodes (values up to 64 KiB); starts none.
     pub fn new(n: usize) -> TestCluster {
+        TestCluster::with_config(n, r#""max_value_bytes": 65536"#)
+    }
+
+    /// Writes a config for `n` nodes with `extra` config fields; starts none.
+    pub fn with_config(n: usize, extra: &str) -> TestCluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let hosts = cluster_config::free_loopback(n);
         let ports = hosts.iter().map(|h| h.1).collect();
-        let config = cluster_config::write(dir.path(), &hosts, r#""max_value_bytes": 65536"#);
+        let config = cluster_config::write(dir.path(), &hosts, extra);
         TestCluster {
             dir,
             config,

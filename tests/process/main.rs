@@ -887,3 +887,42 @@ async fn follower_catches_up_on_more_than_a_grpc_message_of_log() {
     assert_eq!(v.len(), 65536);
     assert!(v.iter().all(|&b| b == b'a' + 74 % 26));
 }
+
+/// Many large values in flight at once (24 writes of 4 MiB, then 24 reads of them: 96 MiB each
+/// way, more than one gRPC message may carry) go through the pipelined client: requests and
+/// answers travel in several batches, each under the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_large_values_at_once_travel_in_batches_under_the_grpc_limit() {
+    let mut c = TestCluster::with_config(3, r#""max_value_bytes": 4194304"#);
+    for id in c.ids() {
+        c.start(id);
+    }
+    c.wait_leader(ELECTION).await;
+    let client = c.client();
+    let value = |i: u8| vec![b'a' + i; 4 << 20];
+    let mut writes = Vec::new();
+    for i in 0..24u8 {
+        let mut cl = client.fork();
+        writes.push(tokio::spawn(async move {
+            cl.put(format!("big{i}"), value(i)).await
+        }));
+    }
+    for w in writes {
+        w.await.expect("task").expect("large write");
+    }
+    let mut reads = Vec::new();
+    for i in 0..24u8 {
+        let mut cl = client.fork();
+        reads.push(tokio::spawn(async move {
+            (i, cl.get(format!("big{i}"), false).await)
+        }));
+    }
+    for r in reads {
+        let (i, v) = r.await.expect("task");
+        let v = v.expect("large read").expect("present");
+        assert!(
+            v.len() == 4 << 20 && v.iter().all(|&b| b == b'a' + i),
+            "big{i}"
+        );
+    }
+}
