@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::proto;
 use crate::proto::data_service_server::DataService;
 use crate::proto::node_communication_server::NodeCommunication;
-use crate::raft::NodeId;
+use crate::raft::{LogIndex, NodeId};
 use crate::storage::command::RequestId;
 
 use super::convert::message_from_wire;
@@ -100,12 +100,12 @@ pub fn status_from(e: ServiceError) -> Status {
 impl ClientService {
     async fn call<T>(
         &self,
-        make: impl FnOnce(Reply<T>) -> ClientRequest,
+        make: impl FnOnce(Reply<T>) -> Result<ClientRequest, Status>,
         what: &str,
     ) -> Result<T, Status> {
         let (tx, rx) = oneshot::channel();
         self.inbound
-            .send(Inbound::Client(make(Reply::Once(tx))))
+            .send(Inbound::Client(make(Reply::Once(tx))?))
             .await
             .map_err(|_| status_from(ServiceError::ShuttingDown))?;
         match tokio::time::timeout(REQUEST_TIMEOUT, rx).await {
@@ -148,46 +148,65 @@ impl ClientService {
         Ok(())
     }
 
+    /// Checks a put and turns it into a request for the core, answered by `reply`.
+    fn put_request(
+        &self,
+        p: proto::PutRequest,
+        reply: Reply<LogIndex>,
+    ) -> Result<ClientRequest, Status> {
+        self.check_key(&p.key)?;
+        self.check_value(&p.value)?;
+        Ok(ClientRequest::Put {
+            key: p.key,
+            value: p.value,
+            id: request_id(p.id),
+            reply,
+        })
+    }
+
+    fn get_request(
+        &self,
+        g: proto::GetRequest,
+        reply: Reply<Option<Bytes>>,
+    ) -> Result<ClientRequest, Status> {
+        self.check_key(&g.key)?;
+        Ok(ClientRequest::Get {
+            key: g.key,
+            stale: g.stale,
+            reply,
+        })
+    }
+
+    fn delete_request(
+        &self,
+        d: proto::DeleteRequest,
+        reply: Reply<(bool, LogIndex)>,
+    ) -> Result<ClientRequest, Status> {
+        self.check_key(&d.key)?;
+        Ok(ClientRequest::Delete {
+            key: d.key,
+            id: request_id(d.id),
+            reply,
+        })
+    }
+
     /// Checks one pipelined request and turns it into a request for the core, answered into
-    /// `sink`.
+    /// `sink` exactly as the unary call would answer.
     fn prepare(&self, r: proto::TaggedRequest, sink: &ReplySink) -> Result<ClientRequest, Status> {
         use proto::tagged_reply::Reply as Out;
         use proto::tagged_request::Request as In;
         let tag = r.tag;
         match r.request {
             Some(In::Put(p)) => {
-                self.check_key(&p.key)?;
-                self.check_value(&p.value)?;
-                Ok(ClientRequest::Put {
-                    key: p.key,
-                    value: p.value,
-                    id: request_id(p.id),
-                    reply: Reply::tagged(tag, sink, |index| Out::Put(proto::PutResponse { index })),
-                })
+                self.put_request(p, Reply::tagged(tag, sink, |i| Out::Put(put_response(i))))
             }
             Some(In::Get(g)) => {
-                self.check_key(&g.key)?;
-                Ok(ClientRequest::Get {
-                    key: g.key,
-                    stale: g.stale,
-                    reply: Reply::tagged(tag, sink, |value: Option<Bytes>| {
-                        Out::Get(proto::GetResponse {
-                            found: value.is_some(),
-                            value: value.unwrap_or_default(),
-                        })
-                    }),
-                })
+                self.get_request(g, Reply::tagged(tag, sink, |v| Out::Get(get_response(v))))
             }
-            Some(In::Delete(d)) => {
-                self.check_key(&d.key)?;
-                Ok(ClientRequest::Delete {
-                    key: d.key,
-                    id: request_id(d.id),
-                    reply: Reply::tagged(tag, sink, |(existed, index)| {
-                        Out::Delete(proto::DeleteResponse { existed, index })
-                    }),
-                })
-            }
+            Some(In::Delete(d)) => self.delete_request(
+                d,
+                Reply::tagged(tag, sink, |r| Out::Delete(delete_response(r))),
+            ),
             None => Err(Status::invalid_argument("empty request")),
         }
     }
@@ -256,6 +275,21 @@ pub fn request_error(s: &Status) -> proto::RequestError {
     }
 }
 
+fn put_response(index: LogIndex) -> proto::PutResponse {
+    proto::PutResponse { index }
+}
+
+fn get_response(value: Option<Bytes>) -> proto::GetResponse {
+    proto::GetResponse {
+        found: value.is_some(),
+        value: value.unwrap_or_default(),
+    }
+}
+
+fn delete_response((existed, index): (bool, LogIndex)) -> proto::DeleteResponse {
+    proto::DeleteResponse { existed, index }
+}
+
 fn request_id(id: Option<proto::RequestId>) -> RequestId {
     id.map_or(RequestId::default(), |i| RequestId {
         client_id: i.client_id,
@@ -270,21 +304,10 @@ impl DataService for ClientService {
         request: Request<proto::PutRequest>,
     ) -> Result<Response<proto::PutResponse>, Status> {
         let r = request.into_inner();
-        self.check_key(&r.key)?;
-        self.check_value(&r.value)?;
-        let id = request_id(r.id);
         let index = self
-            .call(
-                |reply| ClientRequest::Put {
-                    key: r.key,
-                    value: r.value,
-                    id,
-                    reply,
-                },
-                "write",
-            )
+            .call(|reply| self.put_request(r, reply), "write")
             .await?;
-        Ok(Response::new(proto::PutResponse { index }))
+        Ok(Response::new(put_response(index)))
     }
 
     async fn get(
@@ -292,21 +315,10 @@ impl DataService for ClientService {
         request: Request<proto::GetRequest>,
     ) -> Result<Response<proto::GetResponse>, Status> {
         let r = request.into_inner();
-        self.check_key(&r.key)?;
         let value = self
-            .call(
-                |reply| ClientRequest::Get {
-                    key: r.key,
-                    stale: r.stale,
-                    reply,
-                },
-                "read",
-            )
+            .call(|reply| self.get_request(r, reply), "read")
             .await?;
-        Ok(Response::new(proto::GetResponse {
-            found: value.is_some(),
-            value: value.unwrap_or_default(),
-        }))
+        Ok(Response::new(get_response(value)))
     }
 
     async fn delete(
@@ -314,19 +326,10 @@ impl DataService for ClientService {
         request: Request<proto::DeleteRequest>,
     ) -> Result<Response<proto::DeleteResponse>, Status> {
         let r = request.into_inner();
-        self.check_key(&r.key)?;
-        let id = request_id(r.id);
-        let (existed, index) = self
-            .call(
-                |reply| ClientRequest::Delete {
-                    key: r.key,
-                    id,
-                    reply,
-                },
-                "write",
-            )
+        let answer = self
+            .call(|reply| self.delete_request(r, reply), "write")
             .await?;
-        Ok(Response::new(proto::DeleteResponse { existed, index }))
+        Ok(Response::new(delete_response(answer)))
     }
 
     type PipelineStream = UnboundedReceiverStream<Result<proto::ReplyBatch, Status>>;
@@ -345,7 +348,7 @@ impl DataService for ClientService {
         _: Request<proto::StatusRequest>,
     ) -> Result<Response<proto::StatusResponse>, Status> {
         let s: NodeStatus = self
-            .call(|reply| ClientRequest::Status { reply }, "status")
+            .call(|reply| Ok(ClientRequest::Status { reply }), "status")
             .await?;
         Ok(Response::new(proto::StatusResponse {
             id: s.id,

@@ -776,6 +776,21 @@ async fn pipeline_answers_every_tagged_request_like_the_unary_calls() {
         error(4)
     );
     assert_eq!(error(5).code, tonic::Code::InvalidArgument as i32);
+    // The unary call refuses the oversized value with the same status.
+    let addr = c.addrs()[&leader].clone();
+    let mut unary = DataServiceClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect");
+    let status = unary
+        .put(PutRequest {
+            key: "big".into(),
+            value: vec![b'x'; 65537].into(),
+            id: None,
+        })
+        .await
+        .expect_err("over the limit");
+    assert_eq!(status.code() as i32, error(3).code);
+    assert_eq!(status.message(), error(3).message);
     match &got[&6] {
         Some(Out::Get(g)) => assert!(g.found && g.value.as_ref() == b"1", "{g:?}"),
         other => panic!("tag 6: {other:?}"),
