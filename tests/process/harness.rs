@@ -51,6 +51,14 @@ impl TestCluster {
         c
     }
 
+    /// Some node other than `leader`.
+    pub fn follower_other_than(&self, leader: NodeId) -> NodeId {
+        self.ids()
+            .into_iter()
+            .find(|&id| id != leader)
+            .expect("a cluster of more than one node")
+    }
+
     pub fn ids(&self) -> Vec<NodeId> {
         (1..=self.ports.len() as NodeId).collect()
     }

@@ -16,11 +16,7 @@ const CATCH_UP: Duration = Duration::from_secs(20);
 async fn five_nodes_elect_one_leader_redirect_writes_and_serve_reads() {
     let c = TestCluster::started(5);
     let leader = c.wait_leader(ELECTION).await;
-    let follower = c
-        .ids()
-        .into_iter()
-        .find(|&id| id != leader)
-        .expect("a follower");
+    let follower = c.follower_other_than(leader);
 
     // A write sent straight to a follower is refused with the leader's id...
     let addr = c.addrs()[&follower].clone();
@@ -236,11 +232,7 @@ async fn full_restart_recovers_every_write_from_disk_without_reapplying() {
 async fn follower_stopped_during_2000_writes_catches_up() {
     let mut c = TestCluster::started(5);
     let leader = c.wait_leader(ELECTION).await;
-    let victim = c
-        .ids()
-        .into_iter()
-        .find(|&id| id != leader)
-        .expect("follower");
+    let victim = c.follower_other_than(leader);
     let client = c.client();
     let mut tasks = Vec::new();
     for t in 0..16 {
@@ -688,11 +680,7 @@ async fn pipeline_answers_every_tagged_request_like_the_unary_calls() {
 
     let c = TestCluster::started(3);
     let leader = c.wait_leader(ELECTION).await;
-    let follower = c
-        .ids()
-        .into_iter()
-        .find(|&id| id != leader)
-        .expect("follower");
+    let follower = c.follower_other_than(leader);
     let put = |tag, key: &str, value: Vec<u8>| TaggedRequest {
         tag,
         request: Some(In::Put(PutRequest {
@@ -861,18 +849,14 @@ async fn a_write_goes_through_the_new_leader_while_the_old_one_is_paused() {
 }
 
 /// A follower that missed more data than one gRPC message may carry (64 MiB) catches up. The
-/// leader's catch-up round goes out in batches under the limit (see `transport::peer`); before
+/// leader's catch-up round goes out in batches under the limit (`split_by_encoded_len`); before
 /// that, the oversized batch failed the stream and catch-up fell back to one append per
 /// heartbeat, about 50% slower here.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn follower_catches_up_on_more_than_a_grpc_message_of_log() {
     let mut c = TestCluster::started(3);
     let leader = c.wait_leader(ELECTION).await;
-    let victim = c
-        .ids()
-        .into_iter()
-        .find(|&id| id != leader)
-        .expect("follower");
+    let victim = c.follower_other_than(leader);
     c.stop(victim);
     let client = c.client();
     let mut tasks = Vec::new();
