@@ -135,6 +135,14 @@ pub fn flush_replies() {
 /// Splits `items` into runs of at most `max_bytes` encoded (a single larger item goes alone),
 /// in order, so that a batch of them never nears the gRPC message limit.
 pub fn split_by_encoded_len<T: prost::Message>(items: Vec<T>, max_bytes: usize) -> Vec<Vec<T>> {
+    // The usual case, one run: hand the vector on as it is.
+    if items.iter().map(T::encoded_len).sum::<usize>() <= max_bytes {
+        return if items.is_empty() {
+            Vec::new()
+        } else {
+            vec![items]
+        };
+    }
     let mut runs = Vec::new();
     let mut current = Vec::new();
     let mut bytes = 0;
