@@ -490,26 +490,23 @@ fn log_truncation_inside_and_below_the_unstable_entries() {
     let mut store = MemLogStore::new();
     store.append(&log_terms(&[1, 1]));
     let mut log = RaftLog::new(store, 0, 0);
+    let terms_of = |log: &RaftLog<MemLogStore>| -> Vec<Term> {
+        log.entries(1, log.last_index() + 1, usize::MAX)
+            .expect("entries")
+            .iter()
+            .map(|e| e.term)
+            .collect()
+    };
     log.append(&[entry(3, 1), entry(4, 1), entry(5, 1), entry(6, 1)]);
     log.append(&[entry(5, 2)]);
     log.check_invariants();
-    let terms: Vec<Term> = log
-        .entries(1, log.last_index() + 1, usize::MAX)
-        .expect("entries")
-        .iter()
-        .map(|e| e.term)
-        .collect();
+    let terms = terms_of(&log);
     assert_eq!(terms, vec![1, 1, 1, 1, 2]);
     assert_eq!(log.unstable_entries().first().map(|e| e.index), Some(3));
     // Now below the unstable part: the durable entry 2 is replaced too.
     log.append(&[entry(2, 3)]);
     log.check_invariants();
-    let terms: Vec<Term> = log
-        .entries(1, log.last_index() + 1, usize::MAX)
-        .expect("entries")
-        .iter()
-        .map(|e| e.term)
-        .collect();
+    let terms = terms_of(&log);
     assert_eq!(terms, vec![1, 3]);
     assert_eq!(log.unstable_entries(), &[entry(2, 3)]);
 }
