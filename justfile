@@ -33,6 +33,10 @@ nemesis SECS="600":
 bench RUNS="1":
     RAFTKV_BENCH_RUNS={{RUNS}} cargo bench --bench table
 
+# The same table with etcd beside it, run for run (needs etcd: `apt install etcd-server`).
+bench-etcd RUNS="2":
+    RAFTKV_BENCH_ETCD=1 RAFTKV_BENCH_RUNS={{RUNS}} cargo bench --bench table
+
 # Memory over a long write run: RSS of every node and the data size, sampled ten times.
 bench-soak SECS="600":
     RAFTKV_BENCH_SOAK={{SECS}} cargo bench --bench table

@@ -8,6 +8,9 @@
 //! - `RAFTKV_BENCH_SOAK=600`: instead of the table, a write run of that many seconds at 64
 //!   clients on 3 nodes, reporting every node's resident memory and the data size at the start
 //!   and ten times during the run.
+//! - `RAFTKV_BENCH_ETCD=1` (or the path of an etcd binary): every run of a row is followed by
+//!   the same run against a fresh etcd cluster of the same size, and the table shows both and
+//!   the ratio (`support/etcd.rs`; Debian: `apt install etcd-server`).
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -15,6 +18,8 @@ use std::time::{Duration, Instant};
 
 #[path = "../tests/common/cluster_config.rs"]
 mod cluster_config;
+#[path = "support/etcd.rs"]
+mod etcd;
 
 const BIN: &str = env!("CARGO_BIN_EXE_raftkv");
 
@@ -222,8 +227,18 @@ fn main() {
     let wanted: Option<Vec<String>> = std::env::var("RAFTKV_BENCH_ROWS")
         .ok()
         .map(|v| v.split(',').map(str::to_string).collect());
-    println!("| cluster | workload | clients | ops/s | p50 ms | p99 ms | errors |");
-    println!("|---|---|---:|---:|---:|---:|---:|");
+    let etcd_bin = std::env::var_os("RAFTKV_BENCH_ETCD")
+        .map(|_| etcd::binary().unwrap_or_else(|e| panic!("RAFTKV_BENCH_ETCD: {e}")));
+    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+    if etcd_bin.is_some() {
+        println!(
+            "| cluster | workload | clients | raftkv ops/s | p50 ms | p99 ms | etcd ops/s | p50 ms | p99 ms | x etcd | errors raftkv/etcd |"
+        );
+        println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    } else {
+        println!("| cluster | workload | clients | ops/s | p50 ms | p99 ms | errors |");
+        println!("|---|---|---:|---:|---:|---:|---:|");
+    }
     for (nodes, workload, clients) in all {
         if wanted
             .as_ref()
@@ -231,12 +246,23 @@ fn main() {
         {
             continue;
         }
-        let mut samples: Vec<serde_json::Value> = (0..runs)
-            .map(|_| {
-                let c = Cluster::start(nodes);
-                bench(&c.config, workload, clients, secs)
-            })
-            .collect();
+        // Interleaved, so that both systems see the same machine.
+        let mut samples = Vec::new();
+        let mut etcd_samples = Vec::new();
+        for _ in 0..runs {
+            let c = Cluster::start(nodes);
+            samples.push(bench(&c.config, workload, clients, secs));
+            drop(c);
+            if let Some(bin) = &etcd_bin {
+                let e = etcd::EtcdCluster::start(
+                    bin,
+                    nodes,
+                    &cluster_config::free_loopback(2 * nodes),
+                    &rt,
+                );
+                etcd_samples.push(etcd::run(&e, workload, clients, secs, &rt));
+            }
+        }
         samples.sort_by(|a, b| {
             a["ops_per_sec"]
                 .as_f64()
@@ -249,12 +275,28 @@ fn main() {
         } else {
             workload
         };
-        println!(
-            "| {nodes} nodes | {name} | {clients} | {:.0} | {:.2} | {:.2} | {} |",
-            m["ops_per_sec"].as_f64().unwrap_or(0.0),
+        let ops = m["ops_per_sec"].as_f64().unwrap_or(0.0);
+        let (p50, p99) = (
             m["p50_ms"].as_f64().unwrap_or(0.0),
             m["p99_ms"].as_f64().unwrap_or(0.0),
-            m["errors"]
         );
+        if etcd_samples.is_empty() {
+            println!(
+                "| {nodes} nodes | {name} | {clients} | {ops:.0} | {p50:.2} | {p99:.2} | {} |",
+                m["errors"]
+            );
+        } else {
+            etcd_samples.sort_by(|a, b| a.ops_per_sec.total_cmp(&b.ops_per_sec));
+            let e = &etcd_samples[etcd_samples.len() / 2];
+            println!(
+                "| {nodes} nodes | {name} | {clients} | {ops:.0} | {p50:.2} | {p99:.2} | {:.0} | {:.2} | {:.2} | {:.1} | {}/{} |",
+                e.ops_per_sec,
+                e.p50_ms,
+                e.p99_ms,
+                ops / e.ops_per_sec.max(1.0),
+                m["errors"],
+                e.errors
+            );
+        }
     }
 }
