@@ -147,9 +147,8 @@ pub fn open(dir: &Path, id: NodeId) -> Result<Recovered, OpenError> {
         None => HardState::default(),
     };
 
-    // Rebuild the batch and term indexes, checking that the log is contiguous.
+    // Rebuild the term index, checking that the log is contiguous.
     let mut terms: Vec<(LogIndex, Term)> = Vec::new();
-    let mut batches: Vec<LogIndex> = Vec::new();
     let mut last = 0;
     for item in log.iter() {
         let (k, v) = item.into_inner().map_err(io_err).map_err(wrap)?;
@@ -166,7 +165,6 @@ pub fn open(dir: &Path, id: NodeId) -> Result<Recovered, OpenError> {
                 terms.push((e.index, e.term));
             }
         }
-        batches.push(first);
         last = entries.last().map_or(last, |e| e.index);
     }
     let kv = KvStore::new(db.clone(), kv, meta.clone(), sessions).map_err(wrap)?;
@@ -187,7 +185,6 @@ pub fn open(dir: &Path, id: NodeId) -> Result<Recovered, OpenError> {
             meta,
             last,
             terms,
-            batches,
             tail: VecDeque::new(),
             tail_bytes: 0,
         },
@@ -205,8 +202,6 @@ pub struct DiskLog {
     last: LogIndex,
     /// `(first index, term)` of each run of entries with one term, ascending.
     terms: Vec<(LogIndex, Term)>,
-    /// The key (first index) of each stored batch of entries, ascending.
-    batches: Vec<LogIndex>,
     /// The most recent entries, so that applying them and sending them to followers does not
     /// read them back from fjall. Invariant: contiguous and ending at `last` (or empty).
     tail: VecDeque<Entry>,
@@ -229,7 +224,6 @@ impl DiskLog {
         sync: bool,
     ) -> Result<(), StorageError> {
         let mut b = self.db.batch();
-        let mut kept_batches = self.batches.len();
         if let Some(first) = entries.first() {
             let at = first.index;
             assert!(
@@ -238,19 +232,20 @@ impl DiskLog {
                 self.last
             );
             if at <= self.last {
-                // Replace a conflicting suffix: drop every batch starting at or after `at`, and
-                // cut the batch that straddles it.
-                kept_batches = self.batches.partition_point(|&k| k < at);
-                for k in &self.batches[kept_batches..] {
-                    b.remove(&self.log, k.to_be_bytes().to_vec());
+                // Replace a conflicting suffix (rare: after a leader change): drop every batch
+                // starting at or after `at`, and cut the batch that straddles it. The batches
+                // are found in fjall itself, so that no index in memory grows with the log.
+                for item in self.log.range(at.to_be_bytes()..) {
+                    b.remove(&self.log, item.key().map_err(io_err)?);
                 }
-                if let Some(&k) = kept_batches
-                    .checked_sub(1)
-                    .and_then(|i| self.batches.get(i))
-                {
-                    let prefix = self.read_batch(k)?;
-                    let prefix: Vec<Entry> = prefix.into_iter().filter(|e| e.index < at).collect();
-                    b.insert(&self.log, k.to_be_bytes().to_vec(), encode_batch(&prefix));
+                if at > 1 {
+                    let k = self.batch_holding(at - 1)?;
+                    let batch = self.read_batch(k)?;
+                    if batch.last().is_some_and(|e| e.index >= at) {
+                        let prefix: Vec<Entry> =
+                            batch.into_iter().filter(|e| e.index < at).collect();
+                        b.insert(&self.log, k.to_be_bytes().to_vec(), encode_batch(&prefix));
+                    }
                 }
             }
             b.insert(&self.log, at.to_be_bytes().to_vec(), encode_batch(entries));
@@ -267,8 +262,6 @@ impl DiskLog {
             self.db.persist(PersistMode::SyncData).map_err(io_err)?;
         }
         if let Some(first) = entries.first() {
-            self.batches.truncate(kept_batches);
-            self.batches.push(first.index);
             while self
                 .terms
                 .last()
@@ -285,6 +278,18 @@ impl DiskLog {
             self.cache_tail(entries);
         }
         Ok(())
+    }
+
+    /// The key (first index) of the stored batch that holds entry `index`.
+    fn batch_holding(&self, index: LogIndex) -> Result<LogIndex, StorageError> {
+        let k = self
+            .log
+            .range(..=index.to_be_bytes())
+            .next_back()
+            .ok_or_else(|| StorageError::Io(format!("log entry {index} is missing")))?
+            .key()
+            .map_err(io_err)?;
+        decode_index(&k).ok_or_else(|| StorageError::Io(format!("corrupt log key {k:?}")))
     }
 
     fn read_batch(&self, key: LogIndex) -> Result<Vec<Entry>, StorageError> {
@@ -365,7 +370,7 @@ impl LogStore for DiskLog {
         }
         let mut bytes = 0usize;
         // The batch holding `lo`, and those after it.
-        let from = self.batches[self.batches.partition_point(|&k| k <= lo) - 1];
+        let from = self.batch_holding(lo)?;
         'batches: for item in self.log.range(from.to_be_bytes()..hi.to_be_bytes()) {
             let (k, v) = item.into_inner().map_err(io_err)?;
             let first = decode_index(&k)

@@ -489,6 +489,52 @@ mod tests {
     }
 
     #[test]
+    fn log_truncation_at_a_batch_boundary_and_at_the_first_entry() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mk = |i, t| Entry {
+            index: i,
+            term: t,
+            kind: EntryKind::Normal,
+            data: Bytes::from(format!("{i}/{t}")),
+        };
+        let terms_after_reopen = |dir: &std::path::Path| {
+            let r = open(dir, 1).expect("reopen");
+            let last = r.log.last_index();
+            r.log
+                .entries(1, last + 1, usize::MAX)
+                .expect("entries")
+                .iter()
+                .map(|e| (e.index, e.term))
+                .collect::<Vec<_>>()
+        };
+        {
+            let mut r = open(dir.path(), 1).expect("open");
+            for (range, term) in [(1..=4, 1), (5..=8, 2), (9..=12, 2)] {
+                r.log
+                    .append(&range.map(|i| mk(i, term)).collect::<Vec<_>>(), None, true)
+                    .expect("append");
+            }
+        }
+        // Exactly where the second batch starts: the first batch stays whole.
+        open(dir.path(), 1)
+            .expect("reopen")
+            .log
+            .append(&[mk(5, 3)], None, true)
+            .expect("append");
+        assert_eq!(
+            terms_after_reopen(dir.path()),
+            vec![(1, 1), (2, 1), (3, 1), (4, 1), (5, 3)]
+        );
+        // At the first entry: nothing of the old log is left.
+        let mut r = open(dir.path(), 1).expect("reopen");
+        r.log.append(&[mk(1, 4)], None, true).expect("append");
+        assert_eq!(r.log.last_index(), 1);
+        assert!(r.log.term(2).is_err());
+        drop(r);
+        assert_eq!(terms_after_reopen(dir.path()), vec![(1, 4)]);
+    }
+
+    #[test]
     fn sessions_survive_reopen_through_records_and_snapshots() {
         let dir = tempfile::tempdir().expect("tempdir");
         let batches = SESSION_RECORDS_MAX as u64 + 10;
