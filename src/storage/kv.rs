@@ -399,16 +399,21 @@ mod tests {
         );
     }
 
+    /// A log entry whose data names its index and term.
+    fn log_entry(index: LogIndex, term: u64) -> Entry {
+        Entry {
+            index,
+            term,
+            kind: EntryKind::Normal,
+            data: Bytes::from(format!("{index}/{term}")),
+        }
+    }
+
     #[test]
     fn log_truncation_replaces_the_suffix() {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut r = open(dir.path(), 1).expect("open");
-        let mk = |i, t| Entry {
-            index: i,
-            term: t,
-            kind: EntryKind::Normal,
-            data: Bytes::from(format!("{i}/{t}")),
-        };
+        let mk = log_entry;
         r.log
             .append(&[mk(1, 1), mk(2, 1), mk(3, 2), mk(4, 2)], None, true)
             .expect("append");
@@ -442,12 +447,7 @@ mod tests {
     #[test]
     fn log_batches_are_read_across_and_cut_in_the_middle_after_reopen() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mk = |i, t| Entry {
-            index: i,
-            term: t,
-            kind: EntryKind::Normal,
-            data: Bytes::from(format!("{i}/{t}")),
-        };
+        let mk = log_entry;
         {
             let mut r = open(dir.path(), 1).expect("open");
             r.log
@@ -491,12 +491,7 @@ mod tests {
     #[test]
     fn log_truncation_at_a_batch_boundary_and_at_the_first_entry() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mk = |i, t| Entry {
-            index: i,
-            term: t,
-            kind: EntryKind::Normal,
-            data: Bytes::from(format!("{i}/{t}")),
-        };
+        let mk = log_entry;
         let terms_after_reopen = |dir: &std::path::Path| {
             let r = open(dir, 1).expect("reopen");
             let last = r.log.last_index();
