@@ -162,36 +162,37 @@ async fn connect(url: &str) -> Option<Channel> {
         .ok()
 }
 
-async fn put(ch: &Channel, key: Vec<u8>, value: Vec<u8>) -> Result<(), tonic::Status> {
+/// One unary call of etcd's KV service.
+async fn unary<Req, Resp>(ch: &Channel, path: &'static str, req: Req) -> Result<Resp, tonic::Status>
+where
+    Req: prost::Message + Send + Sync + 'static,
+    Resp: prost::Message + Default + Send + Sync + 'static,
+{
     let mut grpc = tonic::client::Grpc::new(ch.clone());
     grpc.ready()
         .await
         .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-    let codec = tonic_prost::ProstCodec::<PutRequest, PutResponse>::default();
-    grpc.unary(
-        tonic::Request::new(PutRequest { key, value }),
-        PathAndQuery::from_static("/etcdserverpb.KV/Put"),
-        codec,
-    )
-    .await
-    .map(|_| ())
+    let codec = tonic_prost::ProstCodec::<Req, Resp>::default();
+    let r = grpc
+        .unary(
+            tonic::Request::new(req),
+            PathAndQuery::from_static(path),
+            codec,
+        )
+        .await?;
+    Ok(r.into_inner())
+}
+
+async fn put(ch: &Channel, key: Vec<u8>, value: Vec<u8>) -> Result<(), tonic::Status> {
+    unary::<_, PutResponse>(ch, "/etcdserverpb.KV/Put", PutRequest { key, value })
+        .await
+        .map(|_| ())
 }
 
 /// A linearizable read (etcd's default); the value if the key exists.
 async fn get(ch: &Channel, key: Vec<u8>) -> Result<Option<Vec<u8>>, tonic::Status> {
-    let mut grpc = tonic::client::Grpc::new(ch.clone());
-    grpc.ready()
-        .await
-        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-    let codec = tonic_prost::ProstCodec::<RangeRequest, RangeResponse>::default();
-    let r = grpc
-        .unary(
-            tonic::Request::new(RangeRequest { key }),
-            PathAndQuery::from_static("/etcdserverpb.KV/Range"),
-            codec,
-        )
-        .await?;
-    Ok(r.into_inner().kvs.into_iter().next().map(|kv| kv.value))
+    let r: RangeResponse = unary(ch, "/etcdserverpb.KV/Range", RangeRequest { key }).await?;
+    Ok(r.kvs.into_iter().next().map(|kv| kv.value))
 }
 
 /// Throughput and latency of one closed-loop run, like `raftkv bench --json`'s fields.

@@ -238,9 +238,8 @@ impl DiskLog {
                 for item in self.log.range(at.to_be_bytes()..) {
                     b.remove(&self.log, item.key().map_err(io_err)?);
                 }
-                if at > 1 {
-                    let k = self.batch_holding(at - 1)?;
-                    let batch = self.read_batch(k)?;
+                if let Some(item) = self.log.range(..at.to_be_bytes()).next_back() {
+                    let (k, batch) = read_batch(item)?;
                     if batch.last().is_some_and(|e| e.index >= at) {
                         let prefix: Vec<Entry> =
                             batch.into_iter().filter(|e| e.index < at).collect();
@@ -290,15 +289,6 @@ impl DiskLog {
             .key()
             .map_err(io_err)?;
         decode_index(&k).ok_or_else(|| StorageError::Io(format!("corrupt log key {k:?}")))
-    }
-
-    fn read_batch(&self, key: LogIndex) -> Result<Vec<Entry>, StorageError> {
-        let v = self
-            .log
-            .get(key.to_be_bytes())
-            .map_err(io_err)?
-            .ok_or_else(|| StorageError::Io(format!("log batch {key} is missing")))?;
-        decode_batch(key, &v).ok_or_else(|| StorageError::Io(format!("log batch {key} is corrupt")))
     }
 
     fn cache_tail(&mut self, entries: &[Entry]) {
@@ -372,11 +362,7 @@ impl LogStore for DiskLog {
         // The batch holding `lo`, and those after it.
         let from = self.batch_holding(lo)?;
         'batches: for item in self.log.range(from.to_be_bytes()..hi.to_be_bytes()) {
-            let (k, v) = item.into_inner().map_err(io_err)?;
-            let first = decode_index(&k)
-                .ok_or_else(|| StorageError::Io(format!("corrupt log key {k:?}")))?;
-            let batch = decode_batch(first, &v)
-                .ok_or_else(|| StorageError::Io(format!("log batch {first} is corrupt")))?;
+            let (_, batch) = read_batch(item)?;
             for e in batch {
                 if e.index < lo {
                     continue;
@@ -396,6 +382,16 @@ impl LogStore for DiskLog {
         }
         Ok(out)
     }
+}
+
+/// The key (first index) and entries of a stored batch.
+fn read_batch(item: fjall::Guard) -> Result<(LogIndex, Vec<Entry>), StorageError> {
+    let (k, v) = item.into_inner().map_err(io_err)?;
+    let first =
+        decode_index(&k).ok_or_else(|| StorageError::Io(format!("corrupt log key {k:?}")))?;
+    let batch = decode_batch(first, &v)
+        .ok_or_else(|| StorageError::Io(format!("log batch {first} is corrupt")))?;
+    Ok((first, batch))
 }
 
 /// A batch of consecutive entries in one value: per entry `term: u64 LE | kind: u8 |
