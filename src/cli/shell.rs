@@ -34,7 +34,7 @@ const HELP: &str = "\
 commands:
   set KEY VALUE      write KEY (VALUE is the rest of the line)
   get KEY            read KEY (linearizable, through the leader)
-  get --stale KEY    read KEY from any node (fast, may be stale)
+  get --stale KEY    read KEY from any node (fast; may miss others' latest writes, never your own)
   del KEY            delete KEY
   status             every node's role, term, leader and log indexes
   leader             which node leads

@@ -87,6 +87,9 @@ pub struct Client {
     leader: Option<NodeId>,
     client_id: u64,
     seq: u64,
+    /// The log index of this client's last acknowledged write: stale reads wait for it, so
+    /// that the client reads its own writes on any node.
+    last_write: u64,
     timeout: Duration,
 }
 
@@ -115,6 +118,7 @@ impl Client {
             leader: None,
             client_id: random_id(),
             seq: 0,
+            last_write: 0,
             timeout: DEFAULT_TIMEOUT,
         }
     }
@@ -162,7 +166,10 @@ impl Client {
             id: Some(self.next_id()),
         };
         match self.call(Request::Put(req), true, false).await? {
-            Reply::Put(r) => Ok(r.index),
+            Reply::Put(r) => {
+                self.last_write = self.last_write.max(r.index);
+                Ok(r.index)
+            }
             other => Err(unexpected(other)),
         }
     }
@@ -176,6 +183,7 @@ impl Client {
         let req = proto::GetRequest {
             key: key.into(),
             stale,
+            min_index: if stale { self.last_write } else { 0 },
         };
         match self.call(Request::Get(req), false, stale).await? {
             Reply::Get(r) => Ok(r.found.then_some(r.value)),
@@ -197,6 +205,7 @@ impl Client {
         let req = proto::GetRequest {
             key: key.into(),
             stale: true,
+            min_index: 0,
         };
         let mut c = DataServiceClient::new(ch);
         match tokio::time::timeout(self.timeout, c.get(req)).await {
@@ -216,7 +225,10 @@ impl Client {
             id: Some(self.next_id()),
         };
         match self.call(Request::Delete(req), true, false).await? {
-            Reply::Delete(r) => Ok(r.existed),
+            Reply::Delete(r) => {
+                self.last_write = self.last_write.max(r.index);
+                Ok(r.existed)
+            }
             other => Err(unexpected(other)),
         }
     }

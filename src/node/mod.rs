@@ -294,18 +294,29 @@ impl Core {
             ClientRequest::Get {
                 key,
                 stale: true,
+                min_index,
                 reply,
             } => {
-                let _ = reply.send(
-                    self.kv
-                        .get(&key)
-                        .map_err(|e| ServiceError::Storage(e.to_string())),
-                );
+                if min_index > self.kv.applied() {
+                    // The client's own last write is not applied here yet: wait for it like
+                    // a confirmed read.
+                    self.confirmed_reads
+                        .entry(min_index)
+                        .or_default()
+                        .push((key, reply));
+                } else {
+                    let _ = reply.send(
+                        self.kv
+                            .get(&key)
+                            .map_err(|e| ServiceError::Storage(e.to_string())),
+                    );
+                }
             }
             ClientRequest::Get {
                 key,
                 stale: false,
                 reply,
+                ..
             } => {
                 self.next_read += 1;
                 let ctx = self.next_read;

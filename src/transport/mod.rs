@@ -176,6 +176,8 @@ pub enum ClientRequest {
     Get {
         key: Bytes,
         stale: bool,
+        /// With `stale`: answer once this node has applied this index.
+        min_index: LogIndex,
         reply: Reply<Option<Bytes>>,
     },
     Status {

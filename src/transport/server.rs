@@ -173,6 +173,7 @@ impl ClientService {
         Ok(ClientRequest::Get {
             key: g.key,
             stale: g.stale,
+            min_index: g.min_index,
             reply,
         })
     }

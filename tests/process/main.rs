@@ -270,6 +270,38 @@ async fn follower_stopped_during_2000_writes_catches_up() {
     }
 }
 
+/// A stale read that carries the index of the client's last write waits until the node has
+/// applied it, on every node: followers learn the commit index only with the next append or
+/// heartbeat (up to 50 ms later), and without the wait they answered "not found".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_read_with_the_last_write_index_sees_that_write_on_every_node() {
+    use raftkv::proto::GetRequest;
+    use raftkv::proto::data_service_client::DataServiceClient;
+    let c = TestCluster::started(3);
+    c.wait_leader(ELECTION).await;
+    let mut client = c.client();
+    for round in 0..5 {
+        let value = format!("v{round}");
+        let index = client.put("k", value.clone()).await.expect("write");
+        for (id, addr) in c.addrs() {
+            let mut raw = DataServiceClient::connect(format!("http://{addr}"))
+                .await
+                .expect("connect");
+            let r = raw
+                .get(GetRequest {
+                    key: "k".into(),
+                    stale: true,
+                    min_index: index,
+                })
+                .await
+                .expect("stale read")
+                .into_inner();
+            assert!(r.found, "node {id} round {round}: not found");
+            assert_eq!(r.value, value.as_bytes(), "node {id} round {round}");
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shell_reads_commands_from_stdin() {
     let c = TestCluster::started(3);
@@ -697,6 +729,7 @@ async fn pipeline_answers_every_tagged_request_like_the_unary_calls() {
         request: Some(In::Get(GetRequest {
             key: key.to_string().into(),
             stale: false,
+            min_index: 0,
         })),
     };
     let call = |id: u64, batches: Vec<RequestBatch>| {
