@@ -136,9 +136,9 @@ struct PendingRead {
     round: u64,
 }
 
-/// What the last `Ready` handed out, for `advance`.
+/// What the last `Ready` handed out, for `advance_append`.
 struct InFlightReady {
-    applied_to: LogIndex,
+    snapshot: Option<SnapshotMeta>,
 }
 
 pub struct Raft<S: LogStore> {
@@ -164,6 +164,8 @@ pub struct Raft<S: LogStore> {
     rng: SmallRng,
 
     msgs: Vec<Message>,
+    /// Leader: peers to stream a snapshot to, for the next `Ready`.
+    snapshot_sends: Vec<NodeId>,
     /// Leader: new entries (or a commit that may free flow control) to send at the next
     /// `ready`.
     need_bcast: bool,
@@ -220,6 +222,7 @@ impl<S: LogStore> Raft<S> {
             randomized_election_timeout: 0,
             rng: SmallRng::seed_from_u64(cfg.seed),
             msgs: Vec::new(),
+            snapshot_sends: Vec::new(),
             need_bcast: false,
             read_round: 0,
             read_round_needed: false,
@@ -267,6 +270,13 @@ impl<S: LogStore> Raft<S> {
     }
     pub fn last_index(&self) -> LogIndex {
         self.log.last_index()
+    }
+    pub fn first_index(&self) -> LogIndex {
+        self.log.first_index()
+    }
+    /// A snapshot accepted from the leader that the next `Ready` asks to install.
+    pub fn pending_snapshot(&self) -> Option<SnapshotMeta> {
+        self.log.pending_snapshot()
     }
     pub fn store(&self) -> &S {
         &self.log.store
@@ -349,6 +359,7 @@ impl<S: LogStore> Raft<S> {
         self.reset_randomized_election_timeout();
         self.votes.clear();
         self.progress.clear();
+        self.snapshot_sends.clear();
         self.need_bcast = false;
         self.uncommitted.clear();
         self.uncommitted_bytes = 0;
@@ -636,7 +647,7 @@ impl<S: LogStore> Raft<S> {
             }
         } else if m.term < self.term {
             match m.body {
-                MessageBody::AppendRequest { .. } => {
+                MessageBody::AppendRequest { .. } | MessageBody::InstallSnapshot { .. } => {
                     // A deposed leader learns our newer term and steps down. Without this, a
                     // leader cut off by a partition could go on leading a stale term forever:
                     // with pre-vote, nodes that moved on never send it a higher-term request.
@@ -680,7 +691,7 @@ impl<S: LogStore> Raft<S> {
             MessageBody::VoteResponse { pre_vote, granted } => {
                 self.on_vote_response(&m, pre_vote, granted)
             }
-            MessageBody::AppendRequest { .. } => {
+            MessageBody::AppendRequest { .. } | MessageBody::InstallSnapshot { .. } => {
                 match self.role {
                     Role::Leader => {
                         // Election safety: two leaders in one term cannot happen.
@@ -694,7 +705,12 @@ impl<S: LogStore> Raft<S> {
                 }
                 self.leader = m.from;
                 self.election_elapsed = 0;
-                self.on_append_request(m);
+                match m.body {
+                    MessageBody::InstallSnapshot { snapshot } => {
+                        self.on_install_snapshot(m.from, snapshot)
+                    }
+                    _ => self.on_append_request(m),
+                }
             }
             MessageBody::AppendResponse {
                 success,
@@ -762,6 +778,42 @@ impl<S: LogStore> Raft<S> {
         }
     }
 
+    /// Follower side of InstallSnapshot (Raft paper 7; etcd raft `restore`). The snapshot is
+    /// already staged by the runtime; the core only decides whether to install it, and answers
+    /// like an append: the index that now matches the leader.
+    fn on_install_snapshot(&mut self, from: NodeId, snap: SnapshotMeta) {
+        let reply = |index| MessageBody::AppendResponse {
+            success: true,
+            index,
+            reject_hint_index: 0,
+            reject_hint_term: 0,
+            read_context: 0,
+        };
+        if snap.index <= self.log.committed {
+            // Stale (or duplicated): we already have everything it holds.
+            let committed = self.log.committed;
+            self.send(from, self.term, reply(committed));
+            return;
+        }
+        if self.log.applying != self.log.applied {
+            // Entries handed out are still being applied; the leader retries.
+            return;
+        }
+        if self.log.match_term(snap.index, snap.term) {
+            // Our log already holds the snapshot's last entry: the snapshot is not needed, the
+            // entries up to it are committed (Raft paper 7: retain the entries following it).
+            self.log.commit_to(snap.index);
+            let committed = self.log.committed;
+            self.send(from, self.term, reply(committed));
+            return;
+        }
+        // Our log does not hold the snapshot's last entry (or holds another term there): the
+        // whole log is dropped, not only what follows the snapshot (hashicorp/raft#697).
+        self.log.restore(snap);
+        // Sent after the install is durable (an AppendResponse waits for persistence).
+        self.send(from, self.term, reply(snap.index));
+    }
+
     /// Leader side of an AppendEntries answer.
     fn on_append_response(
         &mut self,
@@ -792,8 +844,14 @@ impl<S: LogStore> Raft<S> {
             } else {
                 hint_index
             };
+            let first_index = self.log.first_index();
             let pr = self.progress.get_mut(&from).expect("progress exists");
             if pr.maybe_decr_to(index, match_hint) {
+                self.send_append(from)?;
+            } else if pr.state == ProgressState::Probe && pr.match_index + 1 < first_index {
+                // The answer to a heartbeat sent at the snapshot's index (the follower's match
+                // index is compacted away): whatever it says, the follower needs a snapshot.
+                pr.probe_sent = false;
                 self.send_append(from)?;
             }
             return Ok(());
@@ -801,9 +859,18 @@ impl<S: LogStore> Raft<S> {
         if pr.state == ProgressState::Probe {
             pr.probe_sent = false;
         }
+        let first_index = self.log.first_index();
+        let pr = self.progress.get_mut(&from).expect("progress exists");
         if pr.maybe_update(index) {
-            if pr.state == ProgressState::Probe {
-                pr.become_replicate();
+            match pr.state {
+                ProgressState::Probe => pr.become_replicate(),
+                // The follower installed a snapshot (at whatever index): once the log can
+                // continue from its match index, replicate (etcd raft `handleAppendEntries`).
+                ProgressState::Snapshot if pr.match_index + 1 >= first_index => {
+                    pr.become_replicate()
+                }
+                ProgressState::Snapshot => pr.become_probe(),
+                ProgressState::Replicate => {}
             }
             if self.maybe_commit() {
                 self.need_bcast = true;
@@ -826,12 +893,20 @@ impl<S: LogStore> Raft<S> {
         }
         let next = pr.next_index;
         let last = self.log.last_index();
-        if next > last {
+        if next > last && next >= self.log.first_index() {
             return Ok(false);
         }
         let prev_log_index = next - 1;
-        let prev_log_term = self.log.term(prev_log_index)?;
-        let entries = self.log.entries(next, last + 1, self.cfg.max_msg_bytes)?;
+        let (prev_log_term, entries) = match self
+            .log
+            .term(prev_log_index)
+            .and_then(|t| Ok((t, self.log.entries(next, last + 1, self.cfg.max_msg_bytes)?)))
+        {
+            Ok(found) => found,
+            // What the follower needs next is compacted away: it needs a snapshot.
+            Err(StorageError::Compacted(_)) => return Ok(self.send_snapshot(to)),
+            Err(e) => return Err(e.into()),
+        };
         let sent_last = entries.last().map_or(prev_log_index, |e| e.index);
         let pr = self.progress.get_mut(&to).expect("progress exists");
         if !entries.is_empty() || pr.state == ProgressState::Probe {
@@ -853,13 +928,47 @@ impl<S: LogStore> Raft<S> {
         Ok(true)
     }
 
+    /// Starts a snapshot transfer to `to` (etcd raft `maybeSendSnapshot`), unless it has not
+    /// been heard from recently: snapshots to a dead peer would only flood the network. The
+    /// peer gets no appends until the transfer ends (`report_snapshot` or its answer).
+    fn send_snapshot(&mut self, to: NodeId) -> bool {
+        let Some(pr) = self.progress.get_mut(&to) else {
+            return false;
+        };
+        if !pr.recent_active {
+            return false;
+        }
+        pr.become_snapshot();
+        self.snapshot_sends.push(to);
+        true
+    }
+
+    /// The runtime's snapshot transfer to `to` ended. Either way the follower is probed again
+    /// from its match index; after a success its answer to the install moves it on, after a
+    /// failure the next heartbeat answer starts another transfer (the runtime decides how soon
+    /// to report a failure, which paces the retries).
+    pub fn report_snapshot(&mut self, to: NodeId, ok: bool) {
+        let _ = ok;
+        if let Some(pr) = self.progress.get_mut(&to)
+            && pr.state == ProgressState::Snapshot
+        {
+            pr.become_probe();
+            pr.probe_sent = true;
+        }
+    }
+
     /// A heartbeat: an empty append at the follower's match index, which always succeeds on a
     /// follower of this term; it carries the commit index as far as the follower can take it.
+    /// If that index is compacted away, it is sent at the snapshot's index instead, which only
+    /// keeps the follower from campaigning (and confirms reads).
     fn send_heartbeat(&mut self, to: NodeId) {
         let Some(pr) = self.progress.get(&to) else {
             return;
         };
-        let prev_log_index = pr.match_index;
+        let mut prev_log_index = pr.match_index;
+        if prev_log_index + 1 < self.log.first_index() {
+            prev_log_index = self.log.first_index() - 1;
+        }
         let Ok(prev_log_term) = self.log.term(prev_log_index) else {
             return;
         };
@@ -910,7 +1019,7 @@ impl<S: LogStore> Raft<S> {
     }
 
     /// The last index durable on this node.
-    fn persisted_index(&self) -> LogIndex {
+    pub fn persisted_index(&self) -> LogIndex {
         self.log.last_index() - self.log.unstable_entries().len() as u64
     }
 
@@ -1022,8 +1131,10 @@ impl<S: LogStore> Raft<S> {
     /// Whether `ready` would return any work.
     pub fn has_ready(&self) -> bool {
         !self.msgs.is_empty()
+            || !self.snapshot_sends.is_empty()
+            || self.log.pending_snapshot().is_some()
             || !self.log.unstable_entries().is_empty()
-            || self.log.committed > self.log.applied
+            || self.log.has_next_committed_entries()
             || !self.read_states.is_empty()
             || !self.dropped_reads.is_empty()
             || (self.role == Role::Leader && (self.need_bcast || self.read_round_needed))
@@ -1067,19 +1178,26 @@ impl<S: LogStore> Raft<S> {
         let soft = self.soft_state();
         let hard = self.hard_state();
         let entries = self.log.unstable_entries().to_vec();
+        let snapshot = self.log.pending_snapshot();
         let must_sync = !entries.is_empty()
+            || snapshot.is_some()
             || hard.term != self.prev_hard.term
             || hard.vote != self.prev_hard.vote;
-        let committed_entries = if self.log.committed > self.log.applied {
+        let committed_entries = if self.log.has_next_committed_entries() {
             self.log.next_committed_entries(self.cfg.max_apply_bytes)?
         } else {
             Vec::new()
         };
+        if let Some(last) = committed_entries.last() {
+            self.log.applying_to(last.index);
+        }
         let rd = Ready {
             soft_state: (soft != self.prev_soft).then_some(soft),
             hard_state: (hard != self.prev_hard).then_some(hard),
+            snapshot,
             entries,
             messages: std::mem::take(&mut self.msgs),
+            snapshot_sends: std::mem::take(&mut self.snapshot_sends),
             committed_entries,
             read_states: std::mem::take(&mut self.read_states),
             dropped_reads: std::mem::take(&mut self.dropped_reads),
@@ -1087,25 +1205,43 @@ impl<S: LogStore> Raft<S> {
         };
         self.prev_soft = soft;
         self.prev_hard = hard;
-        self.in_flight = Some(InFlightReady {
-            applied_to: rd
-                .committed_entries
-                .last()
-                .map_or(self.log.applied, |e| e.index),
-        });
+        self.in_flight = Some(InFlightReady { snapshot });
         Ok(rd)
     }
 
-    /// The last `Ready` has been executed: its entries and hard state are durable and its
-    /// committed entries applied.
+    /// The last `Ready` has been executed: its snapshot installed, its entries and hard state
+    /// durable, and its committed entries applied.
     pub fn advance(&mut self) {
-        let done = self.in_flight.take().expect("advance() without ready()");
+        self.advance_append();
+        let applying = self.log.applying;
+        self.advance_apply(applying);
+    }
+
+    /// The persistence part of the last `Ready` is done (raft-rs `advance_append`): its
+    /// snapshot is installed and its entries and hard state are durable. Its committed entries
+    /// may still be being applied; the core takes new input meanwhile, and the next `Ready`
+    /// hands out only entries after them.
+    pub fn advance_append(&mut self) {
+        let done = self
+            .in_flight
+            .take()
+            .expect("advance_append() without ready()");
+        if let Some(snap) = done.snapshot {
+            self.log.snapshot_installed(snap);
+        }
         self.log.stable_all();
-        self.log.applied_to(done.applied_to);
         if self.role == Role::Leader && self.maybe_commit() {
             // Our own write may complete a quorum (always so with a single voter).
             self.need_bcast = true;
         }
+    }
+
+    /// The state machine has applied every entry up to `index` (raft-rs `advance_apply_to`).
+    ///
+    /// # Panics
+    /// If `index` was not handed out for applying.
+    pub fn advance_apply(&mut self, index: LogIndex) {
+        self.log.applied_to(index);
     }
 
     /// Checks the core's internal invariants; panics with a description if one is broken.

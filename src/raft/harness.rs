@@ -22,6 +22,12 @@ pub struct Net {
     /// Messages for which this returns false are dropped.
     pub filter: Option<MessageFilter>,
     queue: VecDeque<Message>,
+    /// Snapshots in flight or staged: (from, to, index) -> the sender's applied entries.
+    snapshot_data: BTreeMap<(NodeId, NodeId, LogIndex), Vec<Entry>>,
+    /// Snapshots installed: (node, snapshot).
+    pub installed: Vec<(NodeId, SnapshotMeta)>,
+    /// Snapshot transfers that failed, by receiver.
+    pub failed_snapshots: Vec<NodeId>,
 }
 
 pub fn config(id: NodeId, n: u64) -> Config {
@@ -63,6 +69,9 @@ impl Net {
             dropped_reads: BTreeMap::new(),
             filter: None,
             queue: VecDeque::new(),
+            snapshot_data: BTreeMap::new(),
+            installed: Vec::new(),
+            failed_snapshots: Vec::new(),
         }
     }
 
@@ -110,13 +119,39 @@ impl Net {
                 }
                 return;
             };
-            if self.cut.contains(&(m.from, m.to)) || self.filter.as_ref().is_some_and(|f| !f(&m)) {
+            let lost =
+                self.cut.contains(&(m.from, m.to)) || self.filter.as_ref().is_some_and(|f| !f(&m));
+            if let MessageBody::InstallSnapshot { snapshot } = m.body {
+                // The transfer (runtime work) ends here: report it to the sender.
+                let data = self.snapshot_data.remove(&(m.from, m.to, snapshot.index));
+                if let Some(sender) = self.nodes.get_mut(&m.from) {
+                    sender.report_snapshot(m.to, !lost);
+                }
+                if lost {
+                    self.failed_snapshots.push(m.to);
+                    continue;
+                }
+                if let Some(data) = data {
+                    self.snapshot_data.insert((0, m.to, snapshot.index), data);
+                }
+            }
+            if lost {
                 continue;
             }
             self.delivered.push(m.clone());
+            let (to, snap) = match m.body {
+                MessageBody::InstallSnapshot { snapshot } => (m.to, Some(snapshot)),
+                _ => (m.to, None),
+            };
             if let Some(r) = self.nodes.get_mut(&m.to) {
                 r.step(m).expect("step");
                 r.check_invariants();
+                // A staged snapshot the core did not accept is discarded.
+                if let Some(snap) = snap
+                    && r.pending_snapshot() != Some(snap)
+                {
+                    self.snapshot_data.remove(&(0, to, snap.index));
+                }
             }
         }
         panic!("the network did not settle");
@@ -135,8 +170,31 @@ impl Net {
             return;
         }
         let rd = r.ready().expect("ready");
+        if let Some(snap) = rd.snapshot {
+            let data = self
+                .snapshot_data
+                .remove(&(0, id, snap.index))
+                .expect("a staged snapshot");
+            r.store_mut().install_snapshot(snap);
+            self.applied.insert(id, data);
+            self.installed.push((id, snap));
+        }
         r.store_mut().append(&rd.entries);
         self.queue.extend(rd.messages);
+        for to in rd.snapshot_sends {
+            // The runtime streams its state machine as it is now.
+            let index = r.applied_index();
+            let term = r.term_at(index).expect("the applied entry's term is known");
+            let data = self.applied.get(&id).cloned().unwrap_or_default();
+            let snapshot = SnapshotMeta { index, term };
+            self.snapshot_data.insert((id, to, index), data);
+            self.queue.push_back(Message {
+                from: id,
+                to,
+                term: r.term(),
+                body: MessageBody::InstallSnapshot { snapshot },
+            });
+        }
         self.applied
             .entry(id)
             .or_default()

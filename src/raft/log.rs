@@ -2,19 +2,25 @@
 //! entries appended since the last `Ready` (not yet durable).
 
 use super::storage::{LogStore, StorageError};
-use super::types::{Entry, LogIndex, Term};
+use super::types::{Entry, LogIndex, SnapshotMeta, Term};
 
 pub struct RaftLog<S> {
     pub store: S,
     /// Entries appended since the last `Ready`, starting at `unstable_offset`. They shadow any
     /// durable entry at or above `unstable_offset` (a conflicting suffix about to be replaced).
     unstable: Vec<Entry>,
-    /// Invariant: `unstable_offset <= store.last_index() + 1`.
+    /// Invariant: `unstable_offset <= store.last_index() + 1`, or with a pending snapshot
+    /// `unstable_offset == snapshot.index + 1`.
     unstable_offset: LogIndex,
+    /// A snapshot accepted from the leader but not yet installed by the runtime. Until it is,
+    /// it shadows the whole stored log: the log starts after it.
+    pending_snapshot: Option<SnapshotMeta>,
     /// The highest index known to be committed.
-    /// Invariant: `applied <= committed <= last_index()`.
+    /// Invariant: `applied <= applying <= committed <= last_index()`.
     pub committed: LogIndex,
-    /// The highest index applied to the state machine (as confirmed by `advance`).
+    /// The highest index handed out for applying (by `ready`).
+    pub applying: LogIndex,
+    /// The highest index applied to the state machine (as confirmed by `advance_apply`).
     pub applied: LogIndex,
 }
 
@@ -25,12 +31,16 @@ impl<S: LogStore> RaftLog<S> {
             store,
             unstable: Vec::new(),
             unstable_offset,
+            pending_snapshot: None,
             committed: 0,
+            applying: 0,
             applied: 0,
         };
-        // A commit index or applied index beyond the durable log cannot be trusted.
-        log.committed = committed.min(log.last_index());
+        // A commit index or applied index beyond the durable log cannot be trusted; the
+        // snapshot's index is committed by definition.
+        log.committed = committed.min(log.last_index()).max(log.first_index() - 1);
         log.applied = applied.min(log.committed);
+        log.applying = log.applied;
         log
     }
 
@@ -42,7 +52,15 @@ impl<S: LogStore> RaftLog<S> {
     }
 
     pub fn first_index(&self) -> LogIndex {
-        self.store.first_index()
+        match self.pending_snapshot {
+            Some(s) => s.index + 1,
+            None => self.store.first_index(),
+        }
+    }
+
+    /// The snapshot accepted but not yet installed, if any.
+    pub fn pending_snapshot(&self) -> Option<SnapshotMeta> {
+        self.pending_snapshot
     }
 
     pub fn last_term(&self) -> Term {
@@ -50,17 +68,22 @@ impl<S: LogStore> RaftLog<S> {
         self.term(self.last_index()).unwrap_or(0)
     }
 
-    /// The term of the entry at `index`; 0 for index 0.
+    /// The term of the entry at `index`: `Compacted` below `first_index() - 1`.
     pub fn term(&self, index: LogIndex) -> Result<Term, StorageError> {
-        if index == 0 {
-            return Ok(0);
-        }
         if index >= self.unstable_offset {
             return self
                 .unstable
                 .get((index - self.unstable_offset) as usize)
                 .map(|e| e.term)
                 .ok_or(StorageError::Unavailable(index));
+        }
+        if let Some(snap) = self.pending_snapshot {
+            // Below the unstable offset, which is `snap.index + 1`.
+            return if index == snap.index {
+                Ok(snap.term)
+            } else {
+                Err(StorageError::Compacted(index))
+            };
         }
         self.store.term(index)
     }
@@ -189,6 +212,9 @@ impl<S: LogStore> RaftLog<S> {
         if lo >= hi {
             return Ok(Vec::new());
         }
+        if lo < self.first_index() {
+            return Err(StorageError::Compacted(lo));
+        }
         if hi > self.last_index() + 1 {
             return Err(StorageError::Unavailable(hi - 1));
         }
@@ -230,31 +256,98 @@ impl<S: LogStore> RaftLog<S> {
         }
     }
 
-    /// Committed entries not applied yet, up to `max_bytes` (at least one).
+    /// Committed entries not handed out for applying yet, up to `max_bytes` (at least one).
+    /// None while a snapshot waits to be installed: what follows it comes after.
     pub fn next_committed_entries(&self, max_bytes: usize) -> Result<Vec<Entry>, StorageError> {
-        self.entries(self.applied + 1, self.committed + 1, max_bytes)
+        if self.pending_snapshot.is_some() {
+            return Ok(Vec::new());
+        }
+        self.entries(self.applying + 1, self.committed + 1, max_bytes)
+    }
+
+    /// Whether committed entries wait to be handed out for applying.
+    pub fn has_next_committed_entries(&self) -> bool {
+        self.pending_snapshot.is_none() && self.committed > self.applying
+    }
+
+    /// Entries up to `index` were handed out for applying.
+    pub fn applying_to(&mut self, index: LogIndex) {
+        assert!(
+            index <= self.committed && index >= self.applying,
+            "applying index {index} out of range [{}, {}]",
+            self.applying,
+            self.committed
+        );
+        self.applying = index;
     }
 
     pub fn applied_to(&mut self, index: LogIndex) {
         assert!(
-            index <= self.committed && index >= self.applied,
+            index <= self.applying && index >= self.applied,
             "applied index {index} out of range [{}, {}]",
             self.applied,
-            self.committed
+            self.applying
         );
         self.applied = index;
     }
 
+    /// Accepts a snapshot from the leader (Raft paper 7): it replaces the whole log, which
+    /// restarts after it, and commits its index. The runtime installs it with the next `Ready`.
+    ///
+    /// # Panics
+    /// If the snapshot is not newer than the commit index, or entries handed out for applying
+    /// are not applied yet.
+    pub fn restore(&mut self, snap: SnapshotMeta) {
+        assert!(
+            snap.index > self.committed,
+            "snapshot {} is not newer than the commit index {}",
+            snap.index,
+            self.committed
+        );
+        assert_eq!(
+            self.applying, self.applied,
+            "a snapshot is restored while entries are being applied"
+        );
+        self.unstable.clear();
+        self.unstable_offset = snap.index + 1;
+        self.pending_snapshot = Some(snap);
+        self.committed = snap.index;
+    }
+
+    /// The runtime installed `snap`: the store now starts after it, and the state machine is
+    /// the snapshot's.
+    pub fn snapshot_installed(&mut self, snap: SnapshotMeta) {
+        if self.pending_snapshot == Some(snap) {
+            self.pending_snapshot = None;
+        }
+        if snap.index > self.applied {
+            self.applying = snap.index;
+            self.applied = snap.index;
+        }
+    }
+
     pub fn check_invariants(&self) {
-        assert!(self.applied <= self.committed, "applied > committed");
+        assert!(self.applied <= self.applying, "applied > applying");
+        assert!(self.applying <= self.committed, "applying > committed");
         assert!(
             self.committed <= self.last_index(),
             "committed > last index"
         );
         assert!(
-            self.unstable_offset <= self.store.last_index() + 1,
-            "unstable offset beyond the durable log"
+            self.committed + 1 >= self.first_index(),
+            "the log starts after the commit index"
         );
+        match self.pending_snapshot {
+            Some(s) => assert_eq!(
+                self.unstable_offset,
+                s.index + 1,
+                "unstable entries follow the pending snapshot"
+            ),
+            None => assert!(
+                self.unstable_offset <= self.store.last_index() + 1,
+                "unstable offset beyond the durable log"
+            ),
+        }
         for (i, e) in self.unstable.iter().enumerate() {
             assert_eq!(
                 e.index,

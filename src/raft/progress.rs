@@ -13,6 +13,9 @@ pub enum ProgressState {
     /// The follower's log matches up to `match_index`: stream appends optimistically, up to
     /// `max_inflight` unacknowledged messages.
     Replicate,
+    /// The entries the follower needs next are compacted away: a snapshot is being streamed to
+    /// it, and nothing else is sent until the transfer ends.
+    Snapshot,
 }
 
 #[derive(Clone, Debug)]
@@ -54,7 +57,14 @@ impl Progress {
         match self.state {
             ProgressState::Probe => self.probe_sent,
             ProgressState::Replicate => self.inflight.len() >= max_inflight,
+            ProgressState::Snapshot => true,
         }
+    }
+
+    pub fn become_snapshot(&mut self) {
+        self.state = ProgressState::Snapshot;
+        self.probe_sent = false;
+        self.inflight.clear();
     }
 
     pub fn become_probe(&mut self) {
@@ -98,6 +108,7 @@ impl Progress {
                 self.inflight.push_back(last);
             }
             ProgressState::Probe => self.probe_sent = true,
+            ProgressState::Snapshot => {}
         }
     }
 
@@ -118,11 +129,21 @@ impl Progress {
 
     /// The follower rejected an append at `rejected`; `match_hint` is where its log may match
     /// ours. Returns false if the rejection is stale (answers an append we already superseded).
+    ///
+    /// A rejection at the match index itself (a heartbeat's) whose hint lies below it says the
+    /// follower no longer holds entries it acknowledged: it lost its log (a wiped or damaged
+    /// disk). The match index drops to the hint, so that the follower is caught up again, by
+    /// snapshot if needed, instead of being probed at the same index forever. (If the rejection
+    /// was merely old, this costs a resend of entries the follower already has.)
     pub fn maybe_decr_to(&mut self, rejected: LogIndex, match_hint: LogIndex) -> bool {
+        let lost_log = rejected == self.match_index && match_hint < self.match_index;
         match self.state {
             ProgressState::Replicate => {
-                if rejected <= self.match_index {
+                if rejected <= self.match_index && !lost_log {
                     return false;
+                }
+                if lost_log {
+                    self.match_index = match_hint;
                 }
                 self.become_probe();
                 true
@@ -131,10 +152,14 @@ impl Progress {
                 if self.next_index != rejected + 1 {
                     return false;
                 }
+                if match_hint < self.match_index {
+                    self.match_index = match_hint;
+                }
                 self.next_index = rejected.min(match_hint + 1).max(self.match_index + 1);
                 self.probe_sent = false;
                 true
             }
+            ProgressState::Snapshot => false,
         }
     }
 }
@@ -211,6 +236,10 @@ mod tests {
             "probe rejection for another index is stale"
         );
         assert!(p.maybe_decr_to(5, 3));
-        assert_eq!(p.next_index, 6, "never probes at or below the match index");
+        assert_eq!(
+            (p.match_index, p.next_index),
+            (3, 4),
+            "a rejection at the match index with a lower hint: the follower lost its log"
+        );
     }
 }

@@ -1,15 +1,39 @@
 //! The log as the core sees it: durable entries behind [`LogStore`], plus an in-memory
 //! implementation for tests and the simulator.
 
-use super::types::{Entry, LogIndex, Term};
+use super::types::{Entry, LogIndex, SnapshotMeta, Term};
 
-/// A failure to read the durable log. The node cannot go on safely and must stop.
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A failure to read the durable log.
+///
+/// `Compacted` and `Unavailable` are answers, not failures: the core falls back to a snapshot
+/// (compacted) or knows the entry does not exist yet (unavailable). `Io` and `Corrupt` mean the
+/// node cannot go on safely and must stop.
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
-    #[error("log entry {0} is not available (compacted or never written)")]
+    #[error("log entry {0} is compacted into the snapshot")]
+    Compacted(LogIndex),
+    #[error("log entry {0} is not available (never written)")]
     Unavailable(LogIndex),
-    #[error("log storage failed: {0}")]
-    Io(String),
+    #[error("{what}")]
+    Io {
+        what: String,
+        #[source]
+        source: Option<BoxError>,
+    },
+    #[error("corrupt data: {0}")]
+    Corrupt(String),
+}
+
+impl StorageError {
+    /// An I/O failure described by `what`, caused by `source`.
+    pub fn io(what: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        StorageError::Io {
+            what: what.into(),
+            source: Some(source.into()),
+        }
+    }
 }
 
 /// Read access to the durable part of the Raft log.
@@ -18,8 +42,9 @@ pub enum StorageError {
 /// - the entries in `[first_index, last_index]` are contiguous and exactly those that were
 ///   persisted (after a write of entries starting at `i`, no older entry at or above `i`
 ///   remains);
-/// - `term(first_index - 1)` answers too (0 while nothing has been compacted away), so the
-///   consistency check of the first entry works;
+/// - `term(first_index - 1)` answers too (the snapshot's term; 0 while nothing has been
+///   compacted away), so the consistency check of the first entry works;
+/// - an index below `first_index - 1` answers `Compacted`, above `last_index` `Unavailable`;
 /// - reads reflect every write that completed before them.
 pub trait LogStore {
     /// The index of the first entry available (1 while nothing has been compacted).
@@ -41,7 +66,9 @@ pub trait LogStore {
 /// An in-memory [`LogStore`] for tests and the simulator.
 #[derive(Clone, Debug, Default)]
 pub struct MemLogStore {
-    /// Invariant: `entries[i].index == i + 1`.
+    /// The entry before the first one stored: the snapshot's index and term (0, 0 if none).
+    snapshot: SnapshotMeta,
+    /// Invariant: `entries[i].index == snapshot.index + 1 + i`.
     entries: Vec<Entry>,
 }
 
@@ -53,19 +80,44 @@ impl MemLogStore {
     /// Stores `entries`, first removing every entry at or above `entries[0].index`.
     ///
     /// # Panics
-    /// If `entries` would leave a gap after the stored log.
+    /// If `entries` would leave a gap after the stored log or replace a compacted entry.
     pub fn append(&mut self, entries: &[Entry]) {
         let Some(first) = entries.first() else {
             return;
         };
         assert!(
-            first.index >= 1 && first.index <= self.entries.len() as u64 + 1,
-            "append at {} would leave a gap after {}",
+            first.index > self.snapshot.index && first.index <= self.last_index() + 1,
+            "append at {} outside [{}, {}]",
             first.index,
-            self.entries.len()
+            self.snapshot.index + 1,
+            self.last_index() + 1
         );
-        self.entries.truncate(first.index as usize - 1);
+        self.entries
+            .truncate((first.index - self.snapshot.index - 1) as usize);
         self.entries.extend_from_slice(entries);
+    }
+
+    /// Forgets every entry up to and including `index` (which must be stored).
+    pub fn compact(&mut self, index: LogIndex) {
+        if index <= self.snapshot.index {
+            return;
+        }
+        let term = self.term(index).expect("compacting to a stored entry");
+        let drop = (index - self.snapshot.index) as usize;
+        self.entries.drain(..drop);
+        self.snapshot = SnapshotMeta { index, term };
+    }
+
+    /// Replaces the whole log by a snapshot's position: nothing stored, `first_index` follows
+    /// the snapshot.
+    pub fn install_snapshot(&mut self, snap: SnapshotMeta) {
+        self.entries.clear();
+        self.snapshot = snap;
+    }
+
+    /// The index and term of the last entry compacted away.
+    pub fn snapshot(&self) -> SnapshotMeta {
+        self.snapshot
     }
 
     pub fn all(&self) -> &[Entry] {
@@ -75,19 +127,22 @@ impl MemLogStore {
 
 impl LogStore for MemLogStore {
     fn first_index(&self) -> LogIndex {
-        1
+        self.snapshot.index + 1
     }
 
     fn last_index(&self) -> LogIndex {
-        self.entries.len() as u64
+        self.snapshot.index + self.entries.len() as u64
     }
 
     fn term(&self, index: LogIndex) -> Result<Term, StorageError> {
-        if index == 0 {
-            return Ok(0);
+        if index < self.snapshot.index {
+            return Err(StorageError::Compacted(index));
+        }
+        if index == self.snapshot.index {
+            return Ok(self.snapshot.term);
         }
         self.entries
-            .get(index as usize - 1)
+            .get((index - self.snapshot.index - 1) as usize)
             .map(|e| e.term)
             .ok_or(StorageError::Unavailable(index))
     }
@@ -101,11 +156,15 @@ impl LogStore for MemLogStore {
         if lo >= hi {
             return Ok(Vec::new());
         }
-        if lo < 1 || hi > self.last_index() + 1 {
-            return Err(StorageError::Unavailable(if lo < 1 { lo } else { hi - 1 }));
+        if lo < self.first_index() {
+            return Err(StorageError::Compacted(lo));
         }
+        if hi > self.last_index() + 1 {
+            return Err(StorageError::Unavailable(hi - 1));
+        }
+        let base = self.snapshot.index + 1;
         Ok(take_within_budget(
-            self.entries[lo as usize - 1..hi as usize - 1]
+            self.entries[(lo - base) as usize..(hi - base) as usize]
                 .iter()
                 .cloned(),
             max_bytes,

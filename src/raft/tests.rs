@@ -1374,3 +1374,294 @@ fn commit_index_rides_on_the_next_append_or_heartbeat() {
         assert_eq!(net.applied[&id].len(), 2, "node {id}: no-op and x");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// 7 Log compaction and InstallSnapshot
+// ---------------------------------------------------------------------------------------------
+
+/// Elects node 1 of 3, cuts node 3 off, commits `n` proposals on 1 and 2, and compacts node 1's
+/// log up to its applied index.
+fn leader_compacted_past_isolated_follower(n: usize) -> Net {
+    let mut net = Net::new(3);
+    net.elect(1);
+    net.isolate(3);
+    net.cut.remove(&(1, 2));
+    net.cut.remove(&(2, 1));
+    for i in 0..n {
+        net.propose(1, &format!("x{i}")).expect("leader accepts");
+    }
+    let applied = net.node(1).applied_index();
+    assert_eq!(applied, n as u64 + 1, "no-op and every proposal applied");
+    net.node(1).store_mut().compact(applied);
+    net
+}
+
+// Reference: section 7. A follower that needs entries the leader has compacted away gets the
+// leader's snapshot, installs it, and is then replicated to from the log again.
+#[test]
+fn leader_sends_snapshot_to_follower_behind_its_first_index() {
+    let mut net = leader_compacted_past_isolated_follower(5);
+    assert_eq!(net.node(1).first_index(), 7);
+    assert_eq!(
+        net.node(1).term_at(6),
+        Some(1),
+        "term() at the snapshot index"
+    );
+    assert_eq!(net.node(1).term_at(5), None, "compacted");
+    net.heal();
+    net.tick_all();
+    assert_eq!(net.installed, vec![(3, SnapshotMeta { index: 6, term: 1 })]);
+    assert_eq!(
+        net.applied[&3], net.applied[&1],
+        "same state machine as the leader"
+    );
+    assert_eq!(net.node(3).first_index(), 7);
+    assert_eq!(net.node(3).commit_index(), 6);
+    // The log continues after the snapshot.
+    net.propose(1, "after").expect("leader accepts");
+    net.tick_all(); // the commit index rides on the next heartbeat
+    assert_eq!(net.node(3).applied_index(), 7);
+    assert_eq!(
+        net.applied[&3].last().map(|e| e.data.clone()),
+        Some(Bytes::from("after"))
+    );
+    let p = net.node(1).status().progress;
+    assert!(p.iter().all(|&(_, m, _, _)| m == 7), "{p:?}");
+}
+
+// etcd raft `restore`: a snapshot not newer than the commit index is ignored and answered
+// with the commit index; no install is asked of the runtime.
+#[test]
+fn stale_snapshot_is_ignored() {
+    let mut store = MemLogStore::new();
+    store.append(&log_terms(&[1, 1, 1]));
+    let mut r = core(config(2, 3), store, 1, 3);
+    let snap = SnapshotMeta { index: 2, term: 1 };
+    r.step(msg(
+        1,
+        2,
+        1,
+        MessageBody::InstallSnapshot { snapshot: snap },
+    ))
+    .expect("step");
+    assert_eq!(r.pending_snapshot(), None);
+    let rd = r.ready().expect("ready");
+    assert!(rd.snapshot.is_none());
+    assert_eq!(
+        rd.messages,
+        vec![msg(
+            2,
+            1,
+            1,
+            MessageBody::AppendResponse {
+                success: true,
+                index: 3,
+                reject_hint_index: 0,
+                reject_hint_term: 0,
+                read_context: 0
+            }
+        )]
+    );
+    r.advance();
+    assert_eq!(r.last_index(), 3, "the log is untouched");
+}
+
+// Raft paper 7: if the log holds the snapshot's last entry (same index and term), the entries
+// following it are retained and the snapshot is not installed; its index is committed.
+#[test]
+fn snapshot_matching_the_log_only_commits() {
+    let mut store = MemLogStore::new();
+    store.append(&log_terms(&[1, 1, 1, 1]));
+    let mut r = core(config(2, 3), store, 1, 1);
+    let snap = SnapshotMeta { index: 3, term: 1 };
+    r.step(msg(
+        1,
+        2,
+        1,
+        MessageBody::InstallSnapshot { snapshot: snap },
+    ))
+    .expect("step");
+    assert_eq!(r.pending_snapshot(), None);
+    assert_eq!(r.commit_index(), 3);
+    assert_eq!(r.last_index(), 4, "entries after the snapshot are kept");
+}
+
+// A follower whose log conflicts with the snapshot's last entry drops its whole log, not only
+// what follows the snapshot (hashicorp/raft#697), and installs the snapshot.
+#[test]
+fn follower_with_conflicting_log_installs_snapshot_and_drops_its_log() {
+    let mut store = MemLogStore::new();
+    store.append(&log_terms(&[1, 1, 2, 2, 2, 2, 2, 2]));
+    let mut r = core(config(2, 3), store, 3, 2);
+    let snap = SnapshotMeta { index: 5, term: 3 };
+    r.step(msg(
+        1,
+        2,
+        3,
+        MessageBody::InstallSnapshot { snapshot: snap },
+    ))
+    .expect("step");
+    assert_eq!(r.pending_snapshot(), Some(snap));
+    assert_eq!(r.last_index(), 5, "entries 6-8 (term 2) are gone too");
+    assert_eq!(r.first_index(), 6);
+    assert_eq!(r.term_at(5), Some(3));
+    assert_eq!(r.term_at(4), None);
+    r.check_invariants();
+    let rd = r.ready().expect("ready");
+    assert_eq!(rd.snapshot, Some(snap));
+    assert!(rd.must_sync);
+    assert!(
+        rd.committed_entries.is_empty(),
+        "nothing to apply below a snapshot"
+    );
+    assert!(
+        rd.messages.iter().all(|m| m.needs_persisted_state()),
+        "the answer waits for the install to be durable"
+    );
+    r.store_mut().install_snapshot(snap);
+    r.advance();
+    assert_eq!(r.applied_index(), 5);
+    assert_eq!(r.commit_index(), 5);
+    assert!(!r.has_ready());
+    r.check_invariants();
+    // Appends continue from the snapshot.
+    let append = MessageBody::AppendRequest {
+        prev_log_index: 5,
+        prev_log_term: 3,
+        entries: vec![entry(6, 3)],
+        leader_commit: 6,
+        read_context: 0,
+    };
+    r.step(msg(1, 2, 3, append)).expect("step");
+    let rd = r.ready().expect("ready");
+    assert_eq!(rd.committed_entries, vec![entry(6, 3)]);
+    r.store_mut().append(&rd.entries);
+    r.advance();
+    assert_eq!(r.applied_index(), 6);
+}
+
+// A snapshot from a stale leader is refused with our term, like its appends.
+#[test]
+fn snapshot_from_an_older_term_is_refused() {
+    let mut r = core(config(2, 3), MemLogStore::new(), 5, 0);
+    let snap = SnapshotMeta { index: 9, term: 4 };
+    r.step(msg(
+        1,
+        2,
+        4,
+        MessageBody::InstallSnapshot { snapshot: snap },
+    ))
+    .expect("step");
+    assert_eq!(r.pending_snapshot(), None);
+    let rd = r.ready().expect("ready");
+    assert!(matches!(
+        rd.messages.as_slice(),
+        [Message {
+            term: 5,
+            body: MessageBody::AppendResponse { success: false, .. },
+            ..
+        }]
+    ));
+}
+
+// etcd raft `MsgSnapStatus`: a failed transfer sends the follower back to probing; the next
+// heartbeat answer starts another transfer, which succeeds.
+#[test]
+fn failed_snapshot_is_retried_after_a_heartbeat() {
+    let mut net = leader_compacted_past_isolated_follower(3);
+    net.heal();
+    let dropped = std::rc::Rc::new(std::cell::Cell::new(0));
+    let d = dropped.clone();
+    net.filter = Some(Box::new(move |m| {
+        let first = matches!(m.body, MessageBody::InstallSnapshot { .. }) && d.get() == 0;
+        if first {
+            d.set(1);
+        }
+        !first
+    }));
+    net.tick_all();
+    assert_eq!(net.failed_snapshots, vec![3]);
+    for _ in 0..3 {
+        net.tick_all();
+    }
+    assert_eq!(net.installed.len(), 1, "installed at the second attempt");
+    assert_eq!(net.applied[&3], net.applied[&1]);
+}
+
+// A follower that lost its log (a wiped disk) answers heartbeats at its old match index with a
+// rejection pointing below it. The leader must lower its match index and catch it up, not
+// probe the same index forever (a busy loop).
+#[test]
+fn wiped_follower_is_caught_up_without_a_busy_loop() {
+    let mut net = Net::new(3);
+    net.elect(1);
+    for i in 0..4 {
+        net.propose(1, &format!("x{i}")).expect("leader accepts");
+    }
+    let term = net.node(1).term();
+    net.set_log(3, config(3, 3), &[], term);
+    net.applied.remove(&3);
+    let before = net.delivered.len();
+    for _ in 0..3 {
+        net.tick_all();
+    }
+    assert!(net.delivered.len() - before < 40, "no busy loop");
+    assert_eq!(net.log_of(3), net.log_of(1));
+    assert_eq!(net.node(3).commit_index(), 5);
+    // And by snapshot when the log is compacted.
+    net.set_log(3, config(3, 3), &[], term);
+    net.applied.remove(&3);
+    net.node(1).store_mut().compact(5);
+    for _ in 0..3 {
+        net.tick_all();
+    }
+    assert_eq!(net.installed, vec![(3, SnapshotMeta { index: 5, term })]);
+    assert_eq!(net.applied[&3], net.applied[&1]);
+}
+
+// raft-rs `advance_append` / `advance_apply`: persistence and application are acknowledged
+// apart. While entries are being applied the core takes input, and the next `Ready` does not
+// hand the same entries out again.
+#[test]
+fn persistence_and_application_are_acknowledged_apart() {
+    let mut store = MemLogStore::new();
+    store.append(&log_terms(&[1]));
+    let mut r = core(config(2, 3), store, 1, 0);
+    let append = |prev: LogIndex, commit: LogIndex, e: Vec<Entry>| {
+        msg(
+            1,
+            2,
+            1,
+            MessageBody::AppendRequest {
+                prev_log_index: prev,
+                prev_log_term: 1,
+                entries: e,
+                leader_commit: commit,
+                read_context: 0,
+            },
+        )
+    };
+    r.step(append(1, 2, vec![entry(2, 1)])).expect("step");
+    let rd = r.ready().expect("ready");
+    assert_eq!(rd.committed_entries, vec![entry(1, 1), entry(2, 1)]);
+    r.store_mut().append(&rd.entries);
+    r.advance_append();
+    // Applying 1-2 goes on; meanwhile entry 3 arrives and commits.
+    r.step(append(2, 3, vec![entry(3, 1)])).expect("step");
+    r.tick();
+    let rd = r.ready().expect("ready");
+    assert_eq!(
+        rd.committed_entries,
+        vec![entry(3, 1)],
+        "1-2 not handed out again"
+    );
+    r.store_mut().append(&rd.entries);
+    r.advance_append();
+    assert_eq!(r.applied_index(), 0);
+    r.advance_apply(2);
+    assert_eq!(r.applied_index(), 2);
+    r.advance_apply(3);
+    assert_eq!(r.applied_index(), 3);
+    assert!(!r.has_ready());
+    r.check_invariants();
+}

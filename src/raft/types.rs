@@ -37,6 +37,14 @@ impl Entry {
     }
 }
 
+/// Where a snapshot of the state machine stands in the log: it holds the effect of every entry
+/// up to `index`, and `term` is that entry's term. `(0, 0)` is the empty snapshot.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SnapshotMeta {
+    pub index: LogIndex,
+    pub term: Term,
+}
+
 /// The state that must be durable before a node answers a message that depends on it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct HardState {
@@ -117,6 +125,13 @@ pub enum MessageBody {
         reject_hint_term: Term,
         read_context: u64,
     },
+    /// InstallSnapshot (Raft paper 7), as the core sees it: the sender's runtime has streamed a
+    /// complete, verified snapshot of its state machine at `snapshot` to the receiver's runtime,
+    /// which holds it staged apart from the live state. The core decides whether to install it
+    /// (see [`Ready::snapshot`]); it is answered with an `AppendResponse`.
+    InstallSnapshot {
+        snapshot: SnapshotMeta,
+    },
 }
 
 impl Message {
@@ -150,22 +165,32 @@ pub struct SoftState {
 ///
 /// To ensure correctness, the caller executes it in this order:
 /// 1. Send the messages for which [`Message::needs_persisted_state`] is false (requests; a
-///    leader's appends travel in parallel with its own write).
-/// 2. Make `hard_state` and `entries` durable: delete every stored entry with an index at or
-///    above `entries[0].index`, then store `entries`; fsync if `must_sync`.
+///    leader's appends travel in parallel with its own write), and start streaming a snapshot
+///    of the state machine to each of `snapshot_sends` (in the background; report the outcome
+///    with [`crate::raft::Raft::report_snapshot`]).
+/// 2. If `snapshot` is set, install the staged snapshot it names, atomically: the state machine
+///    becomes the snapshot's and the whole stored log is dropped (the log now starts after
+///    `snapshot.index`). Then make `hard_state` and `entries` durable: delete every stored
+///    entry with an index at or above `entries[0].index`, then store `entries`; fsync if
+///    `must_sync`.
 /// 3. Send the remaining messages (responses).
 /// 4. Apply `committed_entries` in order.
 /// 5. Serve each of `read_states` once the applied index has reached its `index`.
-/// 6. Call [`crate::raft::Raft::advance`].
+/// 6. Call [`crate::raft::Raft::advance`] (or `advance_append` after step 3 and
+///    `advance_apply` once the entries of step 4 are applied).
 #[derive(Debug, Default)]
 pub struct Ready {
     /// Set when the role or the known leader changed since the last `Ready`.
     pub soft_state: Option<SoftState>,
     /// Set when term, vote or commit changed.
     pub hard_state: Option<HardState>,
+    /// A staged snapshot to install before anything else is persisted or applied.
+    pub snapshot: Option<SnapshotMeta>,
     /// New log entries, contiguous; they may replace a conflicting suffix of the stored log.
     pub entries: Vec<Entry>,
     pub messages: Vec<Message>,
+    /// Leader: peers whose next entry is compacted away; stream each a snapshot.
+    pub snapshot_sends: Vec<NodeId>,
     /// Committed entries not yet applied, in log order.
     pub committed_entries: Vec<Entry>,
     pub read_states: Vec<ReadState>,
@@ -179,6 +204,8 @@ impl Ready {
     pub fn is_empty(&self) -> bool {
         self.soft_state.is_none()
             && self.hard_state.is_none()
+            && self.snapshot.is_none()
+            && self.snapshot_sends.is_empty()
             && self.entries.is_empty()
             && self.messages.is_empty()
             && self.committed_entries.is_empty()

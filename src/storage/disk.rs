@@ -7,14 +7,19 @@ use bytes::Bytes;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 
 use crate::raft::storage::take_within_budget;
-use crate::raft::{Entry, EntryKind, HardState, LogIndex, LogStore, NodeId, StorageError, Term};
+use crate::raft::{
+    Entry, EntryKind, HardState, LogIndex, LogStore, NodeId, SnapshotMeta, StorageError, Term,
+};
 
-use super::kv::KvStore;
+use super::kv::{KvStore, sm_keyspace_generation};
+use super::snapshot::Stager;
 
 const FORMAT_VERSION: u64 = 1;
 const KEY_NODE_ID: &[u8] = b"node_id";
 const KEY_FORMAT: &[u8] = b"format";
 const KEY_HARD_STATE: &[u8] = b"hard_state";
+/// The last compacted entry (index, term as u64 LE): the log starts after it.
+pub(crate) const KEY_LOG_START: &[u8] = b"log_start";
 
 /// Why a data directory cannot be opened. Each names the directory.
 #[derive(Debug, thiserror::Error)]
@@ -39,15 +44,38 @@ pub enum OpenError {
     Storage { dir: PathBuf, source: StorageError },
 }
 
-pub fn io_err(e: fjall::Error) -> StorageError {
-    let what = match &e {
-        fjall::Error::Poisoned => {
-            "a previous write failed; the database refuses further writes".to_string()
+/// A fjall error with a readable message (fjall's own `Display` is its `Debug`).
+#[derive(Debug)]
+pub struct FjallError(fjall::Error);
+
+impl std::fmt::Display for FjallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            fjall::Error::Poisoned => {
+                f.write_str("a previous write failed; the database refuses further writes")
+            }
+            fjall::Error::Io(io) => write!(f, "I/O error: {io}"),
+            other => write!(f, "{other:?}"),
         }
-        fjall::Error::Io(io) => format!("I/O error: {io}"),
-        other => format!("{other:?}"),
-    };
-    StorageError::Io(what)
+    }
+}
+
+impl std::error::Error for FjallError {}
+
+pub fn io_err(e: fjall::Error) -> StorageError {
+    StorageError::io("database error", FjallError(e))
+}
+
+pub(crate) fn corrupt(what: impl Into<String>) -> StorageError {
+    StorageError::Corrupt(what.into())
+}
+
+/// Makes a directory's entries durable (a new file or folder in it survives a power loss
+/// only once its parent directory is fsynced; fjall does not do it for `keyspaces/`).
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), StorageError> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| StorageError::io(format!("syncing directory {}", dir.display()), e))
 }
 
 /// What a node recovers from its data directory.
@@ -55,6 +83,8 @@ pub struct Recovered {
     pub log: DiskLog,
     pub kv: KvStore,
     pub hard_state: HardState,
+    /// Stages snapshots received from a leader.
+    pub stager: Stager,
 }
 
 /// Opens (creating if new) the data directory of node `id`.
@@ -66,7 +96,15 @@ pub fn open(dir: &Path, id: NodeId) -> Result<Recovered, OpenError> {
         dir: dir.to_path_buf(),
         source,
     };
-    std::fs::create_dir_all(dir).map_err(|e| wrap(StorageError::Io(e.to_string())))?;
+    std::fs::create_dir_all(dir).map_err(|e| {
+        wrap(StorageError::io(
+            format!("creating directory {}", dir.display()),
+            e,
+        ))
+    })?;
+    if let Some(parent) = dir.parent() {
+        sync_dir(parent).map_err(wrap)?;
+    }
     let db = match Database::builder(dir)
         .manual_journal_persist(true)
         .worker_threads(1)
@@ -92,12 +130,7 @@ pub fn open(dir: &Path, id: NodeId) -> Result<Recovered, OpenError> {
         .map_err(io_err)
         .map_err(wrap)
     };
-    let (log, meta, kv, sessions) = (
-        ks("log", 16 << 20)?,
-        ks("meta", 1 << 20)?,
-        ks("kv", 4 << 20)?,
-        ks("sessions", 4 << 20)?,
-    );
+    let (log, meta) = (ks("log", 16 << 20)?, ks("meta", 1 << 20)?);
     let corrupt = |what: &str| OpenError::Corrupt {
         dir: dir.to_path_buf(),
         what: what.to_string(),
@@ -147,49 +180,85 @@ pub fn open(dir: &Path, id: NodeId) -> Result<Recovered, OpenError> {
         None => HardState::default(),
     };
 
-    // Rebuild the term index, checking that the log is contiguous.
+    let start = match meta.get(KEY_LOG_START).map_err(io_err).map_err(wrap)? {
+        Some(v) if v.len() == 16 => SnapshotMeta {
+            index: u64_at(&v, 0),
+            term: u64_at(&v, 8),
+        },
+        Some(_) => return Err(corrupt("log_start")),
+        None => SnapshotMeta::default(),
+    };
+
+    // Rebuild the term index and the batch sizes, checking that the log is contiguous from
+    // its start. The first batch may straddle the start (compaction keeps it whole).
     let mut terms: Vec<(LogIndex, Term)> = Vec::new();
-    let mut last = 0;
+    let mut batches: VecDeque<(LogIndex, u64)> = VecDeque::new();
+    let mut last = start.index;
     for item in log.iter() {
         let (k, v) = item.into_inner().map_err(io_err).map_err(wrap)?;
         let first = decode_index(&k).ok_or_else(|| corrupt("log key"))?;
-        if first != last + 1 {
+        let entries =
+            decode_batch(first, &v).ok_or_else(|| corrupt(&format!("log batch at {first}")))?;
+        let batch_last = entries.last().map_or(first, |e| e.index);
+        if batch_last <= start.index {
+            continue; // compacted away, not yet deleted
+        }
+        if first > last + 1 || (first <= start.index && last != start.index) {
             return Err(corrupt(&format!(
                 "log gap: entry {first} follows entry {last}"
             )));
         }
-        let entries =
-            decode_batch(first, &v).ok_or_else(|| corrupt(&format!("log batch at {first}")))?;
-        for e in &entries {
+        for e in entries.iter().filter(|e| e.index > start.index) {
             if terms.last().is_none_or(|&(_, t)| t != e.term) {
                 terms.push((e.index, e.term));
             }
         }
-        last = entries.last().map_or(last, |e| e.index);
+        batches.push_back((first, v.len() as u64));
+        last = batch_last;
     }
-    let kv = KvStore::new(db.clone(), kv, meta.clone(), sessions).map_err(wrap)?;
+    let next_generation = db
+        .list_keyspace_names()
+        .iter()
+        .filter_map(|n| sm_keyspace_generation(n))
+        .max()
+        .unwrap_or(0)
+        + 1;
+    let kv = KvStore::open(db.clone(), meta.clone(), dir).map_err(wrap)?;
+    let stager = Stager::new(db.clone(), dir, next_generation);
     if kv.applied() > last.max(hard_state.commit) {
         return Err(corrupt(&format!(
             "applied index {} is beyond the log ({last})",
             kv.applied()
         )));
     }
+    if kv.applied() < start.index {
+        return Err(corrupt(&format!(
+            "the log starts after entry {}, but the state machine has applied only up to {}",
+            start.index,
+            kv.applied()
+        )));
+    }
     let hard_state = HardState {
-        commit: hard_state.commit.min(last),
+        commit: hard_state.commit.min(last).max(start.index),
         ..hard_state
     };
+    let log_bytes = batches.iter().map(|&(_, b)| b).sum();
     Ok(Recovered {
         log: DiskLog {
             db,
             log,
             meta,
+            start,
             last,
             terms,
+            batches,
+            log_bytes,
             tail: VecDeque::new(),
             tail_bytes: 0,
         },
         kv,
         hard_state,
+        stager,
     })
 }
 
@@ -198,10 +267,18 @@ pub struct DiskLog {
     db: Database,
     log: Keyspace,
     meta: Keyspace,
-    /// Invariant: entries `[1, last]` are stored.
+    /// The last compacted entry; the log starts after it.
+    start: SnapshotMeta,
+    /// Invariant: entries `[start.index + 1, last]` are stored.
     last: LogIndex,
-    /// `(first index, term)` of each run of entries with one term, ascending.
+    /// `(first index, term)` of each run of entries with one term, ascending, from
+    /// `start.index + 1` (bounded by compaction, like the log).
     terms: Vec<(LogIndex, Term)>,
+    /// `(first index, encoded bytes)` of each stored batch, ascending, for the compaction
+    /// policy (bounded by compaction).
+    batches: VecDeque<(LogIndex, u64)>,
+    /// Sum of `batches`' bytes.
+    log_bytes: u64,
     /// The most recent entries, so that applying them and sending them to followers does not
     /// read them back from fjall. Invariant: contiguous and ending at `last` (or empty).
     tail: VecDeque<Entry>,
@@ -247,7 +324,15 @@ impl DiskLog {
                     }
                 }
             }
-            b.insert(&self.log, at.to_be_bytes().to_vec(), encode_batch(entries));
+            let encoded = encode_batch(entries);
+            while self.batches.back().is_some_and(|&(k, _)| k >= at) {
+                if let Some((_, bytes)) = self.batches.pop_back() {
+                    self.log_bytes -= bytes;
+                }
+            }
+            self.batches.push_back((at, encoded.len() as u64));
+            self.log_bytes += encoded.len() as u64;
+            b.insert(&self.log, at.to_be_bytes().to_vec(), encoded);
         }
         if let Some(hs) = hard_state {
             let mut v = Vec::with_capacity(24);
@@ -285,10 +370,106 @@ impl DiskLog {
             .log
             .range(..=index.to_be_bytes())
             .next_back()
-            .ok_or_else(|| StorageError::Io(format!("log entry {index} is missing")))?
+            .ok_or_else(|| corrupt(format!("log entry {index} is missing")))?
             .key()
             .map_err(io_err)?;
-        decode_index(&k).ok_or_else(|| StorageError::Io(format!("corrupt log key {k:?}")))
+        decode_index(&k).ok_or_else(|| corrupt(format!("log key {k:?}")))
+    }
+
+    /// The last compacted entry: the log starts after it.
+    pub fn start(&self) -> SnapshotMeta {
+        self.start
+    }
+
+    /// Encoded bytes of the stored log (an estimate: whole batches).
+    pub fn log_bytes(&self) -> u64 {
+        self.log_bytes
+    }
+
+    /// The index below which `keep_bytes` of the newest log remain (the start of the oldest
+    /// batch needed to keep them).
+    pub fn index_keeping_bytes(&self, keep_bytes: u64) -> LogIndex {
+        let mut kept = 0u64;
+        for &(first, bytes) in self.batches.iter().rev() {
+            kept += bytes;
+            if kept >= keep_bytes {
+                return first.saturating_sub(1);
+            }
+        }
+        self.start.index
+    }
+
+    /// Forgets every entry up to and including `index` (log compaction). The caller guarantees
+    /// that the state machine has applied `index` and that the apply is in the journal before
+    /// this (the journal is one ordered sequence, so a compaction that survives a crash implies
+    /// the applies before it did). Deletes whole batches only; one that straddles `index` stays
+    /// until a later compaction passes its end.
+    ///
+    /// # Errors
+    /// A storage error; the node must stop.
+    pub fn compact(&mut self, index: LogIndex) -> Result<(), StorageError> {
+        if index <= self.start.index {
+            return Ok(());
+        }
+        assert!(
+            index <= self.last,
+            "compacting to {index} beyond the log ({})",
+            self.last
+        );
+        let term = self.term(index)?;
+        let mut b = self.db.batch();
+        // Every batch that ends at or before `index` (a batch ends where the next begins).
+        while self.batches.len() >= 2 && self.batches[1].0 <= index + 1 {
+            if let Some((k, bytes)) = self.batches.pop_front() {
+                b.remove(&self.log, k.to_be_bytes().to_vec());
+                self.log_bytes -= bytes;
+            }
+        }
+        if index == self.last
+            && let Some((k, bytes)) = self.batches.pop_front()
+        {
+            b.remove(&self.log, k.to_be_bytes().to_vec());
+            self.log_bytes -= bytes;
+        }
+        let start = SnapshotMeta { index, term };
+        b.insert(&self.meta, KEY_LOG_START, encode_meta(start));
+        b.commit().map_err(io_err)?;
+        self.start = start;
+        let run = self.terms.partition_point(|&(s, _)| s <= index + 1);
+        if run > 0 {
+            self.terms.drain(..run - 1);
+            if let Some(first) = self.terms.first_mut() {
+                first.0 = first.0.max(index + 1);
+            }
+        }
+        if index == self.last {
+            self.terms.clear();
+        }
+        while self.tail.front().is_some_and(|e| e.index <= index) {
+            if let Some(e) = self.tail.pop_front() {
+                self.tail_bytes -= e.size_bytes();
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds to `b` the deletion of the whole log and a new start at `snap` (installing a
+    /// snapshot). [`DiskLog::snapshot_installed`] updates memory once `b` is committed.
+    pub(crate) fn drop_all_into(&self, b: &mut fjall::OwnedWriteBatch, snap: SnapshotMeta) {
+        for &(k, _) in &self.batches {
+            b.remove(&self.log, k.to_be_bytes().to_vec());
+        }
+        b.insert(&self.meta, KEY_LOG_START, encode_meta(snap));
+    }
+
+    pub(crate) fn snapshot_installed(&mut self, snap: SnapshotMeta) {
+        self.start = snap;
+        self.last = snap.index;
+        self.terms.clear();
+        self.batches.clear();
+        self.log_bytes = 0;
+        self.tail.clear();
+        self.tail_bytes = 0;
     }
 
     fn cache_tail(&mut self, entries: &[Entry]) {
@@ -318,7 +499,7 @@ impl DiskLog {
 
 impl LogStore for DiskLog {
     fn first_index(&self) -> LogIndex {
-        1
+        self.start.index + 1
     }
 
     fn last_index(&self) -> LogIndex {
@@ -326,8 +507,11 @@ impl LogStore for DiskLog {
     }
 
     fn term(&self, index: LogIndex) -> Result<Term, StorageError> {
-        if index == 0 {
-            return Ok(0);
+        if index < self.start.index {
+            return Err(StorageError::Compacted(index));
+        }
+        if index == self.start.index {
+            return Ok(self.start.term);
         }
         if index > self.last {
             return Err(StorageError::Unavailable(index));
@@ -345,8 +529,11 @@ impl LogStore for DiskLog {
         if lo >= hi {
             return Ok(Vec::new());
         }
-        if lo < 1 || hi > self.last + 1 {
-            return Err(StorageError::Unavailable(if lo < 1 { lo } else { hi - 1 }));
+        if lo <= self.start.index {
+            return Err(StorageError::Compacted(lo));
+        }
+        if hi > self.last + 1 {
+            return Err(StorageError::Unavailable(hi - 1));
         }
         let mut out = Vec::with_capacity((hi - lo).min(1024) as usize);
         if let Some(first) = self.tail.front()
@@ -378,7 +565,7 @@ impl LogStore for DiskLog {
             }
         }
         if out.first().is_none_or(|e| e.index != lo) {
-            return Err(StorageError::Io(format!("log entry {lo} is missing")));
+            return Err(corrupt(format!("log entry {lo} is missing")));
         }
         Ok(out)
     }
@@ -387,10 +574,8 @@ impl LogStore for DiskLog {
 /// The key (first index) and entries of a stored batch.
 fn read_batch(item: fjall::Guard) -> Result<(LogIndex, Vec<Entry>), StorageError> {
     let (k, v) = item.into_inner().map_err(io_err)?;
-    let first =
-        decode_index(&k).ok_or_else(|| StorageError::Io(format!("corrupt log key {k:?}")))?;
-    let batch = decode_batch(first, &v)
-        .ok_or_else(|| StorageError::Io(format!("log batch {first} is corrupt")))?;
+    let first = decode_index(&k).ok_or_else(|| corrupt(format!("log key {k:?}")))?;
+    let batch = decode_batch(first, &v).ok_or_else(|| corrupt(format!("log batch {first}")))?;
     Ok((first, batch))
 }
 
@@ -438,6 +623,13 @@ fn decode_batch(first: LogIndex, v: &[u8]) -> Option<Vec<Entry>> {
         at += len;
     }
     (!out.is_empty()).then_some(out)
+}
+
+pub(crate) fn encode_meta(s: SnapshotMeta) -> Vec<u8> {
+    let mut v = Vec::with_capacity(16);
+    v.extend_from_slice(&s.index.to_le_bytes());
+    v.extend_from_slice(&s.term.to_le_bytes());
+    v
 }
 
 fn decode_index(k: &[u8]) -> Option<LogIndex> {

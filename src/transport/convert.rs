@@ -18,9 +18,12 @@ pub enum ConvertError {
     UnknownEntryKind(i32),
 }
 
-pub fn message_to_wire(m: Message) -> proto::RaftMessage {
+/// The wire form of a message for the peer stream; `None` for an `InstallSnapshot`, which
+/// travels as a snapshot stream of its own (the receiver builds the message from it).
+pub fn message_to_wire(m: Message) -> Option<proto::RaftMessage> {
     use proto::raft_message::Body;
     let body = match m.body {
+        MessageBody::InstallSnapshot { .. } => return None,
         MessageBody::VoteRequest {
             pre_vote,
             last_log_index,
@@ -60,12 +63,12 @@ pub fn message_to_wire(m: Message) -> proto::RaftMessage {
             read_context,
         }),
     };
-    proto::RaftMessage {
+    Some(proto::RaftMessage {
         from: m.from,
         to: m.to,
         term: m.term,
         body: Some(body),
-    }
+    })
 }
 
 fn entry_to_wire(e: Entry) -> proto::Entry {
@@ -211,7 +214,8 @@ mod tests {
         ];
         for m in msgs {
             let back =
-                message_from_wire(message_to_wire(m.clone()), 1, |id| id <= 3).expect("valid");
+                message_from_wire(message_to_wire(m.clone()).expect("wire"), 1, |id| id <= 3)
+                    .expect("valid");
             assert_eq!(back, m);
         }
     }
@@ -224,17 +228,17 @@ mod tests {
             kind: EntryKind::Normal,
             data: Bytes::new(),
         };
-        let gap = message_to_wire(append(vec![e(5), e(7)]));
+        let gap = message_to_wire(append(vec![e(5), e(7)])).expect("wire");
         assert!(matches!(
             message_from_wire(gap, 1, |_| true),
             Err(ConvertError::NotContiguous(5))
         ));
-        let wrong_start = message_to_wire(append(vec![e(6)]));
+        let wrong_start = message_to_wire(append(vec![e(6)])).expect("wire");
         assert!(matches!(
             message_from_wire(wrong_start, 1, |_| true),
             Err(ConvertError::NotContiguous(4))
         ));
-        let m = message_to_wire(append(vec![]));
+        let m = message_to_wire(append(vec![])).expect("wire");
         assert!(matches!(
             message_from_wire(m.clone(), 2, |_| true),
             Err(ConvertError::WrongRecipient { .. })

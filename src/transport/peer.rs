@@ -54,11 +54,10 @@ impl Peers {
 
     /// Adds a message to its peer's batch; `flush` sends the batches.
     pub fn push(&mut self, m: Message) {
-        if self.streams.contains_key(&m.to) {
-            self.pending
-                .entry(m.to)
-                .or_default()
-                .push(message_to_wire(m));
+        if self.streams.contains_key(&m.to)
+            && let Some(wire) = message_to_wire(m)
+        {
+            self.pending.entry(wire.to).or_default().push(wire);
         }
     }
 

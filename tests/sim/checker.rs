@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use bytes::Bytes;
-use raftkv::raft::{Entry, LogIndex, LogStore, MemLogStore, NodeId, Raft, Term};
+use raftkv::raft::{Entry, LogIndex, LogStore, MemLogStore, NodeId, Raft, SnapshotMeta, Term};
 
 #[derive(Default)]
 pub struct Checker {
@@ -31,8 +31,10 @@ impl Checker {
             );
         }
         self.leaders.insert(term, id);
-        // Leader completeness: the new leader holds every committed entry.
-        for (&i, &t) in &self.committed {
+        // Leader completeness: the new leader holds every committed entry (in its log, or
+        // compacted into its state machine).
+        let compacted = r.first_index().saturating_sub(1);
+        for (&i, &t) in self.committed.range(compacted..) {
             assert_eq!(
                 r.term_at(i),
                 Some(t),
@@ -78,7 +80,11 @@ impl Checker {
     /// index.
     pub fn on_commit(&mut self, r: &Raft<MemLogStore>, from: LogIndex) {
         let commit = r.commit_index();
-        for i in from + 1..=commit {
+        // Entries below the log's start came in a snapshot, checked by `on_install`.
+        for i in (from + 1).max(r.first_index().saturating_sub(1))..=commit {
+            if i == 0 {
+                continue;
+            }
             let t = r.term_at(i).expect("committed entries are in the log");
             let known = *self.committed.entry(i).or_insert(t);
             assert_eq!(
@@ -110,12 +116,49 @@ impl Checker {
         );
     }
 
-    /// No committed entry is lost: each is on a majority of durable logs (crashed nodes count
-    /// with what they had on disk).
+    /// A snapshot is installed on node `id`: the state machine it brings must equal what every
+    /// node applied at each of its indexes, and hold only committed entries.
+    pub fn on_install(
+        &mut self,
+        id: NodeId,
+        snap: SnapshotMeta,
+        state: &[(LogIndex, Term, Bytes)],
+    ) {
+        assert_eq!(
+            state.len() as u64,
+            snap.index,
+            "node {id}: snapshot at {} holds {} entries",
+            snap.index,
+            state.len()
+        );
+        assert_eq!(
+            state.last().map_or(0, |e| e.1),
+            snap.term,
+            "node {id}: snapshot term"
+        );
+        for (i, t, data) in state {
+            let seen = self.applied.get(i).expect("snapshots hold applied entries");
+            assert!(
+                seen.0 == *t && seen.1 == *data,
+                "node {id}: installed state differs from the applied state at {i}"
+            );
+            assert_eq!(
+                self.committed.get(i),
+                Some(t),
+                "node {id}: snapshot holds uncommitted {i}"
+            );
+        }
+    }
+
+    /// No committed entry is lost: each is on a majority of durable logs, or compacted into
+    /// their state machines (crashed nodes count with what they had on disk).
     pub fn check_durable_majority(&self, logs: &[&MemLogStore]) {
         let majority = logs.len() / 2 + 1;
         for (&i, &t) in &self.committed {
-            let holders = logs.iter().filter(|l| l.term(i).ok() == Some(t)).count();
+            let holders = logs
+                .iter()
+                .filter(|l| l.term(i).ok() == Some(t) || i <= l.snapshot().index)
+                .count();
             assert!(
                 holders >= majority,
                 "committed entry {i} (term {t}) is durable on only {holders} nodes"

@@ -5,7 +5,8 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 
 use bytes::Bytes;
 use raftkv::raft::{
-    Config, EntryKind, HardState, LogIndex, MemLogStore, Message, NodeId, Raft, Role, Term,
+    Config, EntryKind, HardState, LogIndex, LogStore, MemLogStore, Message, MessageBody, NodeId,
+    Raft, Role, SnapshotMeta, Term,
 };
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -28,6 +29,8 @@ pub struct Stats {
     pub committed: u64,
     pub reads: u64,
     pub acked: u64,
+    pub compactions: u64,
+    pub snapshots_installed: u64,
 }
 
 impl Stats {
@@ -40,6 +43,8 @@ impl Stats {
         self.committed += o.committed;
         self.reads += o.reads;
         self.acked += o.acked;
+        self.compactions += o.compactions;
+        self.snapshots_installed += o.snapshots_installed;
     }
 }
 
@@ -47,7 +52,7 @@ impl std::fmt::Display for Stats {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} schedules, {} events, {} elections won, {} crashes, {} partitions, {} entries committed, {} proposals acknowledged, {} reads checked",
+            "{} schedules, {} events, {} elections won, {} crashes, {} partitions, {} entries committed, {} proposals acknowledged, {} reads checked, {} compactions, {} snapshots installed",
             self.schedules,
             self.steps,
             self.elections,
@@ -55,7 +60,9 @@ impl std::fmt::Display for Stats {
             self.partitions,
             self.committed,
             self.acked,
-            self.reads
+            self.reads,
+            self.compactions,
+            self.snapshots_installed
         )
     }
 }
@@ -70,7 +77,12 @@ enum Event {
     Heal,
     Propose,
     Read,
+    /// A snapshot transfer from `.0` to `.1` was lost: the sender's runtime reports the failure.
+    SnapshotFailed(NodeId, NodeId),
 }
+
+/// A state machine: the applied entries in order.
+type StateMachine = Vec<(LogIndex, Term, Bytes)>;
 
 struct Node {
     raft: Option<Raft<MemLogStore>>,
@@ -78,7 +90,9 @@ struct Node {
     disk: MemLogStore,
     hard_state: HardState,
     /// The state machine: applied entries in order; durable with its applied index.
-    applied: Vec<(LogIndex, Term, Bytes)>,
+    applied: StateMachine,
+    /// A snapshot received and staged, not yet installed (lost in a crash).
+    staged: Option<(SnapshotMeta, StateMachine)>,
     /// Commit index already reported to the checker.
     recorded_commit: LogIndex,
     /// Proposals waiting for their index to be applied: index -> (term, data).
@@ -109,6 +123,12 @@ pub struct Sim {
     crash_mid_ready_p: f64,
     next_value: u64,
     next_read: u64,
+    /// Compaction policy of this schedule: compact when the log holds more than
+    /// `compact_entries` applied entries, keeping `trailing_entries`.
+    compact_entries: u64,
+    trailing_entries: u64,
+    /// Snapshot transfers in flight: (from, to, index) -> the sender's state machine.
+    snapshot_data: HashMap<(NodeId, NodeId, LogIndex), StateMachine>,
 }
 
 impl Sim {
@@ -123,6 +143,7 @@ impl Sim {
                 disk: MemLogStore::new(),
                 hard_state: HardState::default(),
                 applied: Vec::new(),
+                staged: None,
                 recorded_commit: 0,
                 proposals: BTreeMap::new(),
                 reads: HashMap::new(),
@@ -136,6 +157,14 @@ impl Sim {
         let dup_p = rng.random_range(0.0..0.1);
         let delay_max = rng.random_range(1..=40);
         let crash_mid_ready_p = rng.random_range(0.0..0.002);
+        // Small thresholds, so that compactions and snapshot installs happen constantly; one
+        // schedule in eight never compacts.
+        let compact_entries = if rng.random_bool(0.125) {
+            u64::MAX
+        } else {
+            rng.random_range(2..60)
+        };
+        let trailing_entries = rng.random_range(0..20);
         let mut sim = Sim {
             seed,
             rng,
@@ -158,6 +187,9 @@ impl Sim {
             crash_mid_ready_p,
             next_value: 0,
             next_read: 0,
+            compact_entries,
+            trailing_entries,
+            snapshot_data: HashMap::new(),
         };
         for id in sim.ids.clone() {
             let offset = sim.rng.random_range(0..TICK);
@@ -299,11 +331,32 @@ impl Sim {
                     return;
                 };
                 let to = m.to;
-                if self.up(to) && !self.cut.contains(&(m.from, to)) {
+                let delivered = self.up(to) && !self.cut.contains(&(m.from, to));
+                if let MessageBody::InstallSnapshot { snapshot } = m.body {
+                    // The transfer ends: the sender's runtime reports it; the receiver's has
+                    // staged it.
+                    self.report_snapshot(m.from, to, delivered);
+                    if !delivered {
+                        return;
+                    }
+                    let data = self.snapshot_data[&(m.from, to, snapshot.index)].clone();
+                    self.nodes.get_mut(&to).expect("node").staged = Some((snapshot, data));
+                }
+                if delivered {
                     self.node_mut(to).step(m).expect("step");
+                    let node = self.nodes.get_mut(&to).expect("node");
+                    let pending = node.raft.as_ref().and_then(|r| r.pending_snapshot());
+                    if node
+                        .staged
+                        .as_ref()
+                        .is_some_and(|(s, _)| Some(*s) != pending)
+                    {
+                        node.staged = None; // not accepted: discarded
+                    }
                     self.process(to);
                 }
             }
+            Event::SnapshotFailed(from, to) => self.report_snapshot(from, to, false),
             Event::Crash => {
                 if !self.faults {
                     return;
@@ -401,8 +454,19 @@ impl Sim {
         }
     }
 
+    fn report_snapshot(&mut self, from: NodeId, to: NodeId, ok: bool) {
+        if self.up(from) {
+            self.node_mut(from).report_snapshot(to, ok);
+            self.process(from);
+        }
+    }
+
     fn send(&mut self, m: Message) {
         if self.faults && self.rng.random_bool(self.drop_p) {
+            if matches!(m.body, MessageBody::InstallSnapshot { .. }) {
+                let after = self.rng.random_range(1..=self.delay_max * 4);
+                self.schedule(after, Event::SnapshotFailed(m.from, m.to));
+            }
             return;
         }
         let copies = if self.faults && self.rng.random_bool(self.dup_p) {
@@ -423,6 +487,7 @@ impl Sim {
         let node = self.nodes.get_mut(&id).expect("node");
         let r = node.raft.take().expect("up");
         node.disk = r.store().clone();
+        node.staged = None;
         node.proposals.clear();
         node.reads.clear();
         node.confirmed_reads.clear();
@@ -445,6 +510,7 @@ impl Sim {
             .values()
             .map(|n| n.raft.as_ref().map_or(&n.disk, |r| r.store()))
             .collect();
+        // A store holds what it has compacted in its state machine (checked on install).
         self.checker.check_durable_majority(&stores);
     }
 
@@ -530,8 +596,29 @@ impl Sim {
                 .messages
                 .into_iter()
                 .partition(|m| !m.needs_persisted_state());
-            // 1. Requests leave at once (a leader's appends in parallel with its write).
+            // 1. Requests leave at once (a leader's appends in parallel with its write), and
+            //    snapshot transfers start, of the state machine as it is now.
             for m in requests {
+                self.send(m);
+            }
+            let node = self.nodes.get_mut(&id).expect("node");
+            let r = node.raft.as_ref().expect("up");
+            let mut snapshot_msgs = Vec::new();
+            for &to in &rd.snapshot_sends {
+                let index = r.applied_index();
+                let term = r.term_at(index).expect("the applied entry's term is known");
+                assert_eq!(index, node.applied.len() as u64);
+                let snapshot = SnapshotMeta { index, term };
+                self.snapshot_data
+                    .insert((id, to, index), node.applied.clone());
+                snapshot_msgs.push(Message {
+                    from: id,
+                    to,
+                    term: r.term(),
+                    body: MessageBody::InstallSnapshot { snapshot },
+                });
+            }
+            for m in snapshot_msgs {
                 self.send(m);
             }
             if crash_now {
@@ -543,7 +630,19 @@ impl Sim {
             }
             let node = self.nodes.get_mut(&id).expect("node");
             let r = node.raft.as_mut().expect("up");
-            // 2. Persist.
+            // 2. Install the staged snapshot, then persist.
+            if let Some(snap) = rd.snapshot {
+                let (staged, data) = node.staged.take().expect("the accepted snapshot is staged");
+                assert_eq!(staged, snap, "node {id} installs the snapshot it staged");
+                self.checker.on_install(id, snap, &data);
+                r.store_mut().install_snapshot(snap);
+                node.applied = data;
+                // Proposals the snapshot covers are never applied here one by one: their
+                // outcome is unknown to this node (the runtime failed them when it lost the
+                // leadership; a client's retry is deduplicated by the sessions in the snapshot).
+                node.proposals.retain(|&i, _| i > snap.index);
+                self.stats.snapshots_installed += 1;
+            }
             self.checker.on_persist(id, r.store(), &rd.entries);
             r.store_mut().append(&rd.entries);
             if let Some(hs) = rd.hard_state {
@@ -600,6 +699,16 @@ impl Sim {
                 node.applied.len() as u64,
                 "applied index tracks the state machine"
             );
+            // Compaction policy: keep a trailing log behind what is applied.
+            let applied = r.applied_index();
+            let first = r.store().first_index();
+            if applied + 1 - first > self.compact_entries {
+                let to = applied.saturating_sub(self.trailing_entries);
+                if to >= first {
+                    r.store_mut().compact(to);
+                    self.stats.compactions += 1;
+                }
+            }
         }
     }
 }

@@ -1,0 +1,251 @@
+//! Snapshots of the state machine, without a snapshot file: the fjall state machine *is* the
+//! snapshot (Raft dissertation 5.2; etcd v3, dragonboat's on-disk state machine).
+//!
+//! 1. Sending: [`KvStore::snapshot_source`](super::KvStore::snapshot_source) takes a fjall
+//!    snapshot (a point-in-time view across keyspaces; writes go on) with the applied index and
+//!    term it holds. [`ChunkReader`] turns it into chunks of encoded records: every key-value
+//!    pair in key order, then every client-session record (the session table is part of the
+//!    replicated state: without it a retried write could apply twice after an install).
+//! 2. Receiving: [`Stager::stage`] writes the chunks into a fresh generation of keyspaces with
+//!    fjall's bulk ingestion (tables written and fsynced directly, not through the journal),
+//!    apart from the live state. Keys must arrive in ascending order (fjall panics otherwise),
+//!    so the order is checked here and a stream that breaks it is refused.
+//! 3. Installing: [`super::install_snapshot`] switches the live generation and drops the log in
+//!    one batch, then fsyncs. A crash at any point leaves either the old state or the new one.
+//!
+//! Record: `tag: u8 (0 kv, 1 session) | key_len: u32 LE | key | value_len: u32 LE | value`.
+//! Each chunk travels with an xxh3-64 checksum of its bytes; the last one also carries the
+//! number of records and bytes, so that a truncated stream is detected.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use fjall::{Database, Keyspace, Readable};
+
+use crate::raft::{LogIndex, SnapshotMeta, StorageError};
+
+use super::disk::{corrupt, io_err, sync_dir};
+use super::kv::{Session, StagedState, decode_sessions, open_sm_keyspace, sm_keyspace_names};
+
+/// The version of the snapshot stream's record format.
+pub const SNAPSHOT_FORMAT: u32 = 1;
+/// Bytes of records per chunk (a single larger record goes alone).
+pub const CHUNK_BYTES: usize = 2 << 20;
+const TAG_KV: u8 = 0;
+const TAG_SESSION: u8 = 1;
+
+/// The checksum of a chunk's bytes.
+pub fn checksum(data: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(data)
+}
+
+/// A point-in-time view of the state machine at `meta`.
+pub struct SnapshotSource {
+    pub(crate) snapshot: fjall::Snapshot,
+    pub(crate) kv: Keyspace,
+    pub(crate) sessions: Keyspace,
+    pub meta: SnapshotMeta,
+}
+
+impl SnapshotSource {
+    pub fn chunks(self) -> ChunkReader {
+        ChunkReader {
+            kv: self.snapshot.iter(&self.kv),
+            sessions: self.snapshot.iter(&self.sessions),
+            _snapshot: self.snapshot,
+            records: 0,
+            bytes: 0,
+        }
+    }
+}
+
+/// Reads a snapshot as chunks of records (blocking reads; run it off the async runtime).
+pub struct ChunkReader {
+    kv: fjall::Iter,
+    sessions: fjall::Iter,
+    _snapshot: fjall::Snapshot,
+    /// Records and record bytes read so far.
+    pub records: u64,
+    pub bytes: u64,
+}
+
+impl ChunkReader {
+    /// The next chunk, or `None` at the end.
+    ///
+    /// # Errors
+    /// A storage error reading the snapshot.
+    pub fn next_chunk(&mut self) -> Result<Option<Vec<u8>>, StorageError> {
+        let mut out = Vec::with_capacity(CHUNK_BYTES + 4096);
+        while out.len() < CHUNK_BYTES {
+            let (tag, item) = match self.kv.next() {
+                Some(item) => (TAG_KV, item),
+                None => match self.sessions.next() {
+                    Some(item) => (TAG_SESSION, item),
+                    None => break,
+                },
+            };
+            let (k, v) = item.into_inner().map_err(io_err)?;
+            let before = out.len();
+            out.push(tag);
+            out.extend_from_slice(&(k.len() as u32).to_le_bytes());
+            out.extend_from_slice(&k);
+            out.extend_from_slice(&(v.len() as u32).to_le_bytes());
+            out.extend_from_slice(&v);
+            self.records += 1;
+            self.bytes += (out.len() - before) as u64;
+        }
+        Ok((!out.is_empty()).then_some(out))
+    }
+}
+
+/// Splits a chunk into its records.
+fn records(chunk: &[u8]) -> impl Iterator<Item = Result<(u8, &[u8], &[u8]), StorageError>> {
+    let mut at = 0usize;
+    std::iter::from_fn(move || {
+        if at >= chunk.len() {
+            return None;
+        }
+        let bad = || Some(Err(corrupt("snapshot record truncated")));
+        let tag = chunk[at];
+        let len_at = |i: usize| -> Option<usize> {
+            Some(u32::from_le_bytes(chunk.get(i..i + 4)?.try_into().ok()?) as usize)
+        };
+        let Some(klen) = len_at(at + 1) else {
+            return bad();
+        };
+        let k_at = at + 5;
+        let Some(vlen) = len_at(k_at + klen) else {
+            return bad();
+        };
+        let v_at = k_at + klen + 4;
+        if chunk.len() < v_at + vlen {
+            return bad();
+        }
+        at = v_at + vlen;
+        Some(Ok((
+            tag,
+            &chunk[k_at..k_at + klen],
+            &chunk[v_at..v_at + vlen],
+        )))
+    })
+}
+
+/// Stages received snapshots in fresh keyspace generations of one node's database. Cheap to
+/// clone; used by the peer service while the core runs.
+#[derive(Clone)]
+pub struct Stager {
+    db: Database,
+    dir: PathBuf,
+    next_generation: Arc<AtomicU64>,
+}
+
+impl Stager {
+    pub(crate) fn new(db: Database, dir: &Path, next_generation: u64) -> Self {
+        Stager {
+            db,
+            dir: dir.to_path_buf(),
+            next_generation: Arc::new(AtomicU64::new(next_generation)),
+        }
+    }
+
+    /// Writes a snapshot at `meta` from `chunks` into a new generation of keyspaces and makes
+    /// it durable. Blocking. On any error the partial staging is deleted.
+    ///
+    /// # Errors
+    /// A broken stream (the iterator's error), records out of order or malformed, or storage.
+    pub fn stage(
+        &self,
+        meta: SnapshotMeta,
+        chunks: impl Iterator<Item = Result<Vec<u8>, String>>,
+    ) -> Result<StagedState, StorageError> {
+        let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
+        let (kv_name, sessions_name) = sm_keyspace_names(generation);
+        let kv = open_sm_keyspace(&self.db, &kv_name)?;
+        let sessions = open_sm_keyspace(&self.db, &sessions_name)?;
+        let result = self.ingest(&kv, &sessions, chunks);
+        match result {
+            Ok(session_table) => {
+                sync_dir(&self.dir.join("keyspaces"))?;
+                Ok(StagedState {
+                    meta,
+                    generation,
+                    kv,
+                    sessions,
+                    session_table,
+                })
+            }
+            Err(e) => {
+                let _ = self.db.delete_keyspace(kv);
+                let _ = self.db.delete_keyspace(sessions);
+                Err(e)
+            }
+        }
+    }
+
+    fn ingest(
+        &self,
+        kv: &Keyspace,
+        sessions: &Keyspace,
+        chunks: impl Iterator<Item = Result<Vec<u8>, String>>,
+    ) -> Result<super::kv::SessionTable, StorageError> {
+        let mut kv_in = Some(kv.start_ingestion().map_err(io_err)?);
+        let mut sessions_in = None;
+        let mut last_key: Option<Vec<u8>> = None;
+        let mut cache = std::collections::HashMap::<u64, Session>::new();
+        let mut record_keys: Vec<LogIndex> = Vec::new();
+        for chunk in chunks {
+            let chunk = chunk.map_err(|e| StorageError::Io {
+                what: format!("snapshot stream broke: {e}"),
+                source: None,
+            })?;
+            for r in records(&chunk) {
+                let (tag, k, v) = r?;
+                if last_key.as_deref().is_some_and(|last| k <= last)
+                    && !(tag == TAG_SESSION && sessions_in.is_none())
+                {
+                    return Err(corrupt("snapshot keys out of order"));
+                }
+                match tag {
+                    TAG_KV if sessions_in.is_none() => {
+                        if let Some(ing) = kv_in.as_mut() {
+                            ing.write(k.to_vec(), v.to_vec()).map_err(io_err)?;
+                        }
+                    }
+                    TAG_SESSION => {
+                        if sessions_in.is_none() {
+                            if let Some(ing) = kv_in.take() {
+                                ing.finish().map_err(io_err)?;
+                            }
+                            sessions_in = Some(sessions.start_ingestion().map_err(io_err)?);
+                        }
+                        let key = <[u8; 8]>::try_from(k)
+                            .map(u64::from_be_bytes)
+                            .map_err(|_| corrupt("snapshot session key"))?;
+                        decode_sessions(v, &mut cache)
+                            .ok_or_else(|| corrupt("snapshot session record"))?;
+                        record_keys.push(key);
+                        if let Some(ing) = sessions_in.as_mut() {
+                            ing.write(k.to_vec(), v.to_vec()).map_err(io_err)?;
+                        }
+                    }
+                    _ => return Err(corrupt("snapshot record of unknown kind or order")),
+                }
+                last_key = Some(k.to_vec());
+            }
+        }
+        if let Some(ing) = kv_in.take() {
+            ing.finish().map_err(io_err)?;
+        }
+        if let Some(ing) = sessions_in.take() {
+            ing.finish().map_err(io_err)?;
+        }
+        Ok((cache, record_keys))
+    }
+
+    /// Deletes a staged snapshot that will not be installed.
+    pub fn discard(&self, staged: StagedState) {
+        let _ = self.db.delete_keyspace(staged.kv);
+        let _ = self.db.delete_keyspace(staged.sessions);
+    }
+}
