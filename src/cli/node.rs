@@ -60,6 +60,26 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
         .with(stderr_layer)
         .try_init()
         .ok();
+    // A panic (in the core thread, say) goes to the log file with its message and location,
+    // not only to stderr, which `raftkv cluster` discards.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()))
+            .unwrap_or_default();
+        let thread = std::thread::current()
+            .name()
+            .unwrap_or("unnamed")
+            .to_string();
+        tracing::error!(
+            thread,
+            location,
+            "panic: {}",
+            crate::node::panic_message(info.payload())
+        );
+        default_hook(info);
+    }));
 
     let (tx, rx) = watch::channel(false);
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;

@@ -12,6 +12,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, anyhow};
@@ -20,17 +23,20 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tonic::transport::server::TcpIncoming;
 
-use crate::config::Config;
+use crate::config::{Config, SnapshotPolicy};
 use crate::proto::data_service_server::DataServiceServer;
 use crate::proto::node_communication_server::NodeCommunicationServer;
-use crate::raft::{self, LogIndex, LogStore, NodeId, Raft, Role, Term};
+use crate::raft::{self, LogIndex, LogStore, NodeId, Raft, Role, SnapshotMeta, Term};
 use crate::storage::command::{Command, Op, RequestId};
-use crate::storage::{self, ApplyOutcome, DiskLog, KvStore};
+use crate::storage::{self, ApplyOutcome, DiskLog, KvStore, Stager};
 use crate::transport::peer::{
     CONNECTION_WINDOW_BYTES, GRPC_MESSAGE_BYTES_MAX, Peers, STREAM_WINDOW_BYTES,
 };
 use crate::transport::server::{ClientService, Limits, PeerService};
-use crate::transport::{ClientRequest, Inbound, NodeStatus, PeerStatus, Reply, ServiceError};
+use crate::transport::snapshot::{self as snapshot_transport, PendingInstall};
+use crate::transport::{
+    ClientRequest, ClusterId, Inbound, NodeStatus, PeerStatus, Reply, ServiceError, cluster_id_str,
+};
 
 /// Inputs queued for the core before senders wait.
 const INBOUND_QUEUE: usize = 16 * 1024;
@@ -71,18 +77,35 @@ pub async fn run(
         "node starting"
     );
 
-    let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_QUEUE);
-    let peers = Peers::start(
+    let peer_addrs = || {
         cfg.nodes
             .iter()
             .filter(|n| n.id != id)
-            .map(|n| (n.id, n.addr())),
-    );
+            .map(|n| (n.id, n.addr()))
+            .collect::<Vec<_>>()
+    };
+    check_cluster_identity(
+        &dir,
+        recovered.kv.cluster_id(),
+        peer_addrs(),
+        cfg.nodes.len(),
+    )
+    .await?;
+    let cluster: ClusterId = Arc::new(AtomicU64::new(recovered.kv.cluster_id()));
+    let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_QUEUE);
+    let peers = Peers::start(peer_addrs(), cluster.clone());
 
     let peer_service = PeerService {
         id,
         members: cfg.ids(),
         inbound: inbound_tx.clone(),
+        snapshots: snapshot_transport::Receiver::new(
+            id,
+            cluster.clone(),
+            recovered.stager.clone(),
+            inbound_tx.clone(),
+        ),
+        cluster: cluster.clone(),
     };
     let client_service = ClientService {
         inbound: inbound_tx.clone(),
@@ -136,6 +159,16 @@ pub async fn run(
         id,
         raft,
         kv: recovered.kv,
+        stager: recovered.stager,
+        inbound: inbound_tx.clone(),
+        policy: cfg.snapshot_policy(),
+        pending_install: None,
+        snapshot_sends: 0,
+        last_snapshot: None,
+        snapshots_installed: 0,
+        snapshots_sent: 0,
+        cluster,
+        cluster_id_proposed_in: 0,
         peers,
         addrs: cfg.addrs(),
         writes: BTreeMap::new(),
@@ -166,9 +199,57 @@ pub async fn run(
     let core_result = tokio::task::spawn_blocking(move || core_thread.join())
         .await
         .context("joining the core thread")?
-        .map_err(|_| anyhow!("the core thread panicked"))?;
+        .map_err(|p| anyhow!("the core thread panicked: {}", panic_message(p.as_ref())))?;
     let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
     core_result
+}
+
+/// The message a panic was raised with.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
+}
+
+/// Refuses to start on another cluster's data directory: if a majority of the cluster's nodes
+/// answer that they belong to one cluster and this directory says another, it was put here by
+/// mistake (restored from the wrong machine, copied from a test cluster). Running it would
+/// only be ignored by the others at best. Without a majority answering, the node starts; its
+/// peer messages are still checked one by one.
+async fn check_cluster_identity(
+    dir: &Path,
+    mine: u64,
+    peers: Vec<(NodeId, String)>,
+    cluster_size: usize,
+) -> anyhow::Result<()> {
+    if mine == 0 || peers.is_empty() {
+        return Ok(());
+    }
+    let answers =
+        crate::transport::peer::probe_cluster_ids(peers, Duration::from_millis(1000)).await;
+    let mut by_id: BTreeMap<u64, Vec<NodeId>> = BTreeMap::new();
+    for (node, id) in answers {
+        by_id.entry(id).or_default().push(node);
+    }
+    let quorum = cluster_size / 2 + 1;
+    if let Some((&theirs, nodes)) = by_id
+        .iter()
+        .find(|(id, nodes)| **id != mine && nodes.len() >= quorum)
+    {
+        let nodes: Vec<String> = nodes.iter().map(u64::to_string).collect();
+        return Err(anyhow!(
+            "data directory {} belongs to cluster {}, but nodes {} belong to cluster {}: it is \
+             another cluster's directory; refusing to start. Move it away and start this node \
+             with an empty data directory: it then catches up from the leader by snapshot.",
+            dir.display(),
+            cluster_id_str(mine),
+            nodes.join(", "),
+            cluster_id_str(theirs)
+        ));
+    }
+    Ok(())
 }
 
 /// Binds the node's port, with an error that names it if it is taken.
@@ -204,6 +285,22 @@ struct Core {
     id: NodeId,
     raft: Raft<DiskLog>,
     kv: KvStore,
+    stager: Stager,
+    /// The core's own input, for the snapshot transfers it starts to report back on.
+    inbound: mpsc::Sender<Inbound>,
+    policy: SnapshotPolicy,
+    /// A snapshot accepted by the core, staged, waiting for the `Ready` that installs it.
+    pending_install: Option<PendingInstall>,
+    /// Snapshot transfers to followers in progress (compaction waits for them).
+    snapshot_sends: usize,
+    /// The last snapshot sent or installed, and when.
+    last_snapshot: Option<(SnapshotMeta, SystemTime)>,
+    snapshots_installed: u64,
+    snapshots_sent: u64,
+    /// The cluster id the transport stamps and checks; follows the state machine's.
+    cluster: ClusterId,
+    /// The term in which this node, as leader, last proposed a cluster id.
+    cluster_id_proposed_in: Term,
     peers: Peers,
     addrs: BTreeMap<NodeId, String>,
     /// Proposed writes by log index, with the term they were proposed in.
@@ -242,9 +339,11 @@ impl Core {
                     Err(_) => break,
                 }
             }
+            self.maybe_name_cluster();
             while self.raft.has_ready() {
                 self.process_ready()?;
             }
+            self.maybe_compact()?;
             // Pipelined answers of this round go out together, one batch per client call.
             crate::transport::flush_replies();
         }
@@ -274,7 +373,151 @@ impl Core {
                     self.handle_client(r);
                 }
             }
+            Inbound::Snapshot {
+                message,
+                staged,
+                reply,
+            } => {
+                let meta = staged.meta;
+                self.raft.step(message)?;
+                if self.raft.pending_snapshot() == Some(meta) {
+                    // A newer snapshot replaces one still waiting (one per round at most).
+                    if let Some(old) = self
+                        .pending_install
+                        .replace(PendingInstall { staged, reply })
+                    {
+                        self.stager.discard(old.staged);
+                        let _ = old
+                            .reply
+                            .send((false, "superseded by a newer snapshot".into()));
+                    }
+                } else {
+                    self.stager.discard(staged);
+                    let why = format!(
+                        "not needed: this node has committed {} (snapshot at {})",
+                        self.raft.commit_index(),
+                        meta.index
+                    );
+                    let _ = reply.send((false, why));
+                }
+            }
+            Inbound::SnapshotSent { to, result } => {
+                self.snapshot_sends -= 1;
+                match &result {
+                    Ok(o) => tracing::info!(
+                        node = self.id,
+                        to,
+                        installed = o.installed,
+                        records = o.records,
+                        mib = o.bytes as f64 / (1 << 20) as f64,
+                        detail = %o.detail,
+                        "snapshot transfer finished"
+                    ),
+                    Err(e) => tracing::warn!(node = self.id, to, "snapshot transfer failed: {e}"),
+                }
+                self.raft.report_snapshot(to, result.is_ok());
+            }
         }
+        Ok(())
+    }
+
+    /// A leader of a cluster that has no id yet (a new cluster, or one from before ids) names
+    /// it: the first `SetClusterId` entry applied wins, on every node alike.
+    fn maybe_name_cluster(&mut self) {
+        if self.raft.role() != Role::Leader
+            || self.kv.cluster_id() != 0
+            || self.cluster_id_proposed_in == self.raft.term()
+        {
+            return;
+        }
+        self.cluster_id_proposed_in = self.raft.term();
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let seed = format!("{nanos}/{}/{}", std::process::id(), self.id);
+        let id = xxhash_rust::xxh3::xxh3_64(seed.as_bytes()).max(1);
+        let cmd = Command {
+            id: RequestId::default(),
+            op: Op::SetClusterId { id },
+        };
+        let _ = self.raft.propose(cmd.encode());
+    }
+
+    /// The state machine may have learned the cluster id (an applied entry or a snapshot).
+    fn sync_cluster_id(&mut self) {
+        let id = self.kv.cluster_id();
+        if self.cluster.swap(id, Ordering::Relaxed) != id {
+            tracing::info!(node = self.id, cluster = %cluster_id_str(id), "cluster id");
+        }
+    }
+
+    /// Starts streaming the state machine, as it is now, to `to`, in the background.
+    fn start_snapshot_send(&mut self, to: NodeId) {
+        let source = self.kv.snapshot_source();
+        let inbound = self.inbound.clone();
+        let (from, term) = (self.id, self.raft.term());
+        let addr = self.addrs.get(&to).cloned().unwrap_or_default();
+        let meta = source.meta;
+        let cluster_id = self.kv.cluster_id();
+        self.snapshot_sends += 1;
+        self.snapshots_sent += 1;
+        self.last_snapshot = Some((meta, SystemTime::now()));
+        tracing::info!(
+            node = self.id,
+            to,
+            index = meta.index,
+            term = meta.term,
+            "sending a snapshot (the follower needs entries compacted away)"
+        );
+        tokio::spawn(async move {
+            let result = if meta.index > 0 && meta.term == 0 {
+                // A format-1 directory that has not applied anything since its upgrade does not
+                // know its applied entry's term yet.
+                Err("the applied entry's term is not known yet".to_string())
+            } else {
+                snapshot_transport::send(from, to, term, cluster_id, &addr, source).await
+            };
+            if result.is_err() {
+                // Paces the retries: the core starts the next transfer on the next heartbeat
+                // answer after this report.
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            let _ = inbound.send(Inbound::SnapshotSent { to, result }).await;
+        });
+    }
+
+    /// Compacts the log once it has grown past the policy's limits, keeping the newest part
+    /// (never past what is applied and durable, and not while a snapshot is being sent: a
+    /// follower installing one needs the entries right after it).
+    fn maybe_compact(&mut self) -> anyhow::Result<()> {
+        let log = self.raft.store();
+        let start = log.start().index;
+        let compactable = self.kv.applied().min(self.raft.persisted_index());
+        let entries = compactable.saturating_sub(start);
+        let p = &self.policy;
+        if (entries <= p.log_entries_max && log.log_bytes() <= p.log_bytes_max)
+            || self.snapshot_sends > 0
+        {
+            return Ok(());
+        }
+        let to = compactable
+            .saturating_sub(p.keep_entries)
+            .max(log.index_keeping_bytes(p.keep_bytes))
+            .min(compactable);
+        if to <= start {
+            return Ok(());
+        }
+        let before = log.log_bytes();
+        self.raft
+            .store_mut()
+            .compact(to)
+            .context("compacting the Raft log")?;
+        tracing::debug!(
+            node = self.id,
+            to,
+            freed_mib = (before - self.raft.store().log_bytes()) as f64 / (1 << 20) as f64,
+            "log compacted"
+        );
         Ok(())
     }
 
@@ -371,6 +614,17 @@ impl Core {
             first_log_index: s.first_index,
             last_log_index: s.last_index,
             voters: s.voters,
+            snapshot_index: self.raft.store().start().index,
+            snapshot_term: self.raft.store().start().term,
+            log_bytes: self.raft.store().log_bytes(),
+            data_bytes: self.kv.disk_bytes(),
+            last_snapshot_unix_ms: self.last_snapshot.map_or(0, |(_, t)| {
+                t.duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64)
+            }),
+            snapshots_installed: self.snapshots_installed,
+            snapshots_sent: self.snapshots_sent,
+            cluster_id: self.kv.cluster_id(),
             progress: s
                 .progress
                 .into_iter()
@@ -427,7 +681,33 @@ impl Core {
             self.peers.push(m);
         }
         self.peers.flush();
-        // 2. Make entries and hard state durable: one batch, at most one fsync.
+        for to in rd.snapshot_sends {
+            self.start_snapshot_send(to);
+        }
+        // 2. Install a snapshot the core accepted (atomically: the staged state becomes live
+        //    and the log is dropped), then make entries and hard state durable: one batch, at
+        //    most one fsync.
+        if let Some(snap) = rd.snapshot {
+            let pending = self
+                .pending_install
+                .take()
+                .filter(|p| p.staged.meta == snap)
+                .ok_or_else(|| {
+                    anyhow!("the core installs snapshot {snap:?}, which is not staged")
+                })?;
+            storage::install_snapshot(self.raft.store_mut(), &mut self.kv, pending.staged)
+                .context("installing a snapshot")?;
+            tracing::info!(
+                node = self.id,
+                index = snap.index,
+                term = snap.term,
+                "snapshot installed"
+            );
+            self.last_snapshot = Some((snap, SystemTime::now()));
+            self.snapshots_installed += 1;
+            self.sync_cluster_id();
+            let _ = pending.reply.send((true, "installed".into()));
+        }
         if !rd.entries.is_empty() || rd.hard_state.is_some() {
             self.raft
                 .store_mut()
@@ -445,6 +725,7 @@ impl Core {
                 .kv
                 .apply(&rd.committed_entries)
                 .context("applying committed entries")?;
+            self.sync_cluster_id();
             for (e, outcome) in rd.committed_entries.iter().zip(outcomes) {
                 let Some((term, w)) = self.writes.remove(&e.index) else {
                     continue;

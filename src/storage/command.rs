@@ -9,6 +9,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 const VERSION: u8 = 1;
 const OP_PUT: u8 = 1;
 const OP_DELETE: u8 = 2;
+const OP_SET_CLUSTER_ID: u8 = 3;
 const HEADER_BYTES: usize = 1 + 1 + 8 + 8 + 4;
 
 /// Identifies a client request so that a retried write is applied at most once (Raft
@@ -21,8 +22,19 @@ pub struct RequestId {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
-    Put { key: Bytes, value: Bytes },
-    Delete { key: Bytes },
+    Put {
+        key: Bytes,
+        value: Bytes,
+    },
+    Delete {
+        key: Bytes,
+    },
+    /// Names the cluster (its identity, checked on every peer message): proposed by the first
+    /// leader of a new cluster; only the first one applied takes effect, so every node agrees.
+    /// Encoded with the id as an 8-byte key.
+    SetClusterId {
+        id: u64,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -37,9 +49,14 @@ pub struct DecodeError(&'static str);
 
 impl Command {
     pub fn encode(&self) -> Bytes {
+        let id_key;
         let (op, key, value) = match &self.op {
             Op::Put { key, value } => (OP_PUT, key, Some(value)),
             Op::Delete { key } => (OP_DELETE, key, None),
+            Op::SetClusterId { id } => {
+                id_key = Bytes::copy_from_slice(&id.to_le_bytes());
+                (OP_SET_CLUSTER_ID, &id_key, None)
+            }
         };
         let mut b =
             BytesMut::with_capacity(HEADER_BYTES + key.len() + value.map_or(0, |v| v.len()));
@@ -76,6 +93,14 @@ impl Command {
             OP_PUT => Op::Put { key, value: data },
             OP_DELETE if data.is_empty() => Op::Delete { key },
             OP_DELETE => return Err(DecodeError("trailing bytes after delete")),
+            OP_SET_CLUSTER_ID if data.is_empty() => Op::SetClusterId {
+                id: u64::from_le_bytes(
+                    key.as_ref()
+                        .try_into()
+                        .map_err(|_| DecodeError("cluster id of the wrong size"))?,
+                ),
+            },
+            OP_SET_CLUSTER_ID => return Err(DecodeError("trailing bytes after cluster id")),
             _ => return Err(DecodeError("unknown operation")),
         };
         Ok(Command { id, op })
@@ -112,6 +137,12 @@ mod tests {
                     seq: 1,
                 },
                 op: Op::Delete { key: "key".into() },
+            },
+            Command {
+                id: RequestId::default(),
+                op: Op::SetClusterId {
+                    id: 0x1234_5678_9abc_def0,
+                },
             },
         ];
         for c in cmds {

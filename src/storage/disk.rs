@@ -14,7 +14,12 @@ use crate::raft::{
 use super::kv::{KvStore, sm_keyspace_generation};
 use super::snapshot::Stager;
 
-const FORMAT_VERSION: u64 = 1;
+/// 2: the log may start after a compacted prefix (`log_start`), the applied index carries its
+/// term, and the state machine's keyspaces come in generations. Format 1 directories are
+/// upgraded in place when opened (they read the same, with no compacted prefix).
+const FORMAT_VERSION: u64 = 2;
+/// fjall's minimum.
+const JOURNAL_BYTES_MAX: u64 = 64 << 20;
 const KEY_NODE_ID: &[u8] = b"node_id";
 const KEY_FORMAT: &[u8] = b"format";
 const KEY_HARD_STATE: &[u8] = b"hard_state";
@@ -33,7 +38,7 @@ pub enum OpenError {
         found: NodeId,
     },
     #[error(
-        "data directory {dir} has on-disk format {found}, this raftkv reads format {FORMAT_VERSION}"
+        "data directory {dir} has on-disk format {found}, this raftkv reads formats 1 to {FORMAT_VERSION}"
     )]
     WrongFormat { dir: PathBuf, found: u64 },
     #[error("data directory {dir} is corrupt: {what}")]
@@ -105,9 +110,13 @@ pub fn open(dir: &Path, id: NodeId) -> Result<Recovered, OpenError> {
     if let Some(parent) = dir.parent() {
         sync_dir(parent).map_err(wrap)?;
     }
+    // The journal is shared by every keyspace and only freed once the memtables it covers are
+    // flushed: capping it (fjall's default is 512 MiB) bounds the data directory, which with
+    // log compaction no longer grows with history.
     let db = match Database::builder(dir)
         .manual_journal_persist(true)
         .worker_threads(1)
+        .max_journaling_size(JOURNAL_BYTES_MAX)
         .open()
     {
         Ok(db) => db,
@@ -152,11 +161,16 @@ pub fn open(dir: &Path, id: NodeId) -> Result<Recovered, OpenError> {
                 .map_err(wrap)?
                 .and_then(|v| decode_u64(&v))
                 .ok_or_else(|| corrupt("format"))?;
-            if format != FORMAT_VERSION {
+            if !(1..=FORMAT_VERSION).contains(&format) {
                 return Err(OpenError::WrongFormat {
                     dir: dir.to_path_buf(),
                     found: format,
                 });
+            }
+            if format < FORMAT_VERSION {
+                meta.insert(KEY_FORMAT, FORMAT_VERSION.to_le_bytes().to_vec())
+                    .map_err(io_err)
+                    .map_err(wrap)?;
             }
         }
         None => {

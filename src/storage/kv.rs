@@ -17,6 +17,9 @@ pub(crate) const KEY_APPLIED: &[u8] = b"applied";
 /// Which pair of state-machine keyspaces is live (u64 LE; absent: 0). An installed snapshot
 /// is staged in the next generation's keyspaces and made live by writing this key.
 pub(crate) const KEY_SM_GENERATION: &[u8] = b"sm_generation";
+/// The cluster this node belongs to (u64 LE; absent: not known yet). Set by the first applied
+/// `SetClusterId` entry or by an installed snapshot.
+pub(crate) const KEY_CLUSTER_ID: &[u8] = b"cluster_id";
 
 /// The names of generation `gen`'s key-value and session keyspaces.
 pub(crate) fn sm_keyspace_names(generation: u64) -> (String, String) {
@@ -145,6 +148,8 @@ pub struct KvStore {
     /// The term of the entry at `applied` (0 if unknown: a format-1 directory before its first
     /// apply).
     applied_term: Term,
+    /// 0 until known.
+    cluster_id: u64,
 }
 
 /// The session table read from a sessions keyspace: the cache and the record keys.
@@ -172,6 +177,10 @@ pub struct StagedState {
     pub(crate) kv: Keyspace,
     pub(crate) sessions: Keyspace,
     pub(crate) session_table: SessionTable,
+    /// Records the snapshot held.
+    pub records: u64,
+    /// The cluster the snapshot came from (0: not known).
+    pub cluster_id: u64,
 }
 
 impl KvStore {
@@ -201,7 +210,13 @@ impl KvStore {
             None => SnapshotMeta::default(),
         };
         let (session_cache, session_records) = load_sessions(&sessions)?;
+        let cluster_id = match meta.get(KEY_CLUSTER_ID).map_err(io_err)? {
+            Some(v) if v.len() == 8 => u64_at(&v, 0),
+            Some(_) => return Err(corrupt("cluster_id")),
+            None => 0,
+        };
         Ok(KvStore {
+            cluster_id,
             db,
             generation,
             kv,
@@ -219,6 +234,11 @@ impl KvStore {
         self.applied
     }
 
+    /// The cluster this node belongs to, 0 until known.
+    pub fn cluster_id(&self) -> u64 {
+        self.cluster_id
+    }
+
     /// The index and term of the last entry applied.
     pub fn applied_meta(&self) -> SnapshotMeta {
         SnapshotMeta {
@@ -227,8 +247,18 @@ impl KvStore {
         }
     }
 
+    /// Bytes of the whole database on disk (tables and journal, as fjall counts them).
+    pub fn disk_bytes(&self) -> u64 {
+        self.db.disk_space().unwrap_or(0)
+    }
+
     pub fn generation(&self) -> u64 {
         self.generation
+    }
+
+    #[cfg(test)]
+    pub(crate) fn db_has_keyspace(&self, name: &str) -> bool {
+        self.db.keyspace_exists(name)
     }
 
     /// A point-in-time view of the state machine for streaming it as a snapshot while writes
@@ -259,7 +289,20 @@ impl KvStore {
             staged.generation.to_le_bytes().to_vec(),
         );
         b.insert(&self.meta, KEY_APPLIED, encode_meta(staged.meta));
+        let cluster_id = if self.cluster_id == 0 {
+            staged.cluster_id
+        } else {
+            self.cluster_id
+        };
+        if cluster_id != self.cluster_id {
+            b.insert(
+                &self.meta,
+                KEY_CLUSTER_ID,
+                cluster_id.to_le_bytes().to_vec(),
+            );
+        }
         b.commit().map_err(io_err)?;
+        self.cluster_id = cluster_id;
         self.db
             .persist(fjall::PersistMode::SyncAll)
             .map_err(io_err)?;
@@ -310,6 +353,7 @@ impl KvStore {
         let mut expired: Vec<u64> = Vec::new();
         let mut applied = self.applied;
         let mut applied_term = self.applied_term;
+        let mut new_cluster_id = None;
         for e in entries {
             assert_eq!(e.index, applied + 1, "entries must be applied in order");
             applied = e.index;
@@ -334,6 +378,13 @@ impl KvStore {
                 continue;
             }
             let (outcome, existed) = match cmd.op {
+                Op::SetClusterId { id } => {
+                    if self.cluster_id == 0 && id != 0 && new_cluster_id.is_none() {
+                        new_cluster_id = Some(id);
+                        b.insert(&self.meta, KEY_CLUSTER_ID, id.to_le_bytes().to_vec());
+                    }
+                    (ApplyOutcome::Noop, false)
+                }
                 Op::Put { key, value } => {
                     b.insert(&self.kv, key.to_vec(), value.to_vec());
                     present.insert(key, true);
@@ -396,6 +447,9 @@ impl KvStore {
         b.commit().map_err(io_err)?;
         self.applied = applied;
         self.applied_term = applied_term;
+        if let Some(id) = new_cluster_id {
+            self.cluster_id = id;
+        }
         match sessions_after {
             Some(all) => {
                 self.session_records = if all.is_empty() {

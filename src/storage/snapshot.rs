@@ -165,7 +165,7 @@ impl Stager {
         let sessions = open_sm_keyspace(&self.db, &sessions_name)?;
         let result = self.ingest(&kv, &sessions, chunks);
         match result {
-            Ok(session_table) => {
+            Ok((session_table, records)) => {
                 sync_dir(&self.dir.join("keyspaces"))?;
                 Ok(StagedState {
                     meta,
@@ -173,6 +173,8 @@ impl Stager {
                     kv,
                     sessions,
                     session_table,
+                    records,
+                    cluster_id: 0,
                 })
             }
             Err(e) => {
@@ -188,12 +190,13 @@ impl Stager {
         kv: &Keyspace,
         sessions: &Keyspace,
         chunks: impl Iterator<Item = Result<Vec<u8>, String>>,
-    ) -> Result<super::kv::SessionTable, StorageError> {
+    ) -> Result<(super::kv::SessionTable, u64), StorageError> {
         let mut kv_in = Some(kv.start_ingestion().map_err(io_err)?);
         let mut sessions_in = None;
         let mut last_key: Option<Vec<u8>> = None;
         let mut cache = std::collections::HashMap::<u64, Session>::new();
         let mut record_keys: Vec<LogIndex> = Vec::new();
+        let mut count = 0u64;
         for chunk in chunks {
             let chunk = chunk.map_err(|e| StorageError::Io {
                 what: format!("snapshot stream broke: {e}"),
@@ -232,6 +235,7 @@ impl Stager {
                     _ => return Err(corrupt("snapshot record of unknown kind or order")),
                 }
                 last_key = Some(k.to_vec());
+                count += 1;
             }
         }
         if let Some(ing) = kv_in.take() {
@@ -240,12 +244,243 @@ impl Stager {
         if let Some(ing) = sessions_in.take() {
             ing.finish().map_err(io_err)?;
         }
-        Ok((cache, record_keys))
+        Ok(((cache, record_keys), count))
     }
 
     /// Deletes a staged snapshot that will not be installed.
     pub fn discard(&self, staged: StagedState) {
         let _ = self.db.delete_keyspace(staged.kv);
         let _ = self.db.delete_keyspace(staged.sessions);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::raft::{Entry, EntryKind, LogStore};
+    use crate::storage::command::{Command, Op, RequestId};
+    use crate::storage::{ApplyOutcome, install_snapshot, open};
+
+    fn put(index: LogIndex, client: u64, seq: u64, k: &str, v: &str) -> Entry {
+        let cmd = Command {
+            id: RequestId {
+                client_id: client,
+                seq,
+            },
+            op: Op::Put {
+                key: k.to_string().into(),
+                value: v.to_string().into(),
+            },
+        };
+        Entry {
+            index,
+            term: 2,
+            kind: EntryKind::Normal,
+            data: cmd.encode(),
+        }
+    }
+
+    fn chunks_of(source: SnapshotSource) -> Vec<Vec<u8>> {
+        let mut r = source.chunks();
+        let mut out = Vec::new();
+        while let Some(c) = r.next_chunk().expect("read") {
+            out.push(c);
+        }
+        out
+    }
+
+    #[test]
+    fn compaction_drops_whole_batches_and_survives_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let mut r = open(dir.path(), 1).expect("open");
+            for first in [1u64, 5, 9] {
+                let batch: Vec<Entry> = (first..first + 4)
+                    .map(|i| put(i, 0, 0, &format!("k{i}"), "v"))
+                    .collect();
+                r.log.append(&batch, None, true).expect("append");
+                r.kv.apply(&batch).expect("apply");
+            }
+            let bytes = r.log.log_bytes();
+            r.log.compact(6).expect("compact");
+            assert!(r.log.log_bytes() < bytes, "the first batch is gone");
+            assert_eq!(r.log.first_index(), 7);
+            assert_eq!(r.log.term(6).expect("term"), 2);
+            assert!(matches!(r.log.term(5), Err(StorageError::Compacted(5))));
+            assert!(matches!(
+                r.log.entries(6, 8, usize::MAX),
+                Err(StorageError::Compacted(6))
+            ));
+        }
+        let mut r = open(dir.path(), 1).expect("reopen");
+        assert_eq!((r.log.first_index(), r.log.last_index()), (7, 12));
+        let got = r.log.entries(7, 13, usize::MAX).expect("entries");
+        assert_eq!(
+            got.iter().map(|e| e.index).collect::<Vec<_>>(),
+            (7..=12).collect::<Vec<_>>()
+        );
+        // Compacting everything leaves an empty log that starts after the last entry.
+        r.log.compact(12).expect("compact");
+        assert_eq!(r.log.log_bytes(), 0);
+        drop(r);
+        let mut r = open(dir.path(), 1).expect("reopen");
+        assert_eq!((r.log.first_index(), r.log.last_index()), (13, 12));
+        assert_eq!(r.log.term(12).expect("term"), 2);
+        assert_eq!(r.hard_state.commit, 12, "the log's start is committed");
+        r.log
+            .append(&[put(13, 0, 0, "k13", "v")], None, true)
+            .expect("append after compaction");
+        assert_eq!(r.log.last_index(), 13);
+    }
+
+    #[test]
+    fn snapshot_streams_while_writes_go_on_and_installs_atomically() {
+        let a_dir = tempfile::tempdir().expect("tempdir");
+        let b_dir = tempfile::tempdir().expect("tempdir");
+        let mut a = open(a_dir.path(), 1).expect("open");
+        let batch: Vec<Entry> = (1..=300)
+            .map(|i| {
+                put(
+                    i,
+                    1 + i % 3,
+                    i,
+                    &format!("key{i:05}"),
+                    &"x".repeat(i as usize),
+                )
+            })
+            .collect();
+        a.kv.apply(&batch).expect("apply");
+        let source = a.kv.snapshot_source();
+        assert_eq!(
+            source.meta,
+            SnapshotMeta {
+                index: 300,
+                term: 2
+            }
+        );
+        // Written after the snapshot was taken: not in it.
+        a.kv.apply(&[put(301, 9, 1, "late", "v")]).expect("apply");
+        let chunks = chunks_of(source);
+
+        let mut b = open(b_dir.path(), 2).expect("open");
+        b.log
+            .append(
+                &[put(1, 0, 0, "old", "v"), put(2, 0, 0, "old2", "v")],
+                None,
+                true,
+            )
+            .expect("append");
+        b.kv.apply(&[put(1, 0, 0, "old", "v")]).expect("apply");
+        let meta = SnapshotMeta {
+            index: 300,
+            term: 2,
+        };
+        let staged = b
+            .stager
+            .stage(meta, chunks.into_iter().map(Ok))
+            .expect("staged");
+        assert_eq!(
+            staged.records,
+            300 + 1,
+            "every key and the one session record"
+        );
+        assert_eq!(
+            b.kv.get(b"old").expect("get"),
+            Some(Bytes::from("v")),
+            "live state untouched"
+        );
+        install_snapshot(&mut b.log, &mut b.kv, staged).expect("install");
+        let check = |r: &mut crate::storage::disk::Recovered| {
+            assert_eq!(r.kv.applied(), 300);
+            assert_eq!(r.kv.get(b"old").expect("get"), None);
+            assert_eq!(r.kv.get(b"late").expect("get"), None);
+            assert_eq!(
+                r.kv.get(b"key00150").expect("get"),
+                Some(Bytes::from("x".repeat(150)))
+            );
+            assert_eq!((r.log.first_index(), r.log.last_index()), (301, 300));
+            assert_eq!(r.log.term(300).expect("term"), 2);
+        };
+        check(&mut b);
+        drop(b);
+        let mut b = open(b_dir.path(), 2).expect("reopen");
+        check(&mut b);
+        assert_eq!(b.kv.generation(), 1);
+        assert!(!b.kv.db_has_keyspace("kv"), "the old generation is deleted");
+        // The session table came along: a retry of the last write of client 1 + 300 % 3 is a
+        // duplicate.
+        let retry = [put(301, 1, 300, "key00300", "again")];
+        b.log.append(&retry, None, true).expect("append");
+        let out = b.kv.apply(&retry).expect("apply");
+        assert_eq!(out, vec![ApplyOutcome::Duplicate { existed: false }]);
+    }
+
+    #[test]
+    fn a_snapshot_staged_but_not_installed_is_dropped_at_restart() {
+        let a_dir = tempfile::tempdir().expect("tempdir");
+        let b_dir = tempfile::tempdir().expect("tempdir");
+        let mut a = open(a_dir.path(), 1).expect("open");
+        a.kv.apply(&[put(1, 0, 0, "k", "v")]).expect("apply");
+        let chunks = chunks_of(a.kv.snapshot_source());
+        {
+            let b = open(b_dir.path(), 2).expect("open");
+            let staged = b
+                .stager
+                .stage(
+                    SnapshotMeta { index: 1, term: 2 },
+                    chunks.into_iter().map(Ok),
+                )
+                .expect("staged");
+            assert!(b.kv.db_has_keyspace("kv-1"));
+            drop(staged); // the node crashed before installing it
+        }
+        let b = open(b_dir.path(), 2).expect("reopen");
+        assert_eq!(b.kv.generation(), 0);
+        assert_eq!(b.kv.get(b"k").expect("get"), None);
+        assert!(!b.kv.db_has_keyspace("kv-1"), "the staging was deleted");
+    }
+
+    #[test]
+    fn damaged_or_unordered_snapshots_are_refused_and_leave_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let b = open(dir.path(), 2).expect("open");
+        let rec = |k: &str| {
+            let mut v = vec![TAG_KV];
+            v.extend_from_slice(&(k.len() as u32).to_le_bytes());
+            v.extend_from_slice(k.as_bytes());
+            v.extend_from_slice(&1u32.to_le_bytes());
+            v.push(b'v');
+            v
+        };
+        let meta = SnapshotMeta { index: 5, term: 1 };
+        let unordered = [rec("b"), rec("a")].concat();
+        let e = b
+            .stager
+            .stage(meta, std::iter::once(Ok(unordered)))
+            .err()
+            .expect("refused");
+        assert!(e.to_string().contains("out of order"), "{e}");
+        let mut truncated = rec("a");
+        truncated.pop();
+        let e = b
+            .stager
+            .stage(meta, std::iter::once(Ok(truncated)))
+            .err()
+            .expect("refused");
+        assert!(e.to_string().contains("truncated"), "{e}");
+        let e = b
+            .stager
+            .stage(
+                meta,
+                [Ok(rec("a")), Err("connection reset".into())].into_iter(),
+            )
+            .err()
+            .expect("refused");
+        assert!(e.to_string().contains("connection reset"), "{e}");
+        drop(b);
+        let b = open(dir.path(), 2).expect("reopen");
+        assert!(!b.kv.db_has_keyspace("kv-1") && !b.kv.db_has_keyspace("kv-3"));
     }
 }

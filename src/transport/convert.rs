@@ -67,6 +67,7 @@ pub fn message_to_wire(m: Message) -> Option<proto::RaftMessage> {
         from: m.from,
         to: m.to,
         term: m.term,
+        cluster_id: 0,
         body: Some(body),
     })
 }

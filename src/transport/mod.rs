@@ -4,6 +4,7 @@
 pub mod convert;
 pub mod peer;
 pub mod server;
+pub mod snapshot;
 
 use std::cell::RefCell;
 use std::sync::{Arc, Mutex};
@@ -12,6 +13,19 @@ use bytes::Bytes;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::proto;
+
+/// The cluster id a node knows (0: not yet), shared by the core (which learns it) and the
+/// transport (which stamps and checks it on every peer message).
+pub type ClusterId = Arc<std::sync::atomic::AtomicU64>;
+
+/// Hex, as the node's log and errors show it.
+pub fn cluster_id_str(id: u64) -> String {
+    if id == 0 {
+        "unknown".into()
+    } else {
+        format!("{id:016x}")
+    }
+}
 
 use crate::raft::{LogIndex, Message, NodeId};
 use crate::storage::command::RequestId;
@@ -27,6 +41,18 @@ pub enum Inbound {
     Client(ClientRequest),
     /// Requests that arrived together on one pipeline call.
     Clients(Vec<ClientRequest>),
+    /// A snapshot from the leader, received, verified and staged; `message` is its
+    /// InstallSnapshot for the core. `reply` gets whether it was installed, and why not.
+    Snapshot {
+        message: Message,
+        staged: crate::storage::StagedState,
+        reply: oneshot::Sender<(bool, String)>,
+    },
+    /// A snapshot transfer this node started to `to` ended.
+    SnapshotSent {
+        to: NodeId,
+        result: Result<snapshot::SendOutcome, String>,
+    },
 }
 
 /// Where the answer to one client request goes: a unary call's waiting task, or a tagged
@@ -232,6 +258,14 @@ pub struct NodeStatus {
     pub last_log_index: LogIndex,
     pub voters: Vec<NodeId>,
     pub progress: Vec<PeerStatus>,
+    pub snapshot_index: LogIndex,
+    pub snapshot_term: u64,
+    pub log_bytes: u64,
+    pub data_bytes: u64,
+    pub last_snapshot_unix_ms: u64,
+    pub snapshots_installed: u64,
+    pub snapshots_sent: u64,
+    pub cluster_id: u64,
 }
 
 #[cfg(test)]
@@ -244,6 +278,7 @@ mod tests {
             from: 1,
             to: 2,
             term: 1,
+            cluster_id: 0,
             body: Some(proto::raft_message::Body::AppendRequest(
                 proto::AppendRequest {
                     entries: vec![proto::Entry {

@@ -33,13 +33,18 @@ type Slot = Arc<Mutex<Option<mpsc::Sender<proto::MessageBatch>>>>;
 
 pub struct Peers {
     streams: HashMap<NodeId, Slot>,
+    /// Stamped on every message.
+    cluster: super::ClusterId,
     /// Messages of the current round, by peer (reused between rounds).
     pending: HashMap<NodeId, Vec<proto::RaftMessage>>,
 }
 
 impl Peers {
     /// Starts one connection task per peer (`id -> host:port`).
-    pub fn start(peers: impl IntoIterator<Item = (NodeId, String)>) -> Peers {
+    pub fn start(
+        peers: impl IntoIterator<Item = (NodeId, String)>,
+        cluster: super::ClusterId,
+    ) -> Peers {
         let mut streams = HashMap::new();
         for (id, addr) in peers {
             let slot = Slot::default();
@@ -48,6 +53,7 @@ impl Peers {
         }
         Peers {
             streams,
+            cluster,
             pending: HashMap::new(),
         }
     }
@@ -55,8 +61,9 @@ impl Peers {
     /// Adds a message to its peer's batch; `flush` sends the batches.
     pub fn push(&mut self, m: Message) {
         if self.streams.contains_key(&m.to)
-            && let Some(wire) = message_to_wire(m)
+            && let Some(mut wire) = message_to_wire(m)
         {
+            wire.cluster_id = self.cluster.load(std::sync::atomic::Ordering::Relaxed);
             self.pending.entry(wire.to).or_default().push(wire);
         }
     }
@@ -136,4 +143,38 @@ async fn peer_loop(id: NodeId, addr: String, slot: Slot) {
         set(None);
         tokio::time::sleep(backoff).await;
     }
+}
+
+/// Asks each of `peers` (`id -> host:port`) for the cluster it belongs to, within `timeout`;
+/// returns the ids of those that answered and know it.
+pub async fn probe_cluster_ids(
+    peers: impl IntoIterator<Item = (NodeId, String)>,
+    timeout: Duration,
+) -> Vec<(NodeId, u64)> {
+    let probes = peers.into_iter().map(|(id, addr)| async move {
+        let ask = async {
+            let channel = Endpoint::from_shared(format!("http://{addr}"))
+                .ok()?
+                .connect_timeout(timeout)
+                .connect()
+                .await
+                .ok()?;
+            let mut c = crate::proto::data_service_client::DataServiceClient::new(channel);
+            let s = c.status(proto::StatusRequest {}).await.ok()?.into_inner();
+            (s.cluster_id != 0).then_some((id, s.cluster_id))
+        };
+        tokio::time::timeout(timeout, ask).await.ok().flatten()
+    });
+    let mut out = Vec::new();
+    for p in probes {
+        // Sequential awaits of futures created together would not overlap; spawn them.
+        out.push(tokio::spawn(p));
+    }
+    let mut answers = Vec::new();
+    for h in out {
+        if let Ok(Some(a)) = h.await {
+            answers.push(a);
+        }
+    }
+    answers
 }

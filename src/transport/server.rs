@@ -39,6 +39,8 @@ pub struct PeerService {
     pub id: NodeId,
     pub members: Vec<NodeId>,
     pub inbound: mpsc::Sender<Inbound>,
+    pub snapshots: super::snapshot::Receiver,
+    pub cluster: super::ClusterId,
 }
 
 #[tonic::async_trait]
@@ -48,7 +50,27 @@ impl NodeCommunication for PeerService {
         request: Request<Streaming<proto::MessageBatch>>,
     ) -> Result<Response<proto::StreamClosed>, Status> {
         let mut stream = request.into_inner();
+        let mut warned = false;
         while let Some(batch) = stream.message().await? {
+            let mine = self.cluster.load(std::sync::atomic::Ordering::Relaxed);
+            if let Some(m) = batch
+                .messages
+                .iter()
+                .find(|m| mine != 0 && m.cluster_id != 0 && m.cluster_id != mine)
+            {
+                // Another cluster's node (a misplaced data directory or a wrong address): its
+                // messages must not touch our term or log.
+                if !warned {
+                    tracing::warn!(
+                        "ignoring node {}: it belongs to cluster {}, this node to cluster {}",
+                        m.from,
+                        super::cluster_id_str(m.cluster_id),
+                        super::cluster_id_str(mine)
+                    );
+                    warned = true;
+                }
+                continue;
+            }
             let messages = batch
                 .messages
                 .into_iter()
@@ -64,6 +86,19 @@ impl NodeCommunication for PeerService {
             }
         }
         Ok(Response::new(proto::StreamClosed {}))
+    }
+
+    async fn install_snapshot(
+        &self,
+        request: Request<Streaming<proto::SnapshotChunk>>,
+    ) -> Result<Response<proto::SnapshotReply>, Status> {
+        let members = &self.members;
+        let reply = self
+            .snapshots
+            .receive(request.into_inner(), |id| members.contains(&id))
+            .await
+            .inspect_err(|s| tracing::warn!(node = self.id, "snapshot refused: {}", s.message()))?;
+        Ok(Response::new(reply))
     }
 }
 
@@ -372,6 +407,14 @@ impl DataService for ClientService {
                 })
                 .collect(),
             first_log_index: s.first_log_index,
+            snapshot_index: s.snapshot_index,
+            snapshot_term: s.snapshot_term,
+            log_bytes: s.log_bytes,
+            data_bytes: s.data_bytes,
+            last_snapshot_unix_ms: s.last_snapshot_unix_ms,
+            snapshots_installed: s.snapshots_installed,
+            snapshots_sent: s.snapshots_sent,
+            cluster_id: s.cluster_id,
         }))
     }
 }

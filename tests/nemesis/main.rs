@@ -40,6 +40,7 @@ const NODES: usize = 5;
 const CLIENTS: usize = 10;
 const KEYS: usize = 6;
 const PORT: u16 = 7379;
+const SNAPSHOTS: &str = r#""snapshot": {"log_entries_max": 2000, "keep_entries": 200}"#;
 
 struct Cluster {
     _dir: tempfile::TempDir,
@@ -64,7 +65,9 @@ impl Cluster {
             Some(n) => (1..=NODES).map(|i| (n.addr(i), PORT)).collect(),
             None => cluster_config::free_loopback(NODES),
         };
-        let config = cluster_config::write(dir.path(), &hosts, "");
+        // Small compaction thresholds, so that log compaction and snapshot installs happen
+        // under the faults (a node down for a second or two needs a snapshot).
+        let config = cluster_config::write(dir.path(), &hosts, SNAPSHOTS);
         let addrs = hosts
             .iter()
             .enumerate()
@@ -493,12 +496,28 @@ async fn linearizable_under_crashes_pauses_and_partitions() {
         }
     }
     let recovered_in = recover_started.elapsed();
+    let snapshots: Vec<String> = final_client
+        .status_all(Duration::from_millis(500))
+        .await
+        .iter()
+        .filter_map(|r| r.result.as_ref().ok())
+        .map(|s| {
+            format!(
+                "node {}: log from {}, {} installed, {} sent",
+                s.id, s.first_log_index, s.snapshots_installed, s.snapshots_sent
+            )
+        })
+        .collect();
     drop(c);
 
     let ops = rec.ops.lock().expect("lock").clone();
     let check_started = Instant::now();
     let verdict = checker::check(&ops, 20_000_000);
     let check_time = check_started.elapsed();
+    println!(
+        "snapshots (since each node's last start): {}",
+        snapshots.join("; ")
+    );
     println!("faults injected ({}):", faults.len());
     for f in &faults {
         println!("  {f}");

@@ -2,6 +2,7 @@
 //! state in temporary directories.
 
 mod harness;
+mod snapshots;
 
 use std::time::{Duration, Instant};
 
