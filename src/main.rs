@@ -31,6 +31,7 @@ fn main() {
             Command::Shell(a) => raftkv::cli::shell::run(a).await,
             Command::Monitor(a) => raftkv::cli::monitor::run(a).await,
             Command::Bench(a) => raftkv::cli::bench::run(a).await,
+            Command::Snapshot(a) => raftkv::cli::snapshot::run(a).await,
         }
     });
     rt.shutdown_timeout(std::time::Duration::from_secs(1));

@@ -5,6 +5,7 @@ pub mod cluster;
 pub mod monitor;
 pub mod node;
 pub mod shell;
+pub mod snapshot;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -61,6 +62,8 @@ pub enum Command {
         long_about = "Measure throughput and latency.\n\n--clients concurrent clients each keep one request in flight (closed loop). After --warmup, the run measures --ops operations or for --duration, then reports ops/s, latency percentiles (p50/p90/p99/p99.9/max, HDR histogram), errors by kind and leader changes. --json prints one machine-readable line."
     )]
     Bench(bench::BenchArgs),
+    /// Backups: save a snapshot of the store, inspect one, restore one into a new cluster.
+    Snapshot(snapshot::SnapshotArgs),
 }
 
 /// Parses durations like `500ms`, `10s`, `2m`, or a bare number of seconds.

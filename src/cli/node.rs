@@ -22,6 +22,13 @@ pub struct NodeArgs {
     /// Log only to the log file, not to stderr (used by `raftkv cluster`).
     #[arg(long)]
     pub quiet: bool,
+    /// Repair a damaged data directory: move it aside (to `node-<id>.damaged-<time>`) and
+    /// start with an empty one that keeps the node's id, cluster, term and vote. The node
+    /// catches up from the leader by snapshot and votes again only once it has heard from a
+    /// leader. Use it when the node refuses to start because its data directory is damaged,
+    /// and only while the rest of the cluster is up.
+    #[arg(long)]
+    pub repair: bool,
 }
 
 pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
@@ -44,10 +51,16 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
     let file = tracing_appender::rolling::never(&log_dir, format!("node-{}.log", args.id));
     let (file, _guard) = tracing_appender::non_blocking(file);
     let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // This module's own messages (the node's final error) go to the log file only: `main`
+    // prints the error to stderr once.
+    let stderr_filter = || match "raftkv::cli::node=off".parse() {
+        Ok(d) => filter().add_directive(d),
+        Err(_) => filter(),
+    };
     let stderr_layer = (!args.quiet).then(|| {
         tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
-            .with_filter(filter())
+            .with_filter(stderr_filter())
     });
     use tracing_subscriber::Layer;
     tracing_subscriber::registry()
@@ -81,6 +94,20 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
         default_hook(info);
     }));
 
+    if args.repair {
+        let dir = cfg.node_data_dir(args.id);
+        let (aside, w) = crate::storage::disk::repair(&dir, args.id)?;
+        let msg = format!(
+            "repair: moved the data directory {} to {}; node {} starts empty in cluster {} at term {} and catches up from the leader by snapshot (it votes again once it hears from a leader). Delete the old directory when you no longer need it.",
+            dir.display(),
+            aside.display(),
+            args.id,
+            crate::transport::cluster_id_str(w.cluster_id),
+            w.term
+        );
+        tracing::warn!("{msg}");
+        eprintln!("{msg}");
+    }
     let (tx, rx) = watch::channel(false);
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;

@@ -234,6 +234,47 @@ impl Client {
     }
 
     /// Asks every node for its status, concurrently, each within `timeout`.
+    /// Opens a backup stream from the leader (found by asking every node for its status).
+    ///
+    /// # Errors
+    /// No leader (naming every node tried and what it answered), or the leader's refusal.
+    pub async fn save_snapshot(
+        &self,
+    ) -> Result<(NodeId, tonic::Streaming<proto::SnapshotChunk>), String> {
+        let reports = self.status_all(Duration::from_secs(2)).await;
+        let leader = reports
+            .iter()
+            .filter_map(|r| r.result.as_ref().ok())
+            .filter(|s| s.role == "leader")
+            .max_by_key(|s| s.term)
+            .map(|s| s.id);
+        let Some(leader) = leader else {
+            let tried: Vec<String> = reports
+                .iter()
+                .map(|r| match &r.result {
+                    Ok(s) => format!("node {} at {}: {} without a leader", r.id, r.addr, s.role),
+                    Err(e) => format!("node {} at {}: {e}", r.id, r.addr),
+                })
+                .collect();
+            return Err(format!(
+                "no leader to take the snapshot from (tried {})",
+                tried.join("; ")
+            ));
+        };
+        let ch = self
+            .channels
+            .get(&leader)
+            .cloned()
+            .ok_or_else(|| format!("node {leader} has an invalid address"))?;
+        let mut c = DataServiceClient::new(ch).max_decoding_message_size(64 << 20);
+        let stream = c
+            .save_snapshot(proto::SaveSnapshotRequest {})
+            .await
+            .map_err(|s| format!("node {leader}: {}", describe(&s)))?
+            .into_inner();
+        Ok((leader, stream))
+    }
+
     pub async fn status_all(&self, timeout: Duration) -> Vec<StatusReport> {
         let mut set = tokio::task::JoinSet::new();
         for (&id, addr) in &self.nodes {

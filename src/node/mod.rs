@@ -149,12 +149,19 @@ pub async fn run(
         .map_or(0, |d| d.as_nanos() as u64)
         ^ id;
     let raft_cfg = cfg.raft_config(id, seed);
-    let raft = Raft::new(
+    let mut raft = Raft::new(
         raft_cfg,
         recovered.log,
         recovered.hard_state,
         recovered.kv.applied(),
     )?;
+    if recovered.await_leader {
+        tracing::warn!(
+            node = id,
+            "this node was repaired: it neither votes nor campaigns until it hears from a leader"
+        );
+        raft.set_await_leader(true);
+    }
     let core = Core {
         id,
         raft,
@@ -164,10 +171,12 @@ pub async fn run(
         policy: cfg.snapshot_policy(),
         pending_install: None,
         snapshot_sends: 0,
+        sending_to: Default::default(),
         last_snapshot: None,
         snapshots_installed: 0,
         snapshots_sent: 0,
         cluster,
+        awaiting_leader: recovered.await_leader,
         cluster_id_proposed_in: 0,
         peers,
         addrs: cfg.addrs(),
@@ -291,14 +300,17 @@ struct Core {
     policy: SnapshotPolicy,
     /// A snapshot accepted by the core, staged, waiting for the `Ready` that installs it.
     pending_install: Option<PendingInstall>,
-    /// Snapshot transfers to followers in progress (compaction waits for them).
+    /// Snapshot transfers to followers in progress (compaction waits for them), and to whom.
     snapshot_sends: usize,
+    sending_to: std::collections::BTreeSet<NodeId>,
     /// The last snapshot sent or installed, and when.
     last_snapshot: Option<(SnapshotMeta, SystemTime)>,
     snapshots_installed: u64,
     snapshots_sent: u64,
     /// The cluster id the transport stamps and checks; follows the state machine's.
     cluster: ClusterId,
+    /// A repaired node that has not heard from a leader yet.
+    awaiting_leader: bool,
     /// The term in which this node, as leader, last proposed a cluster id.
     cluster_id_proposed_in: Term,
     peers: Peers,
@@ -344,6 +356,7 @@ impl Core {
                 self.process_ready()?;
             }
             self.maybe_compact()?;
+            self.maybe_end_repair()?;
             // Pipelined answers of this round go out together, one batch per client call.
             crate::transport::flush_replies();
         }
@@ -379,6 +392,7 @@ impl Core {
                 reply,
             } => {
                 let meta = staged.meta;
+                let sender_term = message.term;
                 self.raft.step(message)?;
                 if self.raft.pending_snapshot() == Some(meta) {
                     // A newer snapshot replaces one still waiting (one per round at most).
@@ -393,16 +407,24 @@ impl Core {
                     }
                 } else {
                     self.stager.discard(staged);
-                    let why = format!(
-                        "not needed: this node has committed {} (snapshot at {})",
-                        self.raft.commit_index(),
-                        meta.index
-                    );
+                    let why = if sender_term < self.raft.term() {
+                        format!(
+                            "refused: the sender's term {sender_term} is older than this node's term {}",
+                            self.raft.term()
+                        )
+                    } else {
+                        format!(
+                            "not needed: this node has committed {} (snapshot at {})",
+                            self.raft.commit_index(),
+                            meta.index
+                        )
+                    };
                     let _ = reply.send((false, why));
                 }
             }
             Inbound::SnapshotSent { to, result } => {
                 self.snapshot_sends -= 1;
+                self.sending_to.remove(&to);
                 match &result {
                     Ok(o) => tracing::info!(
                         node = self.id,
@@ -448,11 +470,34 @@ impl Core {
         let id = self.kv.cluster_id();
         if self.cluster.swap(id, Ordering::Relaxed) != id {
             tracing::info!(node = self.id, cluster = %cluster_id_str(id), "cluster id");
+            self.raft.store().set_cluster_id(id);
         }
     }
 
-    /// Starts streaming the state machine, as it is now, to `to`, in the background.
+    /// A repaired node heard from a leader: its vote counts again, durably.
+    fn maybe_end_repair(&mut self) -> anyhow::Result<()> {
+        if self.awaiting_leader && !self.raft.awaits_leader() {
+            self.raft
+                .store()
+                .clear_await_leader()
+                .context("recording the end of a repair")?;
+            self.awaiting_leader = false;
+            tracing::info!(
+                node = self.id,
+                leader = self.raft.leader(),
+                term = self.raft.term(),
+                "repaired node heard from a leader; it votes again from this term on"
+            );
+        }
+        Ok(())
+    }
+
+    /// Starts streaming the state machine, as it is now, to `to`, in the background (unless
+    /// a transfer to `to` is still going: its report ends the core's wait).
     fn start_snapshot_send(&mut self, to: NodeId) {
+        if !self.sending_to.insert(to) {
+            return;
+        }
         let source = self.kv.snapshot_source();
         let inbound = self.inbound.clone();
         let (from, term) = (self.id, self.raft.term());
@@ -574,6 +619,18 @@ impl Core {
             }
             ClientRequest::Status { reply } => {
                 let _ = reply.send(Ok(self.status()));
+            }
+            ClientRequest::Snapshot { reply } => {
+                if self.raft.role() != Role::Leader {
+                    let _ = reply.send(Err(self.not_leader()));
+                    return;
+                }
+                let _ = reply.send(Ok(crate::transport::BackupSource {
+                    source: self.kv.snapshot_source(),
+                    from: self.id,
+                    term: self.raft.term(),
+                    cluster_id: self.kv.cluster_id(),
+                }));
             }
         }
     }

@@ -184,6 +184,11 @@ pub struct Raft<S: LogStore> {
     uncommitted: VecDeque<(LogIndex, usize)>,
     uncommitted_bytes: usize,
 
+    /// Set on a node whose durable state was lost and repaired: it may have voted in terms
+    /// it no longer knows of, so it neither votes nor campaigns until it has heard from a
+    /// leader (whose term it then adopts: it votes only in later terms).
+    await_leader: bool,
+
     prev_soft: SoftState,
     prev_hard: HardState,
     in_flight: Option<InFlightReady>,
@@ -232,6 +237,7 @@ impl<S: LogStore> Raft<S> {
             dropped_reads: Vec::new(),
             uncommitted: VecDeque::new(),
             uncommitted_bytes: 0,
+            await_leader: false,
             prev_soft: SoftState {
                 role: Role::Follower,
                 leader: 0,
@@ -280,6 +286,14 @@ impl<S: LogStore> Raft<S> {
     }
     pub fn store(&self) -> &S {
         &self.log.store
+    }
+    /// See [`Raft::set_await_leader`].
+    pub fn awaits_leader(&self) -> bool {
+        self.await_leader
+    }
+    /// Neither vote nor campaign until a leader has been heard from (a repaired node).
+    pub fn set_await_leader(&mut self, on: bool) {
+        self.await_leader = on;
     }
     pub fn store_mut(&mut self) -> &mut S {
         &mut self.log.store
@@ -451,7 +465,9 @@ impl<S: LogStore> Raft<S> {
         self.election_elapsed += 1;
         if self.election_elapsed >= self.randomized_election_timeout {
             self.election_elapsed = 0;
-            self.campaign(self.cfg.pre_vote);
+            if !self.await_leader {
+                self.campaign(self.cfg.pre_vote);
+            }
         }
     }
 
@@ -496,7 +512,7 @@ impl<S: LogStore> Raft<S> {
             self.in_flight.is_none(),
             "hup between ready() and advance()"
         );
-        if self.role != Role::Leader {
+        if self.role != Role::Leader && !self.await_leader {
             self.campaign(self.cfg.pre_vote);
         }
     }
@@ -546,9 +562,10 @@ impl<S: LogStore> Raft<S> {
     ) {
         // We may vote for `from` if we already did, or if we have voted for nobody and follow
         // nobody in this term, or (pre-vote) if it asks about a later term.
-        let can_vote = self.vote == m.from
-            || (self.vote == 0 && self.leader == 0)
-            || (pre_vote && m.term > self.term);
+        let can_vote = !self.await_leader
+            && (self.vote == m.from
+                || (self.vote == 0 && self.leader == 0)
+                || (pre_vote && m.term > self.term));
         let granted = can_vote && self.log.is_up_to_date(last_log_index, last_log_term);
         if granted {
             // Answer in the term the candidate asked about, so that it counts the vote.
@@ -705,6 +722,7 @@ impl<S: LogStore> Raft<S> {
                 }
                 self.leader = m.from;
                 self.election_elapsed = 0;
+                self.await_leader = false;
                 match m.body {
                     MessageBody::InstallSnapshot { snapshot } => {
                         self.on_install_snapshot(m.from, snapshot)
@@ -869,7 +887,8 @@ impl<S: LogStore> Raft<S> {
                 ProgressState::Snapshot if pr.match_index + 1 >= first_index => {
                     pr.become_replicate()
                 }
-                ProgressState::Snapshot => pr.become_probe(),
+                // Still behind the log: the transfer in flight goes on (its report ends it).
+                ProgressState::Snapshot => {}
                 ProgressState::Replicate => {}
             }
             if self.maybe_commit() {
@@ -939,7 +958,9 @@ impl<S: LogStore> Raft<S> {
             return false;
         }
         pr.become_snapshot();
-        self.snapshot_sends.push(to);
+        if !self.snapshot_sends.contains(&to) {
+            self.snapshot_sends.push(to);
+        }
         true
     }
 

@@ -1665,3 +1665,58 @@ fn persistence_and_application_are_acknowledged_apart() {
     assert!(!r.has_ready());
     r.check_invariants();
 }
+
+// A repaired node (its durable state was lost) may have voted in terms it no longer knows: it
+// neither votes nor campaigns until it has heard from a leader.
+#[test]
+fn repaired_node_votes_only_after_hearing_a_leader() {
+    let mut cfg = no_pre_vote(2, 3);
+    cfg.check_quorum = false; // no leader lease in the way of the last vote request
+    let mut r = core(cfg, MemLogStore::new(), 3, 0);
+    r.set_await_leader(true);
+    for _ in 0..100 {
+        r.tick();
+    }
+    assert_eq!(r.role(), Role::Follower, "does not campaign");
+    let vote = |term| {
+        msg(
+            3,
+            2,
+            term,
+            MessageBody::VoteRequest {
+                pre_vote: false,
+                last_log_index: 0,
+                last_log_term: 0,
+            },
+        )
+    };
+    r.step(vote(4)).expect("step");
+    let rd = r.ready().expect("ready");
+    assert!(
+        rd.messages
+            .iter()
+            .all(|m| matches!(m.body, MessageBody::VoteResponse { granted: false, .. })),
+        "{:?}",
+        rd.messages
+    );
+    r.advance();
+    let heartbeat = MessageBody::AppendRequest {
+        prev_log_index: 0,
+        prev_log_term: 0,
+        entries: Vec::new(),
+        leader_commit: 0,
+        read_context: 0,
+    };
+    r.step(msg(1, 2, 5, heartbeat)).expect("step");
+    assert!(!r.awaits_leader());
+    let rd = r.ready().expect("ready");
+    r.advance();
+    drop(rd);
+    r.step(vote(6)).expect("step");
+    let rd = r.ready().expect("ready");
+    assert!(
+        rd.messages
+            .iter()
+            .any(|m| matches!(m.body, MessageBody::VoteResponse { granted: true, .. }))
+    );
+}

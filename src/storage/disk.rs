@@ -11,6 +11,7 @@ use crate::raft::{
     Entry, EntryKind, HardState, LogIndex, LogStore, NodeId, SnapshotMeta, StorageError, Term,
 };
 
+use super::durable::{self, Watermark, WatermarkWriter};
 use super::kv::{KvStore, sm_keyspace_generation};
 use super::snapshot::Stager;
 
@@ -25,6 +26,11 @@ const KEY_FORMAT: &[u8] = b"format";
 const KEY_HARD_STATE: &[u8] = b"hard_state";
 /// The last compacted entry (index, term as u64 LE): the log starts after it.
 pub(crate) const KEY_LOG_START: &[u8] = b"log_start";
+/// Set (to 1) on a repaired node until it has heard from a leader (see `Raft::set_await_leader`).
+const KEY_AWAIT_LEADER: &[u8] = b"await_leader";
+/// Log batches stored at or after this index carry a checksum (u64 LE; older ones, from
+/// before checksums, do not).
+const KEY_LOG_CHECKSUMS_FROM: &[u8] = b"log_checksums_from";
 
 /// Why a data directory cannot be opened. Each names the directory.
 #[derive(Debug, thiserror::Error)]
@@ -43,9 +49,16 @@ pub enum OpenError {
     WrongFormat { dir: PathBuf, found: u64 },
     #[error("data directory {dir} is corrupt: {what}")]
     Corrupt { dir: PathBuf, what: String },
+    /// State the node had made durable is gone or damaged: it must not vote, lead or serve
+    /// from what is left.
+    #[error(
+        "data directory {dir} is damaged: {what}. This node must not vote or serve from it, or acknowledged writes could be lost. Repair it with `raftkv node --repair` (the damaged directory is moved aside and the node catches up from the leader by snapshot; the rest of the cluster must be up), or restore the directory from a backup"
+    )]
+    Damaged { dir: PathBuf, what: String },
     #[error("data directory {dir} is in use by another raftkv process (is node already running?)")]
     Locked { dir: PathBuf },
-    #[error("cannot open data directory {dir}: {source}")]
+    /// The cause follows in the error chain.
+    #[error("cannot open data directory {dir}")]
     Storage { dir: PathBuf, source: StorageError },
 }
 
@@ -90,6 +103,8 @@ pub struct Recovered {
     pub hard_state: HardState,
     /// Stages snapshots received from a leader.
     pub stager: Stager,
+    /// A repaired node that has not heard from a leader since: it must not vote yet.
+    pub await_leader: bool,
 }
 
 /// Opens (creating if new) the data directory of node `id`.
@@ -125,6 +140,21 @@ pub fn open(dir: &Path, id: NodeId) -> Result<Recovered, OpenError> {
                 dir: dir.to_path_buf(),
             });
         }
+        Err(
+            e @ (fjall::Error::JournalRecovery(_)
+            | fjall::Error::InvalidTrailer
+            | fjall::Error::InvalidTag(_)
+            | fjall::Error::Decompress(_)),
+        ) => {
+            return Err(OpenError::Damaged {
+                dir: dir.to_path_buf(),
+                what: format!(
+                    "its journal ({}) cannot be read back ({})",
+                    dir.join("*.jnl").display(),
+                    FjallError(e)
+                ),
+            });
+        }
         Err(e) => return Err(wrap(io_err(e))),
     };
     // Memtable sizes bound a node's memory (fjall's default is 64 MiB per keyspace). Small
@@ -144,6 +174,11 @@ pub fn open(dir: &Path, id: NodeId) -> Result<Recovered, OpenError> {
         dir: dir.to_path_buf(),
         what: what.to_string(),
     };
+    let damaged = |what: String| OpenError::Damaged {
+        dir: dir.to_path_buf(),
+        what,
+    };
+    let watermark = durable::read(dir).map_err(|e| damaged(e.to_string()))?;
 
     match meta.get(KEY_NODE_ID).map_err(io_err).map_err(wrap)? {
         Some(v) => {
@@ -203,16 +238,32 @@ pub fn open(dir: &Path, id: NodeId) -> Result<Recovered, OpenError> {
         None => SnapshotMeta::default(),
     };
 
+    let checksums_from = match meta
+        .get(KEY_LOG_CHECKSUMS_FROM)
+        .map_err(io_err)
+        .map_err(wrap)?
+    {
+        Some(v) if v.len() == 8 => Some(u64_at(&v, 0)),
+        Some(_) => return Err(corrupt("log_checksums_from")),
+        None => None,
+    };
+
     // Rebuild the term index and the batch sizes, checking that the log is contiguous from
-    // its start. The first batch may straddle the start (compaction keeps it whole).
+    // its start, that every checksum matches and that terms never decrease. The first batch
+    // may straddle the start (compaction keeps it whole).
     let mut terms: Vec<(LogIndex, Term)> = Vec::new();
     let mut batches: VecDeque<(LogIndex, u64)> = VecDeque::new();
     let mut last = start.index;
     for item in log.iter() {
         let (k, v) = item.into_inner().map_err(io_err).map_err(wrap)?;
         let first = decode_index(&k).ok_or_else(|| corrupt("log key"))?;
-        let entries =
-            decode_batch(first, &v).ok_or_else(|| corrupt(&format!("log batch at {first}")))?;
+        let checked = checksums_from.is_some_and(|c| first >= c);
+        let entries = decode_batch(first, &v, checked).ok_or_else(|| {
+            damaged(format!(
+                "the log batch that starts at entry {first} fails its checksum or cannot be decoded (keyspace `log` in {})",
+                dir.display()
+            ))
+        })?;
         let batch_last = entries.last().map_or(first, |e| e.index);
         if batch_last <= start.index {
             continue; // compacted away, not yet deleted
@@ -223,6 +274,13 @@ pub fn open(dir: &Path, id: NodeId) -> Result<Recovered, OpenError> {
             )));
         }
         for e in entries.iter().filter(|e| e.index > start.index) {
+            let prev = terms.last().map_or(start.term, |&(_, t)| t);
+            if e.term < prev {
+                return Err(damaged(format!(
+                    "log entry {} has term {}, lower than the term {prev} before it",
+                    e.index, e.term
+                )));
+            }
             if terms.last().is_none_or(|&(_, t)| t != e.term) {
                 terms.push((e.index, e.term));
             }
@@ -239,12 +297,58 @@ pub fn open(dir: &Path, id: NodeId) -> Result<Recovered, OpenError> {
         + 1;
     let kv = KvStore::open(db.clone(), meta.clone(), dir).map_err(wrap)?;
     let stager = Stager::new(db.clone(), dir, next_generation);
-    if kv.applied() > last.max(hard_state.commit) {
-        return Err(corrupt(&format!(
-            "applied index {} is beyond the log ({last})",
+    let last_term = terms.last().map_or(start.term, |&(_, t)| t);
+    // Every applied entry was durable in the log before it was applied, and the commit index
+    // never passes the durable log: the journal is one ordered sequence, so if either lies
+    // beyond the log, entries were lost after they were made durable.
+    if kv.applied() > last {
+        return Err(damaged(format!(
+            "the state machine has applied entry {}, but the log ends at entry {last}",
             kv.applied()
         )));
     }
+    if hard_state.commit > last {
+        return Err(damaged(format!(
+            "entry {} was committed here, but the log ends at entry {last}",
+            hard_state.commit
+        )));
+    }
+    if let Some(w) = watermark {
+        if (last_term, last) < (w.last_term, w.last_index) {
+            return Err(damaged(format!(
+                "the log ends at entry {last} (term {last_term}), but entry {} (term {}) had been made durable ({})",
+                w.last_index,
+                w.last_term,
+                dir.join(durable::FILE).display()
+            )));
+        }
+        if hard_state.term < w.term
+            || (hard_state.term == w.term && w.vote != 0 && hard_state.vote != w.vote)
+        {
+            return Err(damaged(format!(
+                "the stored term and vote ({}, {}) are older than what had been made durable ({}, {}): a vote this node cast may be lost",
+                hard_state.term, hard_state.vote, w.term, w.vote
+            )));
+        }
+    }
+    let checksums_from = match checksums_from {
+        Some(c) => c,
+        None => {
+            // From here on (a new directory, or one from before checksums).
+            meta.insert(KEY_LOG_CHECKSUMS_FROM, (last + 1).to_le_bytes().to_vec())
+                .map_err(io_err)
+                .map_err(wrap)?;
+            last + 1
+        }
+    };
+    let mark = Watermark {
+        last_index: last,
+        last_term,
+        term: hard_state.term,
+        vote: hard_state.vote,
+        cluster_id: kv.cluster_id(),
+    };
+    let watermark = WatermarkWriter::start(dir, mark, watermark != Some(mark)).map_err(wrap)?;
     if kv.applied() < start.index {
         return Err(corrupt(&format!(
             "the log starts after entry {}, but the state machine has applied only up to {}",
@@ -253,11 +357,17 @@ pub fn open(dir: &Path, id: NodeId) -> Result<Recovered, OpenError> {
         )));
     }
     let hard_state = HardState {
-        commit: hard_state.commit.min(last).max(start.index),
+        commit: hard_state.commit.max(start.index),
         ..hard_state
     };
     let log_bytes = batches.iter().map(|&(_, b)| b).sum();
+    let await_leader = meta
+        .get(KEY_AWAIT_LEADER)
+        .map_err(io_err)
+        .map_err(wrap)?
+        .is_some();
     Ok(Recovered {
+        await_leader,
         log: DiskLog {
             db,
             log,
@@ -267,6 +377,9 @@ pub fn open(dir: &Path, id: NodeId) -> Result<Recovered, OpenError> {
             terms,
             batches,
             log_bytes,
+            checksums_from,
+            watermark,
+            durable_hard_state: hard_state,
             tail: VecDeque::new(),
             tail_bytes: 0,
         },
@@ -274,6 +387,80 @@ pub fn open(dir: &Path, id: NodeId) -> Result<Recovered, OpenError> {
         hard_state,
         stager,
     })
+}
+
+/// `raftkv node --repair`: moves the (damaged) data directory `dir` of node `id` aside and
+/// creates an empty one in its place that keeps the node's identity: its id, its cluster, and
+/// the term and vote it last made durable (from the watermark, if readable). The node then
+/// catches up from the leader by snapshot; it neither votes nor campaigns until it has heard
+/// from a leader, since it may have voted in terms it no longer knows of. Returns where the old
+/// directory went.
+///
+/// # Errors
+/// If `dir` does not exist or cannot be moved, or the new one cannot be created.
+pub fn repair(dir: &Path, id: NodeId) -> Result<(PathBuf, Watermark), OpenError> {
+    let wrap = |source| OpenError::Storage {
+        dir: dir.to_path_buf(),
+        source,
+    };
+    if !dir.exists() {
+        return Err(wrap(StorageError::Io {
+            what: "there is no data directory to repair".into(),
+            source: None,
+        }));
+    }
+    let w = durable::read(dir).ok().flatten().unwrap_or_default();
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "node".into());
+    let aside = dir.with_file_name(format!("{name}.damaged-{secs}"));
+    std::fs::rename(dir, &aside).map_err(|e| {
+        wrap(StorageError::io(
+            format!("moving it to {}", aside.display()),
+            e,
+        ))
+    })?;
+    let r = open(dir, id)?;
+    let mut b = r.log.db.batch();
+    let hs = HardState {
+        term: w.term,
+        vote: w.vote,
+        commit: 0,
+    };
+    let mut v = Vec::with_capacity(24);
+    v.extend_from_slice(&hs.term.to_le_bytes());
+    v.extend_from_slice(&hs.vote.to_le_bytes());
+    v.extend_from_slice(&hs.commit.to_le_bytes());
+    b.insert(&r.log.meta, KEY_HARD_STATE, v);
+    b.insert(&r.log.meta, KEY_AWAIT_LEADER, 1u64.to_le_bytes().to_vec());
+    if w.cluster_id != 0 {
+        b.insert(
+            &r.log.meta,
+            super::kv::KEY_CLUSTER_ID,
+            w.cluster_id.to_le_bytes().to_vec(),
+        );
+    }
+    b.commit().map_err(io_err).map_err(wrap)?;
+    r.log
+        .db
+        .persist(PersistMode::SyncAll)
+        .map_err(io_err)
+        .map_err(wrap)?;
+    r.log
+        .watermark
+        .write_now(Watermark {
+            last_index: 0,
+            last_term: 0,
+            term: w.term,
+            vote: w.vote,
+            cluster_id: w.cluster_id,
+        })
+        .map_err(wrap)?;
+    Ok((aside, w))
 }
 
 /// The durable Raft log.
@@ -293,6 +480,12 @@ pub struct DiskLog {
     batches: VecDeque<(LogIndex, u64)>,
     /// Sum of `batches`' bytes.
     log_bytes: u64,
+    /// Batches stored at or after this index carry a checksum.
+    checksums_from: LogIndex,
+    /// Records what is durable, apart from the journal (see [`durable`]).
+    watermark: WatermarkWriter,
+    /// The hard state last made durable.
+    durable_hard_state: HardState,
     /// The most recent entries, so that applying them and sending them to followers does not
     /// read them back from fjall. Invariant: contiguous and ending at `last` (or empty).
     tail: VecDeque<Entry>,
@@ -330,15 +523,26 @@ impl DiskLog {
                     b.remove(&self.log, item.key().map_err(io_err)?);
                 }
                 if let Some(item) = self.log.range(..at.to_be_bytes()).next_back() {
-                    let (k, batch) = read_batch(item)?;
+                    let (k, batch) = read_batch(item, self.checksums_from)?;
                     if batch.last().is_some_and(|e| e.index >= at) {
                         let prefix: Vec<Entry> =
                             batch.into_iter().filter(|e| e.index < at).collect();
-                        b.insert(&self.log, k.to_be_bytes().to_vec(), encode_batch(&prefix));
+                        let checked = k >= self.checksums_from;
+                        b.insert(
+                            &self.log,
+                            k.to_be_bytes().to_vec(),
+                            encode_batch(k, &prefix, checked),
+                        );
                     }
                 }
+                // The log shrinks legitimately: lower the watermark first, so that a crash
+                // before this write is not taken for damage.
+                let mut w = self.watermark.current();
+                w.last_index = at - 1;
+                w.last_term = self.term(at - 1)?;
+                self.watermark.write_now(w)?;
             }
-            let encoded = encode_batch(entries);
+            let encoded = encode_batch(at, entries, at >= self.checksums_from);
             while self.batches.back().is_some_and(|&(k, _)| k >= at) {
                 if let Some((_, bytes)) = self.batches.pop_back() {
                     self.log_bytes -= bytes;
@@ -358,6 +562,9 @@ impl DiskLog {
         b.commit().map_err(io_err)?;
         if sync {
             self.db.persist(PersistMode::SyncData).map_err(io_err)?;
+            if let Some(hs) = hard_state {
+                self.durable_hard_state = hs;
+            }
         }
         if let Some(first) = entries.first() {
             while self
@@ -375,7 +582,38 @@ impl DiskLog {
             self.last = entries.last().map_or(self.last, |e| e.index);
             self.cache_tail(entries);
         }
+        if sync {
+            let mut w = self.watermark.current();
+            w.last_index = self.last;
+            w.last_term = self.term(self.last)?;
+            w.term = self.durable_hard_state.term;
+            w.vote = self.durable_hard_state.vote;
+            self.watermark.set(w);
+        }
         Ok(())
+    }
+
+    /// A repaired node has heard from a leader: it may vote again after a restart too.
+    pub fn clear_await_leader(&self) -> Result<(), StorageError> {
+        self.meta.remove(KEY_AWAIT_LEADER).map_err(io_err)?;
+        self.db.persist(PersistMode::SyncAll).map_err(io_err)
+    }
+
+    /// The cluster id became known; the watermark keeps it too.
+    pub fn set_cluster_id(&self, id: u64) {
+        let mut w = self.watermark.current();
+        if w.cluster_id != id {
+            w.cluster_id = id;
+            self.watermark.set(w);
+        }
+    }
+
+    /// Before a snapshot's install drops the log: lowers the watermark to the snapshot.
+    pub(crate) fn before_install(&self, snap: SnapshotMeta) -> Result<(), StorageError> {
+        let mut w = self.watermark.current();
+        w.last_index = snap.index;
+        w.last_term = snap.term;
+        self.watermark.write_now(w)
     }
 
     /// The key (first index) of the stored batch that holds entry `index`.
@@ -563,7 +801,7 @@ impl LogStore for DiskLog {
         // The batch holding `lo`, and those after it.
         let from = self.batch_holding(lo)?;
         'batches: for item in self.log.range(from.to_be_bytes()..hi.to_be_bytes()) {
-            let (_, batch) = read_batch(item)?;
+            let (_, batch) = read_batch(item, self.checksums_from)?;
             for e in batch {
                 if e.index < lo {
                     continue;
@@ -586,17 +824,26 @@ impl LogStore for DiskLog {
 }
 
 /// The key (first index) and entries of a stored batch.
-fn read_batch(item: fjall::Guard) -> Result<(LogIndex, Vec<Entry>), StorageError> {
+fn read_batch(
+    item: fjall::Guard,
+    checksums_from: LogIndex,
+) -> Result<(LogIndex, Vec<Entry>), StorageError> {
     let (k, v) = item.into_inner().map_err(io_err)?;
     let first = decode_index(&k).ok_or_else(|| corrupt(format!("log key {k:?}")))?;
-    let batch = decode_batch(first, &v).ok_or_else(|| corrupt(format!("log batch {first}")))?;
+    let batch = decode_batch(first, &v, first >= checksums_from).ok_or_else(|| {
+        corrupt(format!(
+            "the log batch that starts at entry {first} fails its checksum"
+        ))
+    })?;
     Ok((first, batch))
 }
 
 /// A batch of consecutive entries in one value: per entry `term: u64 LE | kind: u8 |
 /// len: u32 LE | data` (indexes follow from the key).
-fn encode_batch(entries: &[Entry]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(entries.iter().map(|e| 13 + e.data.len()).sum());
+///
+/// A checked batch ends with `xxh3-64(first index BE | the entries)` (u64 LE).
+fn encode_batch(first: LogIndex, entries: &[Entry], checked: bool) -> Vec<u8> {
+    let mut v = Vec::with_capacity(entries.iter().map(|e| 13 + e.data.len()).sum::<usize>() + 8);
     for e in entries {
         v.extend_from_slice(&e.term.to_le_bytes());
         v.push(match e.kind {
@@ -606,10 +853,30 @@ fn encode_batch(entries: &[Entry]) -> Vec<u8> {
         v.extend_from_slice(&(e.data.len() as u32).to_le_bytes());
         v.extend_from_slice(&e.data);
     }
+    if checked {
+        let sum = batch_checksum(first, &v);
+        v.extend_from_slice(&sum.to_le_bytes());
+    }
     v
 }
 
-fn decode_batch(first: LogIndex, v: &[u8]) -> Option<Vec<Entry>> {
+fn batch_checksum(first: LogIndex, entries: &[u8]) -> u64 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(&first.to_be_bytes());
+    h.update(entries);
+    h.digest()
+}
+
+fn decode_batch(first: LogIndex, v: &[u8], checked: bool) -> Option<Vec<Entry>> {
+    let v = if checked {
+        let (entries, sum) = v.split_at_checked(v.len().checked_sub(8)?)?;
+        if batch_checksum(first, entries) != u64::from_le_bytes(sum.try_into().ok()?) {
+            return None;
+        }
+        entries
+    } else {
+        v
+    };
     let v = Bytes::copy_from_slice(v);
     let mut out = Vec::new();
     let mut at = 0usize;

@@ -23,6 +23,7 @@
 
 pub mod command;
 pub mod disk;
+pub mod durable;
 pub mod kv;
 pub mod snapshot;
 
@@ -44,6 +45,7 @@ pub fn install_snapshot(
     staged: StagedState,
 ) -> Result<(), StorageError> {
     let meta = staged.meta;
+    log.before_install(meta)?;
     kv.install(staged, |b| log.drop_all_into(b, meta))?;
     log.snapshot_installed(meta);
     Ok(())

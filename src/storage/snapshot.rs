@@ -131,6 +131,53 @@ fn records(chunk: &[u8]) -> impl Iterator<Item = Result<(u8, &[u8], &[u8]), Stor
     })
 }
 
+/// Counts the key-value and session records of a chunk.
+///
+/// # Errors
+/// A malformed record.
+pub fn count_records(chunk: &[u8]) -> Result<(u64, u64), StorageError> {
+    let (mut kv, mut sessions) = (0, 0);
+    for r in records(chunk) {
+        match r?.0 {
+            TAG_KV => kv += 1,
+            TAG_SESSION => sessions += 1,
+            t => return Err(corrupt(format!("snapshot record of unknown kind {t}"))),
+        }
+    }
+    Ok((kv, sessions))
+}
+
+/// Seeds an empty data directory `dir` for node `id` of a new cluster `cluster_id` with a
+/// snapshot at `meta` (`raftkv snapshot restore`): its state machine is the snapshot's, its log
+/// starts after it, its term is the snapshot's.
+///
+/// # Errors
+/// A malformed snapshot or a storage error; the caller removes `dir`.
+pub fn restore(
+    dir: &Path,
+    id: crate::raft::NodeId,
+    meta: SnapshotMeta,
+    cluster_id: u64,
+    chunks: impl Iterator<Item = Result<Vec<u8>, String>>,
+) -> Result<u64, super::disk::OpenError> {
+    let wrap = |source| super::disk::OpenError::Storage {
+        dir: dir.to_path_buf(),
+        source,
+    };
+    let mut r = super::open(dir, id)?;
+    let mut staged = r.stager.stage(meta, chunks).map_err(wrap)?;
+    staged.cluster_id = cluster_id;
+    let records = staged.records;
+    super::install_snapshot(&mut r.log, &mut r.kv, staged).map_err(wrap)?;
+    let hs = crate::raft::HardState {
+        term: meta.term,
+        vote: 0,
+        commit: meta.index,
+    };
+    r.log.append(&[], Some(hs), true).map_err(wrap)?;
+    Ok(records)
+}
+
 /// Stages received snapshots in fresh keyspace generations of one node's database. Cheap to
 /// clone; used by the peer service while the core runs.
 #[derive(Clone)]
@@ -440,6 +487,65 @@ mod tests {
         assert_eq!(b.kv.generation(), 0);
         assert_eq!(b.kv.get(b"k").expect("get"), None);
         assert!(!b.kv.db_has_keyspace("kv-1"), "the staging was deleted");
+    }
+
+    /// The watermark: a log shorter than what had been made durable is refused as damaged;
+    /// a log that shrank legitimately (a conflicting suffix replaced) is not.
+    #[test]
+    fn lost_durable_entries_are_detected_but_a_replaced_suffix_is_not() {
+        use crate::storage::disk::OpenError;
+        use crate::storage::durable;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let e = |i, t| {
+            let mut x = put(i, 0, 0, "k", "v");
+            x.term = t;
+            x
+        };
+        {
+            let mut r = open(dir.path(), 1).expect("open");
+            let hs = crate::raft::HardState {
+                term: 2,
+                vote: 1,
+                commit: 0,
+            };
+            r.log
+                .append(
+                    &(1..=5).map(|i| e(i, 2)).collect::<Vec<_>>(),
+                    Some(hs),
+                    true,
+                )
+                .expect("append");
+            // A new leader replaces 3-5 with one entry of term 3.
+            r.log.append(&[e(3, 3)], None, true).expect("append");
+        }
+        let w = durable::read(dir.path()).expect("read").expect("written");
+        assert_eq!((w.last_index, w.last_term, w.term, w.vote), (3, 3, 2, 1));
+        drop(open(dir.path(), 1).expect("a replaced suffix is not damage"));
+        // The watermark says more was durable than the log holds: entries were lost.
+        durable::write(
+            dir.path(),
+            durable::Watermark {
+                last_index: 9,
+                last_term: 3,
+                ..w
+            },
+        )
+        .expect("write");
+        let err = open(dir.path(), 1).err().expect("refused");
+        assert!(matches!(err, OpenError::Damaged { .. }), "{err}");
+        assert!(
+            err.to_string()
+                .contains("entry 9 (term 3) had been made durable"),
+            "{err}"
+        );
+        // A lost vote too.
+        durable::write(dir.path(), durable::Watermark { term: 4, ..w }).expect("write");
+        let err = open(dir.path(), 1).err().expect("refused");
+        assert!(
+            err.to_string()
+                .contains("a vote this node cast may be lost"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -209,6 +209,18 @@ pub enum ClientRequest {
     Status {
         reply: Reply<NodeStatus>,
     },
+    /// Leader only: a point-in-time view of the state machine for a backup.
+    Snapshot {
+        reply: Reply<BackupSource>,
+    },
+}
+
+/// What a backup streams: the state machine, and whose it is.
+pub struct BackupSource {
+    pub source: crate::storage::SnapshotSource,
+    pub from: NodeId,
+    pub term: u64,
+    pub cluster_id: u64,
 }
 
 /// Why a client request failed, as the node runtime sees it.

@@ -379,6 +379,37 @@ impl DataService for ClientService {
         Ok(Response::new(UnboundedReceiverStream::new(answers)))
     }
 
+    type SaveSnapshotStream =
+        tokio_stream::wrappers::ReceiverStream<Result<proto::SnapshotChunk, Status>>;
+
+    async fn save_snapshot(
+        &self,
+        _: Request<proto::SaveSnapshotRequest>,
+    ) -> Result<Response<Self::SaveSnapshotStream>, Status> {
+        let b: super::BackupSource = self
+            .call(|reply| Ok(ClientRequest::Snapshot { reply }), "snapshot")
+            .await?;
+        let meta = b.source.meta;
+        let header = proto::SnapshotHeader {
+            from: b.from,
+            to: 0,
+            term: b.term,
+            index: meta.index,
+            snapshot_term: meta.term,
+            format: crate::storage::snapshot::SNAPSHOT_FORMAT,
+            cluster_id: b.cluster_id,
+        };
+        let (rx, reader) = super::snapshot::read_ahead(header, b.source, Ok);
+        tokio::spawn(async move {
+            if let Ok(Err(e)) = reader.await {
+                tracing::warn!("backup stream ended early: {e}");
+            }
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            rx,
+        )))
+    }
+
     async fn status(
         &self,
         _: Request<proto::StatusRequest>,

@@ -65,48 +65,16 @@ pub async fn send(
         .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX)
         .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX);
     let meta = source.meta;
-    let (tx, rx) = mpsc::channel::<proto::SnapshotChunk>(CHUNKS_AHEAD);
-    let header = proto::SnapshotChunk {
-        header: Some(proto::SnapshotHeader {
-            from,
-            to,
-            term,
-            index: meta.index,
-            snapshot_term: meta.term,
-            format: SNAPSHOT_FORMAT,
-            cluster_id,
-        }),
-        seq: 0,
-        checksum: checksum(&[]),
-        ..Default::default()
+    let header = proto::SnapshotHeader {
+        from,
+        to,
+        term,
+        index: meta.index,
+        snapshot_term: meta.term,
+        format: SNAPSHOT_FORMAT,
+        cluster_id,
     };
-    // Reads chunks off the async runtime; blocks while the stream is full.
-    let reader = tokio::task::spawn_blocking(move || -> Result<(u64, u64), String> {
-        let gone = || "the receiver went away".to_string();
-        tx.blocking_send(header).map_err(|_| gone())?;
-        let mut chunks = source.chunks();
-        let mut seq = 1;
-        while let Some(data) = chunks.next_chunk().map_err(|e| format!("reading: {e}"))? {
-            let chunk = proto::SnapshotChunk {
-                seq,
-                checksum: checksum(&data),
-                data: data.into(),
-                ..Default::default()
-            };
-            tx.blocking_send(chunk).map_err(|_| gone())?;
-            seq += 1;
-        }
-        tx.blocking_send(proto::SnapshotChunk {
-            seq,
-            checksum: checksum(&[]),
-            last: true,
-            total_records: chunks.records,
-            total_bytes: chunks.bytes,
-            ..Default::default()
-        })
-        .map_err(|_| gone())?;
-        Ok((chunks.records, chunks.bytes))
-    });
+    let (rx, reader) = read_ahead(header, source, |c| c);
     // A watchdog on progress: the time the stream last took a chunk.
     let started = Instant::now();
     let last_progress = Arc::new(AtomicU64::new(0));
@@ -137,6 +105,107 @@ pub async fn send(
         bytes,
         records,
     })
+}
+
+/// The reader of [`read_ahead`]: the totals (records, bytes), or why it stopped.
+pub type ChunkReaderTask = tokio::task::JoinHandle<Result<(u64, u64), String>>;
+
+/// Reads `source` as a stream of chunks (header first, totals last) on a blocking thread, a
+/// few chunks ahead of the consumer (the stream's flow control paces the reads). `wrap` turns
+/// each chunk into the channel's item. Returns the channel and the reader, which ends with the
+/// totals (records, bytes) or why it stopped.
+pub fn read_ahead<T: Send + 'static>(
+    header: proto::SnapshotHeader,
+    source: SnapshotSource,
+    wrap: impl Fn(proto::SnapshotChunk) -> T + Send + 'static,
+) -> (mpsc::Receiver<T>, ChunkReaderTask) {
+    let (tx, rx) = mpsc::channel::<T>(CHUNKS_AHEAD);
+    let reader = tokio::task::spawn_blocking(move || -> Result<(u64, u64), String> {
+        let gone = || "the receiver went away".to_string();
+        let first = proto::SnapshotChunk {
+            header: Some(header),
+            seq: 0,
+            checksum: checksum(&[]),
+            ..Default::default()
+        };
+        tx.blocking_send(wrap(first)).map_err(|_| gone())?;
+        let mut chunks = source.chunks();
+        let mut seq = 1;
+        while let Some(data) = chunks.next_chunk().map_err(|e| format!("reading: {e}"))? {
+            let chunk = proto::SnapshotChunk {
+                seq,
+                checksum: checksum(&data),
+                data: data.into(),
+                ..Default::default()
+            };
+            tx.blocking_send(wrap(chunk)).map_err(|_| gone())?;
+            seq += 1;
+        }
+        tx.blocking_send(wrap(proto::SnapshotChunk {
+            seq,
+            checksum: checksum(&[]),
+            last: true,
+            total_records: chunks.records,
+            total_bytes: chunks.bytes,
+            ..Default::default()
+        }))
+        .map_err(|_| gone())?;
+        Ok((chunks.records, chunks.bytes))
+    });
+    (rx, reader)
+}
+
+/// Checks a complete sequence of chunks as they arrive, one by one (a backup file, read back):
+/// the header first, then data chunks in order with matching checksums, then the totals.
+#[derive(Default)]
+pub struct ChunkVerifier {
+    pub header: Option<proto::SnapshotHeader>,
+    next_seq: u64,
+    pub bytes: u64,
+    pub done: Option<(u64, u64)>,
+}
+
+impl ChunkVerifier {
+    /// Checks the next chunk; returns its data if it carries any.
+    ///
+    /// # Errors
+    /// What is wrong with it, naming the chunk.
+    pub fn check(&mut self, c: &proto::SnapshotChunk) -> Result<(), String> {
+        if self.done.is_some() {
+            return Err("data after the last chunk".into());
+        }
+        if c.seq != self.next_seq {
+            return Err(format!(
+                "chunk {} where chunk {} was expected",
+                c.seq, self.next_seq
+            ));
+        }
+        if checksum(&c.data) != c.checksum {
+            return Err(format!("chunk {} fails its checksum", c.seq));
+        }
+        if c.seq == 0 {
+            let h = c.header.ok_or("the first chunk has no header")?;
+            if h.format != SNAPSHOT_FORMAT {
+                return Err(format!(
+                    "snapshot format {}, this raftkv reads {SNAPSHOT_FORMAT}",
+                    h.format
+                ));
+            }
+            self.header = Some(h);
+        } else if c.last {
+            if c.total_bytes != self.bytes {
+                return Err(format!(
+                    "truncated: {} bytes announced, {} present",
+                    c.total_bytes, self.bytes
+                ));
+            }
+            self.done = Some((c.total_records, c.total_bytes));
+        } else {
+            self.bytes += c.data.len() as u64;
+        }
+        self.next_seq += 1;
+        Ok(())
+    }
 }
 
 fn describe(s: &Status) -> String {

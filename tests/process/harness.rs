@@ -77,6 +77,58 @@ impl TestCluster {
         self.procs.insert(id, child);
     }
 
+    /// Starts node `id` with `extra` arguments and waits up to `within` for it to exit, as a
+    /// node that refuses to start does. Returns its exit code and stderr, or `None` (the node
+    /// is then left running, as a started node).
+    pub fn start_expecting_exit(
+        &mut self,
+        id: NodeId,
+        extra: &[&str],
+        within: Duration,
+    ) -> Option<(i32, String)> {
+        let mut child = Command::new(BIN)
+            .args(["node", "--id", &id.to_string(), "--quiet", "--config"])
+            .arg(&self.config)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn raftkv node");
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(st) = child.try_wait().expect("wait") {
+                let mut err = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut e, &mut err);
+                }
+                return Some((st.code().unwrap_or(-1), err));
+            }
+            if Instant::now() > deadline {
+                self.procs.insert(id, child);
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The newest fjall journal file of node `id`.
+    pub fn journal(&self, id: NodeId) -> PathBuf {
+        let dir = self.dir.path().join(format!("data/node-{id}"));
+        std::fs::read_dir(&dir)
+            .expect("data directory")
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "jnl"))
+            .max_by_key(|p| {
+                p.file_stem()
+                    .and_then(|s| s.to_str())
+                    .and_then(|s| s.parse::<u64>().ok())
+                    .unwrap_or(0)
+            })
+            .expect("a journal file")
+    }
+
     pub fn kill9(&mut self, id: NodeId) {
         if let Some(mut c) = self.procs.remove(&id) {
             let _ = c.kill();

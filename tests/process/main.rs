@@ -1,6 +1,7 @@
 //! End-to-end tests of the real `raftkv` binary: separate processes on free loopback ports,
 //! state in temporary directories.
 
+mod damage;
 mod harness;
 mod snapshots;
 
