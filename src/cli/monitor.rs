@@ -47,6 +47,19 @@ pub struct NodeView {
     pub last_log_index: Option<u64>,
     /// Entries the node has still to apply to catch up with the leader's commit index.
     pub lag: Option<u64>,
+    /// The first entry of the log (those before it are compacted into the snapshot).
+    pub first_log_index: Option<u64>,
+    /// The snapshot the log starts after: its index and term.
+    pub snapshot_index: Option<u64>,
+    pub snapshot_term: Option<u64>,
+    /// Bytes of the stored log, and of the whole data directory.
+    pub log_bytes: Option<u64>,
+    pub data_bytes: Option<u64>,
+    /// When this node last sent or installed a snapshot (Unix ms), and how many it installed
+    /// and sent since it started.
+    pub last_snapshot_unix_ms: Option<u64>,
+    pub snapshots_installed: Option<u64>,
+    pub snapshots_sent: Option<u64>,
     pub error: Option<String>,
 }
 
@@ -99,6 +112,15 @@ pub fn build_view(
                 applied_index: Some(s.applied_index),
                 last_log_index: Some(s.last_log_index),
                 lag: leader_commit.map(|c| c.saturating_sub(s.applied_index)),
+                first_log_index: Some(s.first_log_index),
+                snapshot_index: Some(s.snapshot_index),
+                snapshot_term: Some(s.snapshot_term),
+                log_bytes: Some(s.log_bytes),
+                data_bytes: Some(s.data_bytes),
+                last_snapshot_unix_ms: (s.last_snapshot_unix_ms != 0)
+                    .then_some(s.last_snapshot_unix_ms),
+                snapshots_installed: Some(s.snapshots_installed),
+                snapshots_sent: Some(s.snapshots_sent),
                 error: None,
             },
             Err(e) => NodeView {
@@ -112,6 +134,14 @@ pub fn build_view(
                 applied_index: None,
                 last_log_index: None,
                 lag: None,
+                first_log_index: None,
+                snapshot_index: None,
+                snapshot_term: None,
+                log_bytes: None,
+                data_bytes: None,
+                last_snapshot_unix_ms: None,
+                snapshots_installed: None,
+                snapshots_sent: None,
                 error: Some(e.clone()),
             },
         })
@@ -167,11 +197,22 @@ pub fn summary(v: &ClusterView) -> String {
     )
 }
 
-const HEADERS: [&str; 10] = [
+const HEADERS: [&str; 12] = [
     "ID", "ADDRESS", "STATE", "ROLE", "TERM", "LEADER", "COMMIT", "APPLIED", "LAST LOG", "LAG",
+    "LOG FROM", "DISK",
 ];
 
-fn cells(n: &NodeView) -> [String; 10] {
+/// Bytes as MiB or GiB, short.
+fn size(b: Option<u64>) -> String {
+    match b {
+        None => "-".into(),
+        Some(b) if b >= 10 << 30 => format!("{}G", b >> 30),
+        Some(b) if b >= 1 << 30 => format!("{:.1}G", b as f64 / (1u64 << 30) as f64),
+        Some(b) => format!("{}M", b.div_ceil(1 << 20)),
+    }
+}
+
+fn cells(n: &NodeView) -> [String; 12] {
     [
         n.id.to_string(),
         n.addr.clone(),
@@ -183,6 +224,8 @@ fn cells(n: &NodeView) -> [String; 10] {
         opt(n.applied_index),
         opt(n.last_log_index),
         opt(n.lag),
+        opt(n.first_log_index),
+        size(n.data_bytes),
     ]
 }
 
@@ -192,8 +235,8 @@ pub fn plain(v: &ClusterView) -> String {
     out.push('\n');
     let row = |c: &[String]| {
         format!(
-            "{:<4} {:<22} {:<5} {:<13} {:>6} {:>6} {:>9} {:>9} {:>9} {:>6}",
-            c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8], c[9]
+            "{:<4} {:<22} {:<5} {:<13} {:>6} {:>6} {:>9} {:>9} {:>9} {:>6} {:>9} {:>6}",
+            c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8], c[9], c[10], c[11]
         )
     };
     out.push_str(&row(&HEADERS.map(String::from)));
@@ -240,8 +283,11 @@ pub fn render(f: &mut Frame, v: &ClusterView, title: &str) {
             .block(Block::bordered().title(format!(" raftkv monitor: {title} "))),
         top,
     );
+    // The log and disk columns only when there is room for every column.
+    let columns = if table.width >= 126 { 12 } else { 10 };
     let rows = v.nodes.iter().map(|n| {
-        let cells: Vec<String> = cells(n).into();
+        let mut cells: Vec<String> = cells(n).into();
+        cells.truncate(columns);
         let style = if !n.up {
             Style::new().fg(Color::Red)
         } else if n.role.as_deref() == Some("leader") {
@@ -264,10 +310,12 @@ pub fn render(f: &mut Frame, v: &ClusterView, title: &str) {
         Constraint::Length(9),
         Constraint::Length(9),
         Constraint::Length(7),
+        Constraint::Length(9),
+        Constraint::Length(6),
     ];
     f.render_widget(
-        Table::new(rows, widths)
-            .header(Row::new(HEADERS).add_modifier(Modifier::BOLD))
+        Table::new(rows, &widths[..columns])
+            .header(Row::new(HEADERS[..columns].iter().copied()).add_modifier(Modifier::BOLD))
             .block(Block::bordered().title(" nodes ")),
         table,
     );

@@ -37,6 +37,8 @@ pub struct Config {
     pub heartbeat_ticks: u32,
     /// Appends a leader keeps in flight to one follower before waiting for answers.
     pub max_inflight_msgs: usize,
+    /// Entry bytes a leader keeps in flight to one follower (at least one message goes).
+    pub max_inflight_bytes: usize,
     /// Entry bytes in one append message (at least one entry is always sent).
     pub max_msg_bytes: usize,
     /// Entry bytes a leader accepts beyond its commit index before refusing proposals.
@@ -62,6 +64,7 @@ impl Config {
             election_ticks_max: 30,
             heartbeat_ticks: 5,
             max_inflight_msgs: 256,
+            max_inflight_bytes: 16 << 20,
             max_msg_bytes: 1 << 20,
             max_uncommitted_bytes: 64 << 20,
             max_apply_bytes: 4 << 20,
@@ -903,11 +906,12 @@ impl<S: LogStore> Raft<S> {
     /// Sends `to` the entries it lacks, with the commit index. Returns whether a message went
     /// out (not if `to` has everything or its flow control is full).
     fn send_append(&mut self, to: NodeId) -> Result<bool, Error> {
-        let max_inflight = self.cfg.max_inflight_msgs;
+        let (max_inflight, max_inflight_bytes) =
+            (self.cfg.max_inflight_msgs, self.cfg.max_inflight_bytes);
         let Some(pr) = self.progress.get(&to) else {
             return Ok(false);
         };
-        if pr.is_paused(max_inflight) {
+        if pr.is_paused(max_inflight, max_inflight_bytes) {
             return Ok(false);
         }
         let next = pr.next_index;
@@ -929,7 +933,7 @@ impl<S: LogStore> Raft<S> {
         let sent_last = entries.last().map_or(prev_log_index, |e| e.index);
         let pr = self.progress.get_mut(&to).expect("progress exists");
         if !entries.is_empty() || pr.state == ProgressState::Probe {
-            pr.sent_entries(sent_last);
+            pr.sent_entries(sent_last, entries.iter().map(Entry::size_bytes).sum());
         }
         let leader_commit = self.log.committed;
         let read_context = self.read_round;

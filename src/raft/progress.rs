@@ -26,8 +26,10 @@ pub struct Progress {
     pub state: ProgressState,
     /// Probe only: an append is out and unanswered.
     pub probe_sent: bool,
-    /// Replicate only: the last index of each append in flight, oldest first.
-    pub inflight: VecDeque<LogIndex>,
+    /// Replicate only: the last index and entry bytes of each append in flight, oldest first.
+    pub inflight: VecDeque<(LogIndex, usize)>,
+    /// Sum of the bytes in `inflight`.
+    pub inflight_bytes: usize,
     /// Heard from since the last check-quorum round.
     pub recent_active: bool,
     /// The highest ReadIndex round this follower acknowledged.
@@ -46,6 +48,7 @@ impl Progress {
             state: ProgressState::Probe,
             probe_sent: false,
             inflight: VecDeque::new(),
+            inflight_bytes: 0,
             recent_active: false,
             read_ack: 0,
             match_at_heartbeat: 0,
@@ -53,10 +56,17 @@ impl Progress {
         }
     }
 
-    pub fn is_paused(&self, max_inflight: usize) -> bool {
+    /// Whether no more appends may go out: in Replicate, `max_inflight` messages or
+    /// `max_inflight_bytes` of entries are unacknowledged (one message always may), so that a
+    /// follower catching up is fed at the pace it acknowledges, with bounded memory on both
+    /// sides (etcd raft `MaxInflightBytes`).
+    pub fn is_paused(&self, max_inflight: usize, max_inflight_bytes: usize) -> bool {
         match self.state {
             ProgressState::Probe => self.probe_sent,
-            ProgressState::Replicate => self.inflight.len() >= max_inflight,
+            ProgressState::Replicate => {
+                self.inflight.len() >= max_inflight
+                    || (!self.inflight.is_empty() && self.inflight_bytes >= max_inflight_bytes)
+            }
             ProgressState::Snapshot => true,
         }
     }
@@ -65,6 +75,7 @@ impl Progress {
         self.state = ProgressState::Snapshot;
         self.probe_sent = false;
         self.inflight.clear();
+        self.inflight_bytes = 0;
     }
 
     pub fn become_probe(&mut self) {
@@ -72,6 +83,7 @@ impl Progress {
         self.next_index = self.match_index + 1;
         self.probe_sent = false;
         self.inflight.clear();
+        self.inflight_bytes = 0;
     }
 
     pub fn become_replicate(&mut self) {
@@ -79,6 +91,7 @@ impl Progress {
         self.next_index = self.match_index + 1;
         self.probe_sent = false;
         self.inflight.clear();
+        self.inflight_bytes = 0;
     }
 
     /// Called every heartbeat. A pipeline whose match index has not moved for two heartbeats
@@ -100,12 +113,13 @@ impl Progress {
         false
     }
 
-    /// An append ending at `last` went out.
-    pub fn sent_entries(&mut self, last: LogIndex) {
+    /// An append ending at `last`, with `bytes` of entries, went out.
+    pub fn sent_entries(&mut self, last: LogIndex, bytes: usize) {
         match self.state {
             ProgressState::Replicate => {
                 self.next_index = last + 1;
-                self.inflight.push_back(last);
+                self.inflight.push_back((last, bytes));
+                self.inflight_bytes += bytes;
             }
             ProgressState::Probe => self.probe_sent = true,
             ProgressState::Snapshot => {}
@@ -121,8 +135,14 @@ impl Progress {
             self.probe_sent = false;
         }
         self.next_index = self.next_index.max(index + 1);
-        while self.inflight.front().is_some_and(|&last| last <= index) {
-            self.inflight.pop_front();
+        while self
+            .inflight
+            .front()
+            .is_some_and(|&(last, _)| last <= index)
+        {
+            if let Some((_, bytes)) = self.inflight.pop_front() {
+                self.inflight_bytes -= bytes;
+            }
         }
         updated
     }
@@ -220,6 +240,28 @@ mod tests {
         assert_eq!(majority(4), 3);
         assert_eq!(majority(5), 3);
         assert_eq!(majority(7), 4);
+    }
+
+    #[test]
+    fn bytes_in_flight_pause_a_replicating_follower() {
+        let mut p = Progress::new(1);
+        p.become_replicate();
+        assert!(!p.is_paused(256, 250));
+        p.sent_entries(1, 100);
+        p.sent_entries(2, 100);
+        assert!(!p.is_paused(256, 250));
+        p.sent_entries(3, 100);
+        assert!(p.is_paused(256, 250), "300 bytes in flight");
+        assert!(p.maybe_update(1));
+        assert!(!p.is_paused(256, 250), "200 bytes in flight");
+        // One message always goes, however large.
+        let mut q = Progress::new(1);
+        q.become_replicate();
+        assert!(!q.is_paused(256, 10));
+        q.sent_entries(1, 1000);
+        assert!(q.is_paused(256, 10));
+        q.become_probe();
+        assert_eq!(q.inflight_bytes, 0);
     }
 
     #[test]

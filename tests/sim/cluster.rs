@@ -717,6 +717,7 @@ impl Sim {
 fn start(id: NodeId, ids: &[NodeId], node: &Node, seed: u64) -> Raft<MemLogStore> {
     let mut cfg = Config::new(id, ids.to_vec(), seed.wrapping_mul(31).wrapping_add(id));
     cfg.max_inflight_msgs = 16;
+    cfg.max_inflight_bytes = 2048;
     cfg.max_msg_bytes = 512;
     Raft::new(
         cfg,
