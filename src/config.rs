@@ -313,11 +313,22 @@ impl Config {
         self.nodes.iter().map(|n| (n.id, n.addr())).collect()
     }
 
+    /// `p` relative to the config file's directory, without `./` components (so that printed
+    /// paths read `data/node-1`, not `././data/node-1`).
     fn resolve(&self, p: &Path) -> PathBuf {
-        if p.is_absolute() {
+        let joined = if p.is_absolute() {
             p.to_path_buf()
         } else {
             self.base_dir.join(p)
+        };
+        let clean: PathBuf = joined
+            .components()
+            .filter(|c| !matches!(c, std::path::Component::CurDir))
+            .collect();
+        if clean.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            clean
         }
     }
 
