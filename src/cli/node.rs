@@ -96,14 +96,23 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
 
     if args.repair {
         let dir = cfg.node_data_dir(args.id);
-        let (aside, w) = crate::storage::disk::repair(&dir, args.id)?;
+        let peers = cfg
+            .nodes
+            .iter()
+            .filter(|n| n.id != args.id)
+            .map(|n| (n.id, n.addr()));
+        let answers =
+            crate::transport::peer::probe_peers(peers, std::time::Duration::from_secs(1)).await;
+        let peers_term = answers.iter().map(|a| a.term).max().unwrap_or(0);
+        let peers_commit = answers.iter().map(|a| a.commit).max();
+        let (aside, w) = crate::storage::disk::repair(&dir, args.id, peers_term, peers_commit)?;
         let msg = format!(
-            "repair: moved the data directory {} to {}; node {} starts empty in cluster {} at term {} and catches up from the leader by snapshot (it votes again once it hears from a leader). Delete the old directory when you no longer need it.",
+            "repair: moved the data directory {} to {}; node {} starts empty in cluster {} at term {} and catches up from the leader by snapshot (it votes again once it has caught up). Delete the old directory when you no longer need it.",
             dir.display(),
             aside.display(),
             args.id,
             crate::transport::cluster_id_str(w.cluster_id),
-            w.term
+            w.term.max(peers_term)
         );
         tracing::warn!("{msg}");
         eprintln!("{msg}");

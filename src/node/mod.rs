@@ -84,7 +84,7 @@ pub async fn run(
             .map(|n| (n.id, n.addr()))
             .collect::<Vec<_>>()
     };
-    check_cluster_identity(
+    let peers_know_cluster = check_cluster_identity(
         &dir,
         recovered.kv.cluster_id(),
         peer_addrs(),
@@ -155,12 +155,28 @@ pub async fn run(
         recovered.hard_state,
         recovered.kv.applied(),
     )?;
-    if recovered.await_leader {
-        tracing::warn!(
-            node = id,
-            "this node was repaired: it neither votes nor campaigns until it hears from a leader"
-        );
-        raft.set_await_leader(true);
+    let mut rejoin = recovered.rejoin;
+    if recovered.is_new
+        && rejoin.is_none()
+        && let Some((term, commit)) = peers_know_cluster
+    {
+        // An empty directory in a cluster that exists (a wiped or replaced disk): this node
+        // may have voted and acknowledged writes before it lost them.
+        raft.store()
+            .set_rejoin(term, Some(commit))
+            .context("recording the rejoin")?;
+        rejoin = Some((term, Some(commit)));
+    }
+    if let Some((floor, catch_up)) = rejoin {
+        if let Some(c) = catch_up {
+            tracing::warn!(
+                node = id,
+                vote_floor = floor,
+                catch_up_to = c,
+                "this node rejoins without its former state: it neither votes nor campaigns until it has caught up to entry {c}, and never votes in terms up to {floor}"
+            );
+        }
+        raft.set_rejoin(floor, catch_up);
     }
     let core = Core {
         id,
@@ -172,11 +188,12 @@ pub async fn run(
         pending_install: None,
         snapshot_sends: 0,
         sending_to: Default::default(),
+        snapshot_floors: BTreeMap::new(),
         last_snapshot: None,
         snapshots_installed: 0,
         snapshots_sent: 0,
         cluster,
-        awaiting_leader: recovered.await_leader,
+        rejoin_floor: rejoin.and_then(|(f, c)| c.map(|_| f)),
         cluster_id_proposed_in: 0,
         peers,
         addrs: cfg.addrs(),
@@ -232,15 +249,26 @@ async fn check_cluster_identity(
     mine: u64,
     peers: Vec<(NodeId, String)>,
     cluster_size: usize,
-) -> anyhow::Result<()> {
-    if mine == 0 || peers.is_empty() {
-        return Ok(());
+) -> anyhow::Result<Option<(Term, LogIndex)>> {
+    if peers.is_empty() {
+        return Ok(None);
     }
-    let answers =
-        crate::transport::peer::probe_cluster_ids(peers, Duration::from_millis(1000)).await;
+    let answers = crate::transport::peer::probe_peers(peers, Duration::from_millis(1000)).await;
+    // If any peer knows its cluster, the highest term and commit index they report: what a
+    // node without its former state must catch up to before it votes.
+    let known = answers.iter().filter(|a| a.cluster_id != 0).fold(
+        None,
+        |acc: Option<(Term, LogIndex)>, a| {
+            let (t, c) = acc.unwrap_or_default();
+            Some((t.max(a.term), c.max(a.commit)))
+        },
+    );
+    if mine == 0 {
+        return Ok(known);
+    }
     let mut by_id: BTreeMap<u64, Vec<NodeId>> = BTreeMap::new();
-    for (node, id) in answers {
-        by_id.entry(id).or_default().push(node);
+    for a in answers.iter().filter(|a| a.cluster_id != 0) {
+        by_id.entry(a.cluster_id).or_default().push(a.id);
     }
     let quorum = cluster_size / 2 + 1;
     if let Some((&theirs, nodes)) = by_id
@@ -258,7 +286,7 @@ async fn check_cluster_identity(
             cluster_id_str(theirs)
         ));
     }
-    Ok(())
+    Ok(known)
 }
 
 /// Binds the node's port, with an error that names it if it is taken.
@@ -303,14 +331,19 @@ struct Core {
     /// Snapshot transfers to followers in progress (compaction waits for them), and to whom.
     snapshot_sends: usize,
     sending_to: std::collections::BTreeSet<NodeId>,
+    /// The index of the last snapshot sent to each follower, and when: compaction keeps the
+    /// log after it until the follower's match index passes it, so that a follower that just
+    /// installed a snapshot continues from the log instead of needing another one (the trap of
+    /// hashicorp/consul#9609 under sustained writes).
+    snapshot_floors: BTreeMap<NodeId, (LogIndex, std::time::Instant)>,
     /// The last snapshot sent or installed, and when.
     last_snapshot: Option<(SnapshotMeta, SystemTime)>,
     snapshots_installed: u64,
     snapshots_sent: u64,
     /// The cluster id the transport stamps and checks; follows the state machine's.
     cluster: ClusterId,
-    /// A repaired node that has not heard from a leader yet.
-    awaiting_leader: bool,
+    /// Set while a rejoining node catches up: its vote floor, to record when it is done.
+    rejoin_floor: Option<Term>,
     /// The term in which this node, as leader, last proposed a cluster id.
     cluster_id_proposed_in: Term,
     peers: Peers,
@@ -474,19 +507,20 @@ impl Core {
         }
     }
 
-    /// A repaired node heard from a leader: its vote counts again, durably.
+    /// A rejoining node caught up: its vote counts again, durably.
     fn maybe_end_repair(&mut self) -> anyhow::Result<()> {
-        if self.awaiting_leader && !self.raft.awaits_leader() {
+        if let Some(floor) = self.rejoin_floor
+            && !self.raft.rejoining()
+        {
             self.raft
                 .store()
-                .clear_await_leader()
-                .context("recording the end of a repair")?;
-            self.awaiting_leader = false;
+                .set_rejoin(floor, None)
+                .context("recording the end of a rejoin")?;
+            self.rejoin_floor = None;
             tracing::info!(
                 node = self.id,
-                leader = self.raft.leader(),
-                term = self.raft.term(),
-                "repaired node heard from a leader; it votes again from this term on"
+                commit = self.raft.commit_index(),
+                "rejoining node caught up; it votes again (in terms after {floor})"
             );
         }
         Ok(())
@@ -506,6 +540,8 @@ impl Core {
         let cluster_id = self.kv.cluster_id();
         self.snapshot_sends += 1;
         self.snapshots_sent += 1;
+        self.snapshot_floors
+            .insert(to, (meta.index, std::time::Instant::now()));
         self.last_snapshot = Some((meta, SystemTime::now()));
         tracing::info!(
             node = self.id,
@@ -539,16 +575,38 @@ impl Core {
         let start = log.start().index;
         let compactable = self.kv.applied().min(self.raft.persisted_index());
         let entries = compactable.saturating_sub(start);
-        let p = &self.policy;
-        if (entries <= p.log_entries_max && log.log_bytes() <= p.log_bytes_max)
-            || self.snapshot_sends > 0
-        {
+        let p = self.policy;
+        if entries <= p.log_entries_max && log.log_bytes() <= p.log_bytes_max {
             return Ok(());
         }
-        let to = compactable
+        // Waits for snapshot transfers and their followers, up to a hard limit: a log of four
+        // times its maximum is compacted whatever is in progress.
+        let over_limit = log.log_bytes() > p.log_bytes_max.saturating_mul(4)
+            || entries > p.log_entries_max.saturating_mul(4);
+        if self.snapshot_sends > 0 && !over_limit {
+            return Ok(());
+        }
+        let mut to = compactable
             .saturating_sub(p.keep_entries)
             .max(log.index_keeping_bytes(p.keep_bytes))
             .min(compactable);
+        if !self.snapshot_floors.is_empty() {
+            let matched: BTreeMap<NodeId, LogIndex> = self
+                .raft
+                .status()
+                .progress
+                .into_iter()
+                .map(|(id, m, _, _)| (id, m))
+                .collect();
+            self.snapshot_floors.retain(|id, (floor, since)| {
+                matched.get(id).is_some_and(|&m| m < *floor)
+                    && since.elapsed() < Duration::from_secs(300)
+            });
+            if !over_limit && let Some(&(floor, _)) = self.snapshot_floors.values().min() {
+                to = to.min(floor);
+            }
+        }
+        let log = self.raft.store();
         if to <= start {
             return Ok(());
         }

@@ -187,10 +187,14 @@ pub struct Raft<S: LogStore> {
     uncommitted: VecDeque<(LogIndex, usize)>,
     uncommitted_bytes: usize,
 
-    /// Set on a node whose durable state was lost and repaired: it may have voted in terms
-    /// it no longer knows of, so it neither votes nor campaigns until it has heard from a
-    /// leader (whose term it then adopts: it votes only in later terms).
-    await_leader: bool,
+    /// Set on a node that rejoins without the durable state it once had (repaired, or started
+    /// on an empty directory in an existing cluster): it neither votes nor campaigns until its
+    /// commit index has reached `catch_up_to` (what its peers had committed when it came
+    /// back), so that its empty log cannot help elect a leader lacking acknowledged writes.
+    catch_up_to: Option<LogIndex>,
+    /// It may have voted in terms up to this one before it lost its state: it never votes (or
+    /// campaigns) in them again.
+    vote_floor: Term,
 
     prev_soft: SoftState,
     prev_hard: HardState,
@@ -240,7 +244,8 @@ impl<S: LogStore> Raft<S> {
             dropped_reads: Vec::new(),
             uncommitted: VecDeque::new(),
             uncommitted_bytes: 0,
-            await_leader: false,
+            catch_up_to: None,
+            vote_floor: 0,
             prev_soft: SoftState {
                 role: Role::Follower,
                 leader: 0,
@@ -290,13 +295,19 @@ impl<S: LogStore> Raft<S> {
     pub fn store(&self) -> &S {
         &self.log.store
     }
-    /// See [`Raft::set_await_leader`].
-    pub fn awaits_leader(&self) -> bool {
-        self.await_leader
+    /// Whether the node is still catching up after rejoining (see [`Raft::set_rejoin`]).
+    pub fn rejoining(&self) -> bool {
+        self.catch_up_to.is_some()
     }
-    /// Neither vote nor campaign until a leader has been heard from (a repaired node).
-    pub fn set_await_leader(&mut self, on: bool) {
-        self.await_leader = on;
+    /// The node lost its durable state and rejoins: no votes or campaigns for terms up to
+    /// `vote_floor`, and none at all until the commit index reaches `catch_up_to` (`None`:
+    /// caught up already).
+    pub fn set_rejoin(&mut self, vote_floor: Term, catch_up_to: Option<LogIndex>) {
+        self.vote_floor = vote_floor;
+        self.catch_up_to = catch_up_to.filter(|&i| i > self.log.committed);
+    }
+    fn may_vote_in(&self, term: Term) -> bool {
+        self.catch_up_to.is_none() && term > self.vote_floor
     }
     pub fn store_mut(&mut self) -> &mut S {
         &mut self.log.store
@@ -468,7 +479,7 @@ impl<S: LogStore> Raft<S> {
         self.election_elapsed += 1;
         if self.election_elapsed >= self.randomized_election_timeout {
             self.election_elapsed = 0;
-            if !self.await_leader {
+            if self.may_vote_in(self.term + 1) {
                 self.campaign(self.cfg.pre_vote);
             }
         }
@@ -515,7 +526,7 @@ impl<S: LogStore> Raft<S> {
             self.in_flight.is_none(),
             "hup between ready() and advance()"
         );
-        if self.role != Role::Leader && !self.await_leader {
+        if self.role != Role::Leader && self.may_vote_in(self.term + 1) {
             self.campaign(self.cfg.pre_vote);
         }
     }
@@ -565,7 +576,7 @@ impl<S: LogStore> Raft<S> {
     ) {
         // We may vote for `from` if we already did, or if we have voted for nobody and follow
         // nobody in this term, or (pre-vote) if it asks about a later term.
-        let can_vote = !self.await_leader
+        let can_vote = self.may_vote_in(m.term)
             && (self.vote == m.from
                 || (self.vote == 0 && self.leader == 0)
                 || (pre_vote && m.term > self.term));
@@ -725,12 +736,14 @@ impl<S: LogStore> Raft<S> {
                 }
                 self.leader = m.from;
                 self.election_elapsed = 0;
-                self.await_leader = false;
                 match m.body {
                     MessageBody::InstallSnapshot { snapshot } => {
                         self.on_install_snapshot(m.from, snapshot)
                     }
                     _ => self.on_append_request(m),
+                }
+                if self.catch_up_to.is_some_and(|i| self.log.committed >= i) {
+                    self.catch_up_to = None;
                 }
             }
             MessageBody::AppendResponse {

@@ -1666,57 +1666,62 @@ fn persistence_and_application_are_acknowledged_apart() {
     r.check_invariants();
 }
 
-// A repaired node (its durable state was lost) may have voted in terms it no longer knows: it
-// neither votes nor campaigns until it has heard from a leader.
+// A node that lost its durable state (repaired, or an empty directory in an existing cluster)
+// neither votes nor campaigns until it has caught up to what its peers had committed, and never
+// votes in a term it may have voted in before.
 #[test]
-fn repaired_node_votes_only_after_hearing_a_leader() {
+fn rejoining_node_votes_only_after_catching_up() {
     let mut cfg = no_pre_vote(2, 3);
-    cfg.check_quorum = false; // no leader lease in the way of the last vote request
+    cfg.check_quorum = false; // no leader lease in the way of the vote requests
     let mut r = core(cfg, MemLogStore::new(), 3, 0);
-    r.set_await_leader(true);
+    r.set_rejoin(6, Some(2));
     for _ in 0..100 {
         r.tick();
     }
     assert_eq!(r.role(), Role::Follower, "does not campaign");
-    let vote = |term| {
-        msg(
+    let granted = |r: &mut Raft<MemLogStore>, term| {
+        r.step(msg(
             3,
             2,
             term,
             MessageBody::VoteRequest {
                 pre_vote: false,
-                last_log_index: 0,
-                last_log_term: 0,
+                last_log_index: 9,
+                last_log_term: 9,
             },
-        )
-    };
-    r.step(vote(4)).expect("step");
-    let rd = r.ready().expect("ready");
-    assert!(
-        rd.messages
-            .iter()
-            .all(|m| matches!(m.body, MessageBody::VoteResponse { granted: false, .. })),
-        "{:?}",
-        rd.messages
-    );
-    r.advance();
-    let heartbeat = MessageBody::AppendRequest {
-        prev_log_index: 0,
-        prev_log_term: 0,
-        entries: Vec::new(),
-        leader_commit: 0,
-        read_context: 0,
-    };
-    r.step(msg(1, 2, 5, heartbeat)).expect("step");
-    assert!(!r.awaits_leader());
-    let rd = r.ready().expect("ready");
-    r.advance();
-    drop(rd);
-    r.step(vote(6)).expect("step");
-    let rd = r.ready().expect("ready");
-    assert!(
+        ))
+        .expect("step");
+        let rd = r.ready().expect("ready");
+        r.store_mut().append(&rd.entries);
+        r.advance();
         rd.messages
             .iter()
             .any(|m| matches!(m.body, MessageBody::VoteResponse { granted: true, .. }))
-    );
+    };
+    assert!(!granted(&mut r, 4), "still catching up");
+    let append = |prev, prev_term, e: Vec<Entry>, commit| {
+        msg(
+            1,
+            2,
+            5,
+            MessageBody::AppendRequest {
+                prev_log_index: prev,
+                prev_log_term: prev_term,
+                entries: e,
+                leader_commit: commit,
+                read_context: 0,
+            },
+        )
+    };
+    // Hearing from a leader is not enough: its log is not here yet.
+    r.step(append(0, 0, vec![], 0)).expect("step");
+    assert!(r.rejoining());
+    r.step(append(0, 0, vec![entry(1, 5), entry(2, 5)], 2))
+        .expect("step");
+    assert!(!r.rejoining(), "caught up to index 2");
+    let rd = r.ready().expect("ready");
+    r.store_mut().append(&rd.entries);
+    r.advance();
+    assert!(!granted(&mut r, 6), "term 6 is at or below the vote floor");
+    assert!(granted(&mut r, 7));
 }

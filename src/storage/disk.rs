@@ -26,8 +26,9 @@ const KEY_FORMAT: &[u8] = b"format";
 const KEY_HARD_STATE: &[u8] = b"hard_state";
 /// The last compacted entry (index, term as u64 LE): the log starts after it.
 pub(crate) const KEY_LOG_START: &[u8] = b"log_start";
-/// Set (to 1) on a repaired node until it has heard from a leader (see `Raft::set_await_leader`).
-const KEY_AWAIT_LEADER: &[u8] = b"await_leader";
+/// A node that lost its durable state and rejoins: (vote floor, catch-up index; 0 once caught
+/// up), u64 LE each (see `Raft::set_rejoin`).
+const KEY_REJOIN: &[u8] = b"rejoin";
 /// Log batches stored at or after this index carry a checksum (u64 LE; older ones, from
 /// before checksums, do not).
 const KEY_LOG_CHECKSUMS_FROM: &[u8] = b"log_checksums_from";
@@ -103,8 +104,11 @@ pub struct Recovered {
     pub hard_state: HardState,
     /// Stages snapshots received from a leader.
     pub stager: Stager,
-    /// A repaired node that has not heard from a leader since: it must not vote yet.
-    pub await_leader: bool,
+    /// Set on a node that lost its durable state: the term it must not vote in again (or
+    /// before), and the commit index to reach before it votes at all (`None`: reached).
+    pub rejoin: Option<(Term, Option<LogIndex>)>,
+    /// The directory was created just now (no node id was stored in it).
+    pub is_new: bool,
 }
 
 /// Opens (creating if new) the data directory of node `id`.
@@ -157,6 +161,11 @@ pub fn open(dir: &Path, id: NodeId) -> Result<Recovered, OpenError> {
         }
         Err(e) => return Err(wrap(io_err(e))),
     };
+    // What fjall recovered may include writes that reached only the page cache before a
+    // crash: make it durable before anything (the watermark) is derived from it.
+    db.persist(PersistMode::SyncAll)
+        .map_err(io_err)
+        .map_err(wrap)?;
     // Memtable sizes bound a node's memory (fjall's default is 64 MiB per keyspace). Small
     // memtables also keep inserts cheap: every applied write is one skiplist insert, and with
     // a 32 MiB kv memtable the search alone was about 15% of a busy leader's CPU (cache misses);
@@ -180,7 +189,9 @@ pub fn open(dir: &Path, id: NodeId) -> Result<Recovered, OpenError> {
     };
     let watermark = durable::read(dir).map_err(|e| damaged(e.to_string()))?;
 
-    match meta.get(KEY_NODE_ID).map_err(io_err).map_err(wrap)? {
+    let stored_id = meta.get(KEY_NODE_ID).map_err(io_err).map_err(wrap)?;
+    let is_new = stored_id.is_none();
+    match stored_id {
         Some(v) => {
             let found = decode_u64(&v).ok_or_else(|| corrupt("node_id"))?;
             if found != id {
@@ -341,6 +352,7 @@ pub fn open(dir: &Path, id: NodeId) -> Result<Recovered, OpenError> {
             last + 1
         }
     };
+    kv.delete_stale_generations().map_err(wrap)?;
     let mark = Watermark {
         last_index: last,
         last_term,
@@ -361,13 +373,17 @@ pub fn open(dir: &Path, id: NodeId) -> Result<Recovered, OpenError> {
         ..hard_state
     };
     let log_bytes = batches.iter().map(|&(_, b)| b).sum();
-    let await_leader = meta
-        .get(KEY_AWAIT_LEADER)
-        .map_err(io_err)
-        .map_err(wrap)?
-        .is_some();
+    let rejoin = match meta.get(KEY_REJOIN).map_err(io_err).map_err(wrap)? {
+        Some(v) if v.len() == 16 => {
+            let catch_up = u64_at(&v, 8);
+            Some((u64_at(&v, 0), (catch_up != 0).then_some(catch_up)))
+        }
+        Some(_) => return Err(corrupt("rejoin")),
+        None => None,
+    };
     Ok(Recovered {
-        await_leader,
+        rejoin,
+        is_new,
         log: DiskLog {
             db,
             log,
@@ -389,16 +405,24 @@ pub fn open(dir: &Path, id: NodeId) -> Result<Recovered, OpenError> {
     })
 }
 
-/// `raftkv node --repair`: moves the (damaged) data directory `dir` of node `id` aside and
-/// creates an empty one in its place that keeps the node's identity: its id, its cluster, and
-/// the term and vote it last made durable (from the watermark, if readable). The node then
-/// catches up from the leader by snapshot; it neither votes nor campaigns until it has heard
-/// from a leader, since it may have voted in terms it no longer knows of. Returns where the old
-/// directory went.
+/// `raftkv node --repair`: replaces the (damaged) data directory `dir` of node `id` by an
+/// empty one that keeps the node's identity: its id, its cluster, and the term and vote it last
+/// made durable (from the watermark, if readable). The old directory is moved aside, not
+/// deleted. The new one is built and synced under a temporary name first and then renamed into
+/// place, so that a crash never leaves an empty directory without its rejoin record. The node
+/// rejoins (`Raft::set_rejoin`): no votes in terms up to the highest it or its peers
+/// (`peers_term`) knew, and none at all until its commit index reaches what its peers had
+/// committed (`peers_commit`; without answers, the last index it had made durable). Returns
+/// where the old directory went and the watermark read from it.
 ///
 /// # Errors
 /// If `dir` does not exist or cannot be moved, or the new one cannot be created.
-pub fn repair(dir: &Path, id: NodeId) -> Result<(PathBuf, Watermark), OpenError> {
+pub fn repair(
+    dir: &Path,
+    id: NodeId,
+    peers_term: Term,
+    peers_commit: Option<LogIndex>,
+) -> Result<(PathBuf, Watermark), OpenError> {
     let wrap = |source| OpenError::Storage {
         dir: dir.to_path_buf(),
         source,
@@ -418,48 +442,60 @@ pub fn repair(dir: &Path, id: NodeId) -> Result<(PathBuf, Watermark), OpenError>
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "node".into());
     let aside = dir.with_file_name(format!("{name}.damaged-{secs}"));
-    std::fs::rename(dir, &aside).map_err(|e| {
-        wrap(StorageError::io(
-            format!("moving it to {}", aside.display()),
-            e,
-        ))
-    })?;
-    let r = open(dir, id)?;
-    let mut b = r.log.db.batch();
-    let hs = HardState {
-        term: w.term,
-        vote: w.vote,
-        commit: 0,
-    };
-    let mut v = Vec::with_capacity(24);
-    v.extend_from_slice(&hs.term.to_le_bytes());
-    v.extend_from_slice(&hs.vote.to_le_bytes());
-    v.extend_from_slice(&hs.commit.to_le_bytes());
-    b.insert(&r.log.meta, KEY_HARD_STATE, v);
-    b.insert(&r.log.meta, KEY_AWAIT_LEADER, 1u64.to_le_bytes().to_vec());
-    if w.cluster_id != 0 {
-        b.insert(
-            &r.log.meta,
-            super::kv::KEY_CLUSTER_ID,
-            w.cluster_id.to_le_bytes().to_vec(),
-        );
+    let fresh = dir.with_file_name(format!("{name}.repairing"));
+    let io = |what: String, e: std::io::Error| wrap(StorageError::io(what, e));
+    if fresh.exists() {
+        std::fs::remove_dir_all(&fresh)
+            .map_err(|e| io(format!("removing {}", fresh.display()), e))?;
     }
-    b.commit().map_err(io_err).map_err(wrap)?;
-    r.log
-        .db
-        .persist(PersistMode::SyncAll)
-        .map_err(io_err)
-        .map_err(wrap)?;
-    r.log
-        .watermark
-        .write_now(Watermark {
-            last_index: 0,
-            last_term: 0,
-            term: w.term,
-            vote: w.vote,
-            cluster_id: w.cluster_id,
-        })
-        .map_err(wrap)?;
+    let floor = w.term.max(peers_term);
+    {
+        let r = open(&fresh, id)?;
+        let mut b = r.log.db.batch();
+        let hs = HardState {
+            term: floor,
+            vote: if floor == w.term { w.vote } else { 0 },
+            commit: 0,
+        };
+        let mut v = Vec::with_capacity(24);
+        v.extend_from_slice(&hs.term.to_le_bytes());
+        v.extend_from_slice(&hs.vote.to_le_bytes());
+        v.extend_from_slice(&hs.commit.to_le_bytes());
+        b.insert(&r.log.meta, KEY_HARD_STATE, v);
+        let catch_up = peers_commit.unwrap_or(w.last_index);
+        let mut v = floor.to_le_bytes().to_vec();
+        v.extend_from_slice(&catch_up.to_le_bytes());
+        b.insert(&r.log.meta, KEY_REJOIN, v);
+        if w.cluster_id != 0 {
+            b.insert(
+                &r.log.meta,
+                super::kv::KEY_CLUSTER_ID,
+                w.cluster_id.to_le_bytes().to_vec(),
+            );
+        }
+        b.commit().map_err(io_err).map_err(wrap)?;
+        r.log
+            .db
+            .persist(PersistMode::SyncAll)
+            .map_err(io_err)
+            .map_err(wrap)?;
+        r.log
+            .watermark
+            .write_now(Watermark {
+                last_index: 0,
+                last_term: 0,
+                term: hs.term,
+                vote: hs.vote,
+                cluster_id: w.cluster_id,
+            })
+            .map_err(wrap)?;
+    }
+    std::fs::rename(dir, &aside).map_err(|e| io(format!("moving it to {}", aside.display()), e))?;
+    std::fs::rename(&fresh, dir)
+        .map_err(|e| io(format!("moving {} into place", fresh.display()), e))?;
+    if let Some(parent) = dir.parent() {
+        sync_dir(parent).map_err(wrap)?;
+    }
     Ok((aside, w))
 }
 
@@ -593,9 +629,16 @@ impl DiskLog {
         Ok(())
     }
 
-    /// A repaired node has heard from a leader: it may vote again after a restart too.
-    pub fn clear_await_leader(&self) -> Result<(), StorageError> {
-        self.meta.remove(KEY_AWAIT_LEADER).map_err(io_err)?;
+    /// Records (durably) that this node rejoins without its former state: see
+    /// `Raft::set_rejoin`. `catch_up_to: None` records that it has caught up.
+    pub fn set_rejoin(
+        &self,
+        vote_floor: Term,
+        catch_up_to: Option<LogIndex>,
+    ) -> Result<(), StorageError> {
+        let mut v = vote_floor.to_le_bytes().to_vec();
+        v.extend_from_slice(&catch_up_to.unwrap_or(0).to_le_bytes());
+        self.meta.insert(KEY_REJOIN, v).map_err(io_err)?;
         self.db.persist(PersistMode::SyncAll).map_err(io_err)
     }
 
@@ -608,12 +651,24 @@ impl DiskLog {
         }
     }
 
-    /// Before a snapshot's install drops the log: lowers the watermark to the snapshot.
+    /// Before a snapshot's install drops the log: lowers the watermark to the snapshot if that
+    /// is lower (a crash before the install is durable then finds the old log above it).
     pub(crate) fn before_install(&self, snap: SnapshotMeta) -> Result<(), StorageError> {
+        let mut w = self.watermark.current();
+        if (snap.term, snap.index) < (w.last_term, w.last_index) {
+            w.last_index = snap.index;
+            w.last_term = snap.term;
+            self.watermark.write_now(w)?;
+        }
+        Ok(())
+    }
+
+    /// After a snapshot's install is durable: the watermark is the snapshot's position.
+    pub(crate) fn after_install(&self, snap: SnapshotMeta) {
         let mut w = self.watermark.current();
         w.last_index = snap.index;
         w.last_term = snap.term;
-        self.watermark.write_now(w)
+        self.watermark.set(w);
     }
 
     /// The key (first index) of the stored batch that holds entry `index`.
@@ -686,6 +741,9 @@ impl DiskLog {
         let start = SnapshotMeta { index, term };
         b.insert(&self.meta, KEY_LOG_START, encode_meta(start));
         b.commit().map_err(io_err)?;
+        // Synced at once: the log keyspace's tables must never get ahead of `log_start` in a
+        // recovery (fjall recovers each keyspace from its own flushed state).
+        self.db.persist(PersistMode::SyncData).map_err(io_err)?;
         self.start = start;
         let run = self.terms.partition_point(|&(s, _)| s <= index + 1);
         if run > 0 {

@@ -196,15 +196,6 @@ impl KvStore {
         let kv = open_sm_keyspace(&db, &kv_name)?;
         let sessions = open_sm_keyspace(&db, &sessions_name)?;
         sync_dir(&dir.join("keyspaces"))?;
-        for name in db.list_keyspace_names() {
-            let name: &str = &name;
-            if sm_keyspace_generation(name).is_some_and(|g| g != generation) {
-                let stale = db
-                    .keyspace(name, KeyspaceCreateOptions::default)
-                    .map_err(io_err)?;
-                db.delete_keyspace(stale).map_err(io_err)?;
-            }
-        }
         let applied = match meta.get(KEY_APPLIED).map_err(io_err)? {
             Some(v) => decode_applied(&v).ok_or_else(|| corrupt("applied index"))?,
             None => SnapshotMeta::default(),
@@ -254,6 +245,23 @@ impl KvStore {
 
     pub fn generation(&self) -> u64 {
         self.generation
+    }
+
+    /// Deletes every other generation's keyspaces (a snapshot staged, or replaced, before a
+    /// crash). Called once the directory has passed its checks, so that a damaged one is left
+    /// as it was found.
+    pub(crate) fn delete_stale_generations(&self) -> Result<(), StorageError> {
+        for name in self.db.list_keyspace_names() {
+            let name: &str = &name;
+            if sm_keyspace_generation(name).is_some_and(|g| g != self.generation) {
+                let stale = self
+                    .db
+                    .keyspace(name, KeyspaceCreateOptions::default)
+                    .map_err(io_err)?;
+                self.db.delete_keyspace(stale).map_err(io_err)?;
+            }
+        }
+        Ok(())
     }
 
     #[cfg(test)]
@@ -445,6 +453,12 @@ impl KvStore {
             }),
         );
         b.commit().map_err(io_err)?;
+        // Out of fjall's userspace buffer into the OS: a kill -9 must not lose this batch
+        // while a keyspace's memtable (say meta's, with the new applied index) is flushed to
+        // a table without it. (The next log fsync makes it durable against power loss.)
+        self.db
+            .persist(fjall::PersistMode::Buffer)
+            .map_err(io_err)?;
         self.applied = applied;
         self.applied_term = applied_term;
         if let Some(id) = new_cluster_id {

@@ -48,5 +48,6 @@ pub fn install_snapshot(
     log.before_install(meta)?;
     kv.install(staged, |b| log.drop_all_into(b, meta))?;
     log.snapshot_installed(meta);
+    log.after_install(meta);
     Ok(())
 }

@@ -251,6 +251,9 @@ impl Stager {
             })?;
             for r in records(&chunk) {
                 let (tag, k, v) = r?;
+                if k.is_empty() {
+                    return Err(corrupt("snapshot record with an empty key"));
+                }
                 if last_key.as_deref().is_some_and(|last| k <= last)
                     && !(tag == TAG_SESSION && sessions_in.is_none())
                 {

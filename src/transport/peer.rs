@@ -145,34 +145,46 @@ async fn peer_loop(id: NodeId, addr: String, slot: Slot) {
     }
 }
 
-/// Asks each of `peers` (`id -> host:port`) for the cluster it belongs to, within `timeout`;
-/// returns the ids of those that answered and know it.
-pub async fn probe_cluster_ids(
+/// What a peer said about itself when asked at start-up.
+#[derive(Clone, Copy, Debug)]
+pub struct PeerAnswer {
+    pub id: NodeId,
+    pub cluster_id: u64,
+    pub term: u64,
+    pub commit: u64,
+}
+
+/// Asks each of `peers` (`id -> host:port`) for its status (cluster, term, commit index),
+/// concurrently, within `timeout`; returns the answers.
+pub async fn probe_peers(
     peers: impl IntoIterator<Item = (NodeId, String)>,
     timeout: Duration,
-) -> Vec<(NodeId, u64)> {
-    let probes = peers.into_iter().map(|(id, addr)| async move {
-        let ask = async {
-            let channel = Endpoint::from_shared(format!("http://{addr}"))
-                .ok()?
-                .connect_timeout(timeout)
-                .connect()
-                .await
-                .ok()?;
-            let mut c = crate::proto::data_service_client::DataServiceClient::new(channel);
-            let s = c.status(proto::StatusRequest {}).await.ok()?.into_inner();
-            (s.cluster_id != 0).then_some((id, s.cluster_id))
-        };
-        tokio::time::timeout(timeout, ask).await.ok().flatten()
-    });
-    let mut out = Vec::new();
-    for p in probes {
-        // Sequential awaits of futures created together would not overlap; spawn them.
-        out.push(tokio::spawn(p));
+) -> Vec<PeerAnswer> {
+    let mut tasks = Vec::new();
+    for (id, addr) in peers {
+        tasks.push(tokio::spawn(async move {
+            let ask = async {
+                let channel = Endpoint::from_shared(format!("http://{addr}"))
+                    .ok()?
+                    .connect_timeout(timeout)
+                    .connect()
+                    .await
+                    .ok()?;
+                let mut c = crate::proto::data_service_client::DataServiceClient::new(channel);
+                let s = c.status(proto::StatusRequest {}).await.ok()?.into_inner();
+                Some(PeerAnswer {
+                    id,
+                    cluster_id: s.cluster_id,
+                    term: s.term,
+                    commit: s.commit_index,
+                })
+            };
+            tokio::time::timeout(timeout, ask).await.ok().flatten()
+        }));
     }
     let mut answers = Vec::new();
-    for h in out {
-        if let Ok(Some(a)) = h.await {
+    for t in tasks {
+        if let Ok(Some(a)) = t.await {
             answers.push(a);
         }
     }

@@ -31,6 +31,8 @@ use super::peer::{CONNECTION_WINDOW_BYTES, GRPC_MESSAGE_BYTES_MAX, STREAM_WINDOW
 pub const CHUNK_TIMEOUT: Duration = Duration::from_secs(10);
 /// Chunks read ahead of the stream on the sending side.
 const CHUNKS_AHEAD: usize = 2;
+/// How long the sender waits, after its last chunk, for the receiver to stage and install.
+const INSTALL_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// What a finished transfer tells the sender's core.
 #[derive(Debug)]
@@ -78,23 +80,35 @@ pub async fn send(
     // A watchdog on progress: the time the stream last took a chunk.
     let started = Instant::now();
     let last_progress = Arc::new(AtomicU64::new(0));
-    let progress = last_progress.clone();
+    let all_sent = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (progress, sent) = (last_progress.clone(), all_sent.clone());
     let stream = ReceiverStream::new(rx).map(move |c| {
         progress.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+        if c.last {
+            sent.store(true, Ordering::Relaxed);
+        }
         c
     });
+    // Once the last chunk is out, the receiver stages and installs: that is not a stall.
     let stalled = async {
         loop {
             tokio::time::sleep(Duration::from_millis(500)).await;
+            if all_sent.load(Ordering::Relaxed) {
+                tokio::time::sleep(INSTALL_TIMEOUT).await;
+                return format!(
+                    "no answer {} s after the last chunk",
+                    INSTALL_TIMEOUT.as_secs()
+                );
+            }
             let last = Duration::from_millis(last_progress.load(Ordering::Relaxed));
             if started.elapsed().saturating_sub(last) > CHUNK_TIMEOUT {
-                return;
+                return format!("no progress for {} s", CHUNK_TIMEOUT.as_secs());
             }
         }
     };
     let answer = tokio::select! {
         r = client.install_snapshot(stream) => r.map_err(|s| describe(&s)),
-        () = stalled => Err(format!("no progress for {} s", CHUNK_TIMEOUT.as_secs())),
+        why = stalled => Err(why),
     };
     let read = reader.await.map_err(|e| format!("reader: {e}"))?;
     let reply = answer?.into_inner();
@@ -287,8 +301,14 @@ impl Receiver {
         let started = Instant::now();
         let (tx, mut rx) = mpsc::channel::<Result<Vec<u8>, String>>(CHUNKS_AHEAD);
         let stager = self.stager.clone();
-        let staging = tokio::task::spawn_blocking(move || {
-            stager.stage(meta, std::iter::from_fn(move || rx.blocking_recv()))
+        // The staged state comes back on a oneshot: if this call is dropped meanwhile (the
+        // sender gave up), the staging thread finds nobody waiting and deletes it.
+        let (done, staging) = oneshot::channel();
+        tokio::task::spawn_blocking(move || {
+            let r = stager.stage(meta, std::iter::from_fn(move || rx.blocking_recv()));
+            if let Err(Ok(staged)) = done.send(r) {
+                stager.discard(staged);
+            }
         });
         let fed = feed(&mut stream, &tx).await;
         if let Err(e) = &fed {
@@ -297,7 +317,7 @@ impl Receiver {
         drop(tx);
         let staged = staging
             .await
-            .map_err(|e| Status::internal(format!("staging the snapshot: {e}")))?;
+            .map_err(|_| Status::internal("staging the snapshot failed"))?;
         let (records, bytes) = fed?;
         let mut staged = staged.map_err(|e| Status::data_loss(format!("snapshot refused: {e}")))?;
         staged.cluster_id = h.cluster_id;
@@ -324,14 +344,17 @@ impl Receiver {
             term: h.term,
             body: MessageBody::InstallSnapshot { snapshot: meta },
         };
-        self.inbound
-            .send(Inbound::Snapshot {
-                message,
-                staged,
-                reply,
-            })
-            .await
-            .map_err(|_| Status::unavailable("node is shutting down"))?;
+        // A slot first, then the hand-over without an await: the staged state is never
+        // dropped on the way (it would stay on disk until the next restart).
+        let Ok(permit) = self.inbound.reserve().await else {
+            self.stager.discard(staged);
+            return Err(Status::unavailable("node is shutting down"));
+        };
+        permit.send(Inbound::Snapshot {
+            message,
+            staged,
+            reply,
+        });
         let (installed, detail) = answer
             .await
             .map_err(|_| Status::unavailable("node is shutting down"))?;
