@@ -439,6 +439,38 @@ mod tests {
     }
 
     #[test]
+    fn snapshot_policy_has_defaults_and_is_checked() {
+        let c = load_text(SEED).expect("valid");
+        assert_eq!(c.snapshot_policy(), SnapshotPolicy::default());
+        let with = |snapshot: &str| {
+            load_text(&SEED.replace(
+                r#""data_directory": "./data""#,
+                &format!(r#""data_directory": "./data", "snapshot": {snapshot}"#),
+            ))
+        };
+        let c = with(r#"{"log_entries_max": 5000, "keep_entries": 1000}"#).expect("valid");
+        let p = c.snapshot_policy();
+        assert_eq!((p.log_entries_max, p.keep_entries), (5000, 1000));
+        assert_eq!(p.log_bytes_max, SnapshotPolicy::default().log_bytes_max);
+        assert_eq!(
+            field_of(with(r#"{"log_entries_max": 0}"#)),
+            "snapshot.log_entries_max"
+        );
+        assert_eq!(
+            field_of(with(r#"{"log_entries_max": 5000, "keep_entries": 5000}"#)),
+            "snapshot.keep_entries"
+        );
+        assert_eq!(
+            field_of(with(r#"{"log_bytes_max": 1000}"#)),
+            "snapshot.keep_bytes"
+        );
+        assert!(matches!(
+            with(r#"{"keep_entrys": 5}"#),
+            Err(ConfigError::Parse { .. })
+        ));
+    }
+
+    #[test]
     fn the_repository_config_is_the_seed_config() {
         let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.json"))
             .expect("config.json");
