@@ -501,22 +501,7 @@ mod tests {
     use crate::storage::open;
 
     fn put(index: LogIndex, client: u64, seq: u64, k: &str, v: &str) -> Entry {
-        let cmd = Command {
-            id: RequestId {
-                client_id: client,
-                seq,
-            },
-            op: Op::Put {
-                key: k.to_string().into(),
-                value: v.to_string().into(),
-            },
-        };
-        Entry {
-            index,
-            term: 1,
-            kind: EntryKind::Normal,
-            data: cmd.encode(),
-        }
+        crate::storage::testutil::put_entry(index, 1, client, seq, k, v)
     }
 
     fn del(index: LogIndex, client: u64, seq: u64, k: &str) -> Entry {

@@ -26,6 +26,8 @@ pub mod disk;
 pub mod durable;
 pub mod kv;
 pub mod snapshot;
+#[cfg(test)]
+mod testutil;
 
 pub use disk::{DiskLog, open};
 pub use kv::{ApplyOutcome, KvStore, StagedState};

@@ -309,27 +309,11 @@ mod tests {
     use bytes::Bytes;
 
     use super::*;
-    use crate::raft::{Entry, EntryKind, LogStore};
-    use crate::storage::command::{Command, Op, RequestId};
+    use crate::raft::{Entry, LogStore};
     use crate::storage::{ApplyOutcome, install_snapshot, open};
 
     fn put(index: LogIndex, client: u64, seq: u64, k: &str, v: &str) -> Entry {
-        let cmd = Command {
-            id: RequestId {
-                client_id: client,
-                seq,
-            },
-            op: Op::Put {
-                key: k.to_string().into(),
-                value: v.to_string().into(),
-            },
-        };
-        Entry {
-            index,
-            term: 2,
-            kind: EntryKind::Normal,
-            data: cmd.encode(),
-        }
+        crate::storage::testutil::put_entry(index, 2, client, seq, k, v)
     }
 
     fn chunks_of(source: SnapshotSource) -> Vec<Vec<u8>> {

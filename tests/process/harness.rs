@@ -44,7 +44,12 @@ impl TestCluster {
     }
 
     pub fn started(n: usize) -> TestCluster {
-        let mut c = TestCluster::new(n);
+        TestCluster::started_with(n, r#""max_value_bytes": 65536"#)
+    }
+
+    /// A config for `n` nodes with `extra` config fields, every node started.
+    pub fn started_with(n: usize, extra: &str) -> TestCluster {
+        let mut c = TestCluster::with_config(n, extra);
         for id in 1..=n as NodeId {
             c.start(id);
         }

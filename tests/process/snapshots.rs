@@ -68,10 +68,7 @@ async fn assert_same_values(c: &TestCluster, a: NodeId, b: NodeId, keys: usize) 
 /// one), without a leader change, and has every key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn follower_down_for_100k_writes_catches_up_by_snapshot_without_an_election() {
-    let mut c = TestCluster::with_config(3, SMALL_SNAPSHOTS);
-    for id in c.ids() {
-        c.start(id);
-    }
+    let mut c = TestCluster::started_with(3, SMALL_SNAPSHOTS);
     let leader = c.wait_leader(ELECTION).await;
     let victim = c.follower_other_than(leader);
     c.stop(victim);
@@ -109,10 +106,7 @@ async fn follower_down_for_100k_writes_catches_up_by_snapshot_without_an_electio
 /// recovers (a staged snapshot is dropped at start; a new transfer follows) and has every key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn follower_killed_during_a_snapshot_install_recovers() {
-    let mut c = TestCluster::with_config(3, SMALL_SNAPSHOTS);
-    for id in c.ids() {
-        c.start(id);
-    }
+    let mut c = TestCluster::started_with(3, SMALL_SNAPSHOTS);
     let leader = c.wait_leader(ELECTION).await;
     let victim = c.follower_other_than(leader);
     c.stop(victim);
@@ -144,10 +138,7 @@ async fn follower_killed_during_a_snapshot_install_recovers() {
 /// forever (both busy at about 40% CPU before).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wiped_follower_catches_up_by_snapshot() {
-    let mut c = TestCluster::with_config(3, SMALL_SNAPSHOTS);
-    for id in c.ids() {
-        c.start(id);
-    }
+    let mut c = TestCluster::started_with(3, SMALL_SNAPSHOTS);
     let leader = c.wait_leader(ELECTION).await;
     let victim = c.follower_other_than(leader);
     let last = write_many(&c.client(), 10_000, 1000, 16).await;
@@ -165,10 +156,7 @@ async fn wiped_follower_catches_up_by_snapshot() {
 /// written: compaction really frees disk.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn data_directory_stays_bounded_while_the_log_is_compacted() {
-    let mut c = TestCluster::with_config(3, SMALL_SNAPSHOTS);
-    for id in c.ids() {
-        c.start(id);
-    }
+    let c = TestCluster::started_with(3, SMALL_SNAPSHOTS);
     c.wait_leader(ELECTION).await;
     let client = c.client();
     // 300,000 writes of 1 KiB over 1,000 keys: about 300 MiB of log per node.
@@ -295,10 +283,7 @@ async fn a_data_directory_of_another_cluster_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn save_and_restore_into_a_fresh_cluster() {
     use crate::harness::run_cli;
-    let mut a = TestCluster::with_config(3, SMALL_SNAPSHOTS);
-    for id in a.ids() {
-        a.start(id);
-    }
+    let a = TestCluster::started_with(3, SMALL_SNAPSHOTS);
     a.wait_leader(ELECTION).await;
     write_many(&a.client(), 8000, 2000, 16).await;
     let mut cl = a.client();
