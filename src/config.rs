@@ -77,6 +77,17 @@ pub struct SnapshotPolicy {
     pub keep_bytes: u64,
 }
 
+impl SnapshotPolicy {
+    /// fjall's journal cap for this policy: twice the log's limit, within fjall's 64-512 MiB.
+    /// The journal is only freed once the memtables it covers are flushed, so it bounds the
+    /// data directory together with the compacted log.
+    pub fn journal_bytes(&self) -> u64 {
+        self.log_bytes_max
+            .saturating_mul(2)
+            .clamp(64 << 20, 512 << 20)
+    }
+}
+
 impl Default for SnapshotPolicy {
     /// About 3-6 s of writes at full speed on a small machine (256-byte values), so that a
     /// node restarted within seconds catches up from the log (etcd keeps 5,000 entries;

@@ -63,7 +63,8 @@ pub async fn run(
     let dir = cfg.node_data_dir(id);
     let recovered = tokio::task::spawn_blocking({
         let dir = dir.clone();
-        move || storage::open(&dir, id)
+        let journal = cfg.snapshot_policy().journal_bytes();
+        move || storage::disk::open_with_journal(&dir, id, journal)
     })
     .await
     .context("opening storage")??;

@@ -9,9 +9,8 @@ use raftkv::raft::NodeId;
 use crate::harness::TestCluster;
 use crate::{CATCH_UP, ELECTION};
 
-/// Compaction after 5,000 entries, keeping 1,000.
-const SMALL_SNAPSHOTS: &str =
-    r#""max_value_bytes": 65536, "snapshot": {"log_entries_max": 5000, "keep_entries": 1000}"#;
+/// Compaction after 5,000 entries or 32 MiB, keeping 1,000 or 8 MiB (and so a 64 MiB journal).
+const SMALL_SNAPSHOTS: &str = r#""max_value_bytes": 65536, "snapshot": {"log_entries_max": 5000, "keep_entries": 1000, "log_bytes_max": 33554432, "keep_bytes": 8388608}"#;
 
 /// `n` writes from 32 concurrent clients over `keys` keys, value `v<i>` (`width` bytes at
 /// least); returns the highest index acknowledged.
