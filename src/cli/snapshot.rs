@@ -230,7 +230,7 @@ fn restore(file: &Path, config: &Path) -> anyhow::Result<()> {
         index: h.index,
         term: h.snapshot_term,
     };
-    let cluster_id = new_cluster_id();
+    let cluster_id = crate::transport::new_cluster_id("restore");
     let mut done = Vec::new();
     for n in &cfg.nodes {
         let dir = cfg.node_data_dir(n.id);
@@ -285,11 +285,4 @@ fn restore(file: &Path, config: &Path) -> anyhow::Result<()> {
         config.display()
     );
     Ok(())
-}
-
-fn new_cluster_id() -> u64 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    xxhash_rust::xxh3::xxh3_64(format!("restore/{nanos}/{}", std::process::id()).as_bytes()).max(1)
 }

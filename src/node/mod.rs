@@ -487,11 +487,7 @@ impl Core {
             return;
         }
         self.cluster_id_proposed_in = self.raft.term();
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        let seed = format!("{nanos}/{}/{}", std::process::id(), self.id);
-        let id = xxhash_rust::xxh3::xxh3_64(seed.as_bytes()).max(1);
+        let id = crate::transport::new_cluster_id(&format!("node {}", self.id));
         let cmd = Command {
             id: RequestId::default(),
             op: Op::SetClusterId { id },

@@ -477,15 +477,13 @@ pub fn repair(
             vote: if floor == w.term { w.vote } else { 0 },
             commit: 0,
         };
-        let mut v = Vec::with_capacity(24);
-        v.extend_from_slice(&hs.term.to_le_bytes());
-        v.extend_from_slice(&hs.vote.to_le_bytes());
-        v.extend_from_slice(&hs.commit.to_le_bytes());
-        b.insert(&r.log.meta, KEY_HARD_STATE, v);
+        b.insert(&r.log.meta, KEY_HARD_STATE, encode_hard_state(hs));
         let catch_up = peers_commit.unwrap_or(w.last_index);
-        let mut v = floor.to_le_bytes().to_vec();
-        v.extend_from_slice(&catch_up.to_le_bytes());
-        b.insert(&r.log.meta, KEY_REJOIN, v);
+        b.insert(
+            &r.log.meta,
+            KEY_REJOIN,
+            encode_rejoin(floor, Some(catch_up)),
+        );
         if w.cluster_id != 0 {
             b.insert(
                 &r.log.meta,
@@ -609,11 +607,7 @@ impl DiskLog {
             b.insert(&self.log, at.to_be_bytes().to_vec(), encoded);
         }
         if let Some(hs) = hard_state {
-            let mut v = Vec::with_capacity(24);
-            v.extend_from_slice(&hs.term.to_le_bytes());
-            v.extend_from_slice(&hs.vote.to_le_bytes());
-            v.extend_from_slice(&hs.commit.to_le_bytes());
-            b.insert(&self.meta, KEY_HARD_STATE, v);
+            b.insert(&self.meta, KEY_HARD_STATE, encode_hard_state(hs));
         }
         b.commit().map_err(io_err)?;
         if sync {
@@ -656,9 +650,9 @@ impl DiskLog {
         vote_floor: Term,
         catch_up_to: Option<LogIndex>,
     ) -> Result<(), StorageError> {
-        let mut v = vote_floor.to_le_bytes().to_vec();
-        v.extend_from_slice(&catch_up_to.unwrap_or(0).to_le_bytes());
-        self.meta.insert(KEY_REJOIN, v).map_err(io_err)?;
+        self.meta
+            .insert(KEY_REJOIN, encode_rejoin(vote_floor, catch_up_to))
+            .map_err(io_err)?;
         self.db.persist(PersistMode::SyncAll).map_err(io_err)
     }
 
@@ -681,14 +675,6 @@ impl DiskLog {
             self.watermark.write_now(w)?;
         }
         Ok(())
-    }
-
-    /// After a snapshot's install is durable: the watermark is the snapshot's position.
-    pub(crate) fn after_install(&self, snap: SnapshotMeta) {
-        let mut w = self.watermark.current();
-        w.last_index = snap.index;
-        w.last_term = snap.term;
-        self.watermark.set(w);
     }
 
     /// The key (first index) of the stored batch that holds entry `index`.
@@ -792,7 +778,13 @@ impl DiskLog {
         b.insert(&self.meta, KEY_LOG_START, encode_meta(snap));
     }
 
+    /// The install batch is committed and synced: the log now starts after `snap`, and so does
+    /// the watermark.
     pub(crate) fn snapshot_installed(&mut self, snap: SnapshotMeta) {
+        let mut w = self.watermark.current();
+        w.last_index = snap.index;
+        w.last_term = snap.term;
+        self.watermark.set(w);
         self.start = snap;
         self.last = snap.index;
         self.terms.clear();
@@ -982,6 +974,22 @@ fn decode_batch(first: LogIndex, v: &[u8], checked: bool) -> Option<Vec<Entry>> 
         at += len;
     }
     (!out.is_empty()).then_some(out)
+}
+
+/// `term | vote | commit`, u64 LE each.
+fn encode_hard_state(hs: HardState) -> Vec<u8> {
+    let mut v = Vec::with_capacity(24);
+    v.extend_from_slice(&hs.term.to_le_bytes());
+    v.extend_from_slice(&hs.vote.to_le_bytes());
+    v.extend_from_slice(&hs.commit.to_le_bytes());
+    v
+}
+
+/// `vote floor | catch-up index (0: caught up)`, u64 LE each.
+fn encode_rejoin(vote_floor: Term, catch_up_to: Option<LogIndex>) -> Vec<u8> {
+    let mut v = vote_floor.to_le_bytes().to_vec();
+    v.extend_from_slice(&catch_up_to.unwrap_or(0).to_le_bytes());
+    v
 }
 
 pub(crate) fn encode_meta(s: SnapshotMeta) -> Vec<u8> {

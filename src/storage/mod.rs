@@ -50,6 +50,5 @@ pub fn install_snapshot(
     log.before_install(meta)?;
     kv.install(staged, |b| log.drop_all_into(b, meta))?;
     log.snapshot_installed(meta);
-    log.after_install(meta);
     Ok(())
 }

@@ -577,3 +577,44 @@ mod tests {
         assert!(!b.kv.db_has_keyspace("kv-1") && !b.kv.db_has_keyspace("kv-3"));
     }
 }
+
+/// A data directory written by the previous release (format 1, commit 6b19b02: one node that
+/// applied `set alpha one`, `set beta two`, `del alpha`, `set gamma three`) still opens, is
+/// upgraded in place, and keeps every key.
+#[cfg(test)]
+mod fixture_tests {
+    use std::path::Path;
+
+    use bytes::Bytes;
+
+    use crate::raft::LogStore;
+    use crate::storage::open;
+
+    fn copy_dir(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).expect("mkdir");
+        for e in std::fs::read_dir(from).expect("read fixture").flatten() {
+            let target = to.join(e.file_name());
+            if e.file_type().expect("type").is_dir() {
+                copy_dir(&e.path(), &target);
+            } else {
+                std::fs::copy(e.path(), target).expect("copy");
+            }
+        }
+    }
+
+    #[test]
+    fn a_format_1_directory_opens_and_keeps_its_keys() {
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/format1/node-1");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let node = dir.path().join("node-1");
+        copy_dir(&fixture, &node);
+        for _ in 0..2 {
+            let r = open(&node, 1).expect("a format-1 directory opens");
+            assert!(r.kv.applied() >= 5, "noop and four commands applied");
+            assert!(r.log.last_index() >= r.kv.applied());
+            assert_eq!(r.kv.get(b"alpha").expect("get"), None);
+            assert_eq!(r.kv.get(b"beta").expect("get"), Some(Bytes::from("two")));
+            assert_eq!(r.kv.get(b"gamma").expect("get"), Some(Bytes::from("three")));
+        }
+    }
+}

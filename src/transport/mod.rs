@@ -18,6 +18,15 @@ use crate::proto;
 /// transport (which stamps and checks it on every peer message).
 pub type ClusterId = Arc<std::sync::atomic::AtomicU64>;
 
+/// A new random cluster id (never 0). `salt` tells apart ids made in one process at once.
+pub fn new_cluster_id(salt: &str) -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let seed = format!("{salt}/{nanos}/{}", std::process::id());
+    xxhash_rust::xxh3::xxh3_64(seed.as_bytes()).max(1)
+}
+
 /// Hex, as the node's log and errors show it.
 pub fn cluster_id_str(id: u64) -> String {
     if id == 0 {
