@@ -373,12 +373,21 @@ pub fn open_with_journal(
         }
     };
     kv.delete_stale_generations().map_err(wrap)?;
+    let rejoin = match meta.get(KEY_REJOIN).map_err(io_err).map_err(wrap)? {
+        Some(v) if v.len() == 16 => {
+            let catch_up = u64_at(&v, 8);
+            Some((u64_at(&v, 0), (catch_up != 0).then_some(catch_up)))
+        }
+        Some(_) => return Err(corrupt("rejoin")),
+        None => None,
+    };
     let mark = Watermark {
         last_index: last,
         last_term,
         term: hard_state.term,
         vote: hard_state.vote,
         cluster_id: kv.cluster_id(),
+        catch_up: rejoin.and_then(|(_, c)| c).unwrap_or(0),
     };
     let watermark = WatermarkWriter::start(dir, mark, watermark != Some(mark)).map_err(wrap)?;
     if kv.applied() < start.index {
@@ -393,14 +402,6 @@ pub fn open_with_journal(
         ..hard_state
     };
     let log_bytes = batches.iter().map(|&(_, b)| b).sum();
-    let rejoin = match meta.get(KEY_REJOIN).map_err(io_err).map_err(wrap)? {
-        Some(v) if v.len() == 16 => {
-            let catch_up = u64_at(&v, 8);
-            Some((u64_at(&v, 0), (catch_up != 0).then_some(catch_up)))
-        }
-        Some(_) => return Err(corrupt("rejoin")),
-        None => None,
-    };
     Ok(Recovered {
         rejoin,
         is_new,
@@ -431,8 +432,8 @@ pub fn open_with_journal(
 /// deleted. The new one is built and synced under a temporary name first and then renamed into
 /// place, so that a crash never leaves an empty directory without its rejoin record. The node
 /// rejoins (`Raft::set_rejoin`): no votes in terms up to the highest it or its peers
-/// (`peers_term`) knew, and none at all until its commit index reaches what its peers had
-/// committed (`peers_commit`; without answers, the last index it had made durable). Returns
+/// (`peers_term`) knew, and none at all until its commit index reaches both the last index it
+/// had made durable (its watermark) and what its peers had committed (`peers_commit`). Returns
 /// where the old directory went and the watermark read from it.
 ///
 /// # Errors
@@ -461,7 +462,14 @@ pub fn repair(
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "node".into());
-    let aside = dir.with_file_name(format!("{name}.damaged-{secs}"));
+    // A second repair within the same second gets a name of its own.
+    let aside = (1..)
+        .map(|n: u32| match n {
+            1 => dir.with_file_name(format!("{name}.damaged-{secs}")),
+            n => dir.with_file_name(format!("{name}.damaged-{secs}-{n}")),
+        })
+        .find(|p| !p.exists())
+        .expect("an unused name");
     let fresh = dir.with_file_name(format!("{name}.repairing"));
     let io = |what: String, e: std::io::Error| wrap(StorageError::io(what, e));
     if fresh.exists() {
@@ -478,7 +486,12 @@ pub fn repair(
             commit: 0,
         };
         b.insert(&r.log.meta, KEY_HARD_STATE, encode_hard_state(hs));
-        let catch_up = peers_commit.unwrap_or(w.last_index);
+        // Every entry this node acknowledged is at or below its watermark, and one of them may
+        // be committed on the strength of that acknowledgement alone; a peer's commit index can
+        // be lower (a lagging peer answered, the leader did not). Waiting only for the peers'
+        // commit lost committed entries in the simulator.
+        // A node repaired again before it caught up waits for what it waited for before.
+        let catch_up = peers_commit.unwrap_or(0).max(w.last_index).max(w.catch_up);
         b.insert(
             &r.log.meta,
             KEY_REJOIN,
@@ -505,6 +518,7 @@ pub fn repair(
                 term: hs.term,
                 vote: hs.vote,
                 cluster_id: w.cluster_id,
+                catch_up,
             })
             .map_err(wrap)?;
     }
@@ -653,7 +667,16 @@ impl DiskLog {
         self.meta
             .insert(KEY_REJOIN, encode_rejoin(vote_floor, catch_up_to))
             .map_err(io_err)?;
-        self.db.persist(PersistMode::SyncAll).map_err(io_err)
+        self.db.persist(PersistMode::SyncAll).map_err(io_err)?;
+        let mut w = self.watermark.current();
+        w.catch_up = catch_up_to.unwrap_or(0);
+        if catch_up_to.is_some() {
+            // Before anything could lose the rejoin record with the journal.
+            self.watermark.write_now(w)
+        } else {
+            self.watermark.set(w);
+            Ok(())
+        }
     }
 
     /// The cluster id became known; the watermark keeps it too.

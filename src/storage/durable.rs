@@ -42,6 +42,14 @@ pub struct Watermark {
     /// The cluster the node belongs to (0: not known yet); kept here too, so that a repaired
     /// node keeps its identity even if the database cannot be opened.
     pub cluster_id: u64,
+    /// While the node rejoins after a repair: the index it must catch up to (0 otherwise). Kept
+    /// here so that a second repair before it has caught up still waits for it.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub catch_up: LogIndex,
+}
+
+fn is_zero(i: &LogIndex) -> bool {
+    *i == 0
 }
 
 #[derive(Serialize, Deserialize)]
@@ -53,10 +61,14 @@ struct OnDisk {
 }
 
 fn checksum(w: &Watermark) -> String {
-    let text = format!(
+    let mut text = format!(
         "{}/{}/{}/{}/{}",
         w.last_index, w.last_term, w.term, w.vote, w.cluster_id
     );
+    // Absent when 0, so that files written before the field existed still verify.
+    if w.catch_up != 0 {
+        text += &format!("/{}", w.catch_up);
+    }
     format!("{:016x}", xxhash_rust::xxh3::xxh3_64(text.as_bytes()))
 }
 
@@ -226,9 +238,17 @@ mod tests {
             term: 4,
             vote: 2,
             cluster_id: 77,
+            catch_up: 0,
         };
         write(dir.path(), w).expect("write");
         assert_eq!(read(dir.path()).expect("read"), Some(w));
+        let rejoining = Watermark {
+            catch_up: 60000,
+            ..w
+        };
+        write(dir.path(), rejoining).expect("write");
+        assert_eq!(read(dir.path()).expect("read"), Some(rejoining));
+        write(dir.path(), w).expect("write");
         let path = dir.path().join(FILE);
         let text = std::fs::read_to_string(&path).expect("read");
         std::fs::write(&path, text.replace("49214", "49215")).expect("write");

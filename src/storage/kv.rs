@@ -642,6 +642,38 @@ mod tests {
         assert_eq!(r.log.term(3).expect("term"), 3);
     }
 
+    /// A repaired node waits for every entry it had made durable, even when the peers that
+    /// answered had committed less: one of those entries may be committed on its
+    /// acknowledgement (the simulator lost committed entries when it waited for the peers only).
+    #[test]
+    fn repair_waits_for_what_the_node_had_made_durable() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let dir = root.path().join("node-1");
+        {
+            let mut r = open(&dir, 1).expect("open");
+            let entries: Vec<Entry> = (1..=10).map(|i| log_entry(i, 2)).collect();
+            let hs = HardState {
+                term: 2,
+                vote: 3,
+                commit: 4,
+            };
+            r.log.append(&entries, Some(hs), true).expect("append");
+        }
+        let (aside, w) = crate::storage::disk::repair(&dir, 1, 1, Some(4)).expect("repair");
+        assert!(aside.exists(), "the old directory is kept aside");
+        assert_eq!(w.last_index, 10);
+        let r = open(&dir, 1).expect("reopen");
+        assert_eq!(r.rejoin, Some((2, Some(10))));
+        assert_eq!(r.log.last_index(), 0);
+        assert_eq!((r.hard_state.term, r.hard_state.vote), (2, 3));
+        drop(r);
+        // Peers that committed more than the node had: it waits for that.
+        crate::storage::disk::repair(&dir, 1, 5, Some(30)).expect("repair again");
+        let r = open(&dir, 1).expect("reopen");
+        assert_eq!(r.rejoin, Some((5, Some(30))));
+        assert_eq!((r.hard_state.term, r.hard_state.vote), (5, 0));
+    }
+
     #[test]
     fn data_dir_of_another_node_is_refused() {
         let dir = tempfile::tempdir().expect("tempdir");

@@ -151,13 +151,17 @@ impl Checker {
     }
 
     /// No committed entry is lost: each is on a majority of durable logs, or compacted into
-    /// their state machines (crashed nodes count with what they had on disk).
-    pub fn check_durable_majority(&self, logs: &[&MemLogStore]) {
+    /// their state machines (crashed nodes count with what they had on disk). A node that lost
+    /// its state and rejoins counts for the entries up to its catch-up index (`covers`): it
+    /// votes for no one until it has them.
+    pub fn check_durable_majority(&self, logs: &[(&MemLogStore, LogIndex)]) {
         let majority = logs.len() / 2 + 1;
         for (&i, &t) in &self.committed {
             let holders = logs
                 .iter()
-                .filter(|l| l.term(i).ok() == Some(t) || i <= l.snapshot().index)
+                .filter(|(l, covers)| {
+                    l.term(i).ok() == Some(t) || i <= l.snapshot().index || i <= *covers
+                })
                 .count();
             assert!(
                 holders >= majority,

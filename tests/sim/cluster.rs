@@ -5,8 +5,8 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 
 use bytes::Bytes;
 use raftkv::raft::{
-    Config, EntryKind, HardState, LogIndex, LogStore, MemLogStore, Message, MessageBody, NodeId,
-    Raft, Role, SnapshotMeta, Term,
+    Config, Entry, EntryKind, HardState, LogIndex, LogStore, MemLogStore, Message, MessageBody,
+    NodeId, Raft, Role, SnapshotMeta, Term,
 };
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -31,6 +31,8 @@ pub struct Stats {
     pub acked: u64,
     pub compactions: u64,
     pub snapshots_installed: u64,
+    pub damages: u64,
+    pub repairs: u64,
 }
 
 impl Stats {
@@ -45,6 +47,8 @@ impl Stats {
         self.acked += o.acked;
         self.compactions += o.compactions;
         self.snapshots_installed += o.snapshots_installed;
+        self.damages += o.damages;
+        self.repairs += o.repairs;
     }
 }
 
@@ -52,7 +56,7 @@ impl std::fmt::Display for Stats {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} schedules, {} events, {} elections won, {} crashes, {} partitions, {} entries committed, {} proposals acknowledged, {} reads checked, {} compactions, {} snapshots installed",
+            "{} schedules, {} events, {} elections won, {} crashes, {} partitions, {} entries committed, {} proposals acknowledged, {} reads checked, {} compactions, {} snapshots installed, {} disks damaged, {} repairs",
             self.schedules,
             self.steps,
             self.elections,
@@ -62,7 +66,9 @@ impl std::fmt::Display for Stats {
             self.acked,
             self.reads,
             self.compactions,
-            self.snapshots_installed
+            self.snapshots_installed,
+            self.damages,
+            self.repairs
         )
     }
 }
@@ -79,6 +85,28 @@ enum Event {
     Read,
     /// A snapshot transfer from `.0` to `.1` was lost: the sender's runtime reports the failure.
     SnapshotFailed(NodeId, NodeId),
+    /// One node's disk is damaged (the node crashes first if it is up).
+    Damage,
+}
+
+/// What the node keeps apart from its log to detect damage (`durable.json` in the real store),
+/// here exact: the real one lags by up to 100 ms, and losses within that lag go undetected.
+#[derive(Clone, Copy, Default)]
+struct Watermark {
+    last_index: LogIndex,
+    last_term: Term,
+    term: Term,
+    vote: NodeId,
+    /// While rejoining: the catch-up index (so that a second repair waits for it too).
+    catch_up: LogIndex,
+}
+
+/// The checksum of one durable entry (the real store keeps one per batch).
+fn checksum(e: &Entry) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (e.index, e.term, &e.data[..]).hash(&mut h);
+    h.finish()
 }
 
 /// A state machine: the applied entries in order.
@@ -102,6 +130,13 @@ struct Node {
     /// Confirmed reads waiting for the state machine to catch up: (index, ctx).
     confirmed_reads: Vec<(LogIndex, u64)>,
     restarts: u64,
+    /// Durable: the watermark, the checksums of the log's entries, and the rejoin record
+    /// (vote floor, catch-up index while catching up) after a repair.
+    watermark: Watermark,
+    sums: HashMap<LogIndex, u64>,
+    rejoin: Option<(Term, Option<LogIndex>)>,
+    /// Damaged while down (the store must detect it at the next start).
+    damaged: bool,
 }
 
 pub struct Sim {
@@ -149,6 +184,10 @@ impl Sim {
                 reads: HashMap::new(),
                 confirmed_reads: Vec::new(),
                 restarts: 0,
+                watermark: Watermark::default(),
+                sums: HashMap::new(),
+                rejoin: None,
+                damaged: false,
             };
             node.raft = Some(start(id, &ids, &node, seed));
             nodes.insert(id, node);
@@ -199,6 +238,11 @@ impl Sim {
         sim.schedule(first_crash, Event::Crash);
         let first_partition = sim.rng.random_range(200..1500);
         sim.schedule(first_partition, Event::Partition);
+        // One schedule in four damages disks.
+        if sim.rng.random_bool(0.25) {
+            let first_damage = sim.rng.random_range(500..3000);
+            sim.schedule(first_damage, Event::Damage);
+        }
         sim.schedule(50, Event::Propose);
         sim.schedule(60, Event::Read);
         sim
@@ -385,6 +429,14 @@ impl Sim {
                     self.restart(id);
                 }
             }
+            Event::Damage => {
+                if !self.faults {
+                    return;
+                }
+                self.damage();
+                let next = self.rng.random_range(500..3000);
+                self.schedule(next, Event::Damage);
+            }
             Event::Partition => {
                 if !self.faults {
                     return;
@@ -454,6 +506,124 @@ impl Sim {
         }
     }
 
+    /// Damages one node's disk, in a way its store detects at start-up: a lost tail of synced
+    /// entries (a torn journal), a corrupted entry (a checksum mismatch) or a hard state rolled
+    /// back. At most a minority of nodes is damaged or catching up after a repair at a time: a
+    /// majority keeps its disk.
+    fn damage(&mut self) {
+        let untrusted = self
+            .nodes
+            .values()
+            .filter(|n| matches!(n.rejoin, Some((_, Some(_)))) || n.damaged)
+            .count();
+        if untrusted >= (self.ids.len() - 1) / 2 {
+            return;
+        }
+        let id = self.ids[self.rng.random_range(0..self.ids.len())];
+        if self.nodes[&id].damaged {
+            return;
+        }
+        if self.up(id) {
+            self.crash(id);
+            let down = self.rng.random_range(50..1500);
+            self.schedule(down, Event::Restart(id));
+        }
+        let kind = self.rng.random_range(0..3);
+        let node = self.nodes.get_mut(&id).expect("node");
+        let entries = node.disk.all().to_vec();
+        let rebuild = |snap: SnapshotMeta, entries: &[Entry]| {
+            let mut s = MemLogStore::new();
+            if snap.index > 0 {
+                s.install_snapshot(snap);
+            }
+            s.append(entries);
+            s
+        };
+        match kind {
+            0 if !entries.is_empty() => {
+                let keep = self.rng.random_range(0..entries.len());
+                node.disk = rebuild(node.disk.snapshot(), &entries[..keep]);
+            }
+            1 if !entries.is_empty() => {
+                let mut entries = entries;
+                let i = self.rng.random_range(0..entries.len());
+                entries[i].data = Bytes::from_static(b"\xde\xad");
+                node.disk = rebuild(node.disk.snapshot(), &entries);
+            }
+            2 if node.hard_state.term > 0 => {
+                node.hard_state = HardState {
+                    term: node.hard_state.term - 1,
+                    ..node.hard_state
+                };
+            }
+            _ => return,
+        }
+        node.damaged = true;
+        self.stats.damages += 1;
+    }
+
+    /// What the real store checks at start-up (`storage::disk::open`): checksums, and nothing
+    /// lost below the watermark. Returns what is wrong.
+    fn detect_damage(node: &Node) -> Option<String> {
+        for e in node.disk.all() {
+            if node.sums.get(&e.index) != Some(&checksum(e)) {
+                return Some(format!("checksum of entry {}", e.index));
+            }
+        }
+        let w = node.watermark;
+        let last = node.disk.last_index();
+        let last_term = node.disk.term(last).unwrap_or(0);
+        if (last_term, last) < (w.last_term, w.last_index) {
+            return Some(format!(
+                "log ends at {last}, durable up to {}",
+                w.last_index
+            ));
+        }
+        let hs = node.hard_state;
+        if hs.term < w.term || (hs.term == w.term && w.vote != 0 && hs.vote != w.vote) {
+            return Some("hard state older than the watermark".into());
+        }
+        None
+    }
+
+    /// `raftkv node --repair` (`storage::disk::repair`): asks the peers it can reach for their
+    /// term and commit index, then starts empty, keeping its identity and the term and vote of
+    /// its watermark, and rejoins.
+    fn repair(&mut self, id: NodeId) {
+        let answers: Vec<(Term, LogIndex)> = self
+            .ids
+            .iter()
+            .filter(|&&p| p != id && !self.cut.contains(&(id, p)) && !self.cut.contains(&(p, id)))
+            .filter_map(|p| self.nodes[p].raft.as_ref())
+            .map(|r| (r.term(), r.commit_index()))
+            .collect();
+        let peers_term = answers.iter().map(|a| a.0).max().unwrap_or(0);
+        let peers_commit = answers.iter().map(|a| a.1).max();
+        let node = self.nodes.get_mut(&id).expect("node");
+        let w = node.watermark;
+        let floor = w.term.max(peers_term);
+        let vote = if floor == w.term { w.vote } else { 0 };
+        let catch_up = peers_commit.unwrap_or(0).max(w.last_index).max(w.catch_up);
+        node.disk = MemLogStore::new();
+        node.hard_state = HardState {
+            term: floor,
+            vote,
+            commit: 0,
+        };
+        node.applied.clear();
+        node.sums.clear();
+        node.recorded_commit = 0;
+        node.watermark = Watermark {
+            term: floor,
+            vote,
+            catch_up,
+            ..Watermark::default()
+        };
+        node.rejoin = Some((floor, Some(catch_up)));
+        node.damaged = false;
+        self.stats.repairs += 1;
+    }
+
     fn report_snapshot(&mut self, from: NodeId, to: NodeId, ok: bool) {
         if self.up(from) {
             self.node_mut(from).report_snapshot(to, ok);
@@ -496,6 +666,16 @@ impl Sim {
     }
 
     fn restart(&mut self, id: NodeId) {
+        let found = Self::detect_damage(&self.nodes[&id]);
+        assert_eq!(
+            found.is_some(),
+            self.nodes[&id].damaged,
+            "node {id}: damage {}detected ({found:?})",
+            if found.is_some() { "falsely " } else { "not " }
+        );
+        if found.is_some() {
+            self.repair(id);
+        }
         let ids = self.ids.clone();
         let node = self.nodes.get_mut(&id).expect("node");
         node.restarts += 1;
@@ -505,10 +685,19 @@ impl Sim {
     }
 
     fn check_durable(&self) {
-        let stores: Vec<&MemLogStore> = self
+        let stores: Vec<(&MemLogStore, LogIndex)> = self
             .nodes
             .values()
-            .map(|n| n.raft.as_ref().map_or(&n.disk, |r| r.store()))
+            .map(|n| {
+                let store = n.raft.as_ref().map_or(&n.disk, |r| r.store());
+                // A damaged node detects it at start-up and rejoins (see `repair`).
+                let covers = match n.rejoin {
+                    _ if n.damaged => n.watermark.last_index.max(n.watermark.catch_up),
+                    Some((_, Some(c))) => c,
+                    _ => 0,
+                };
+                (store, covers)
+            })
             .collect();
         // A store holds what it has compacted in its state machine (checked on install).
         self.checker.check_durable_majority(&stores);
@@ -642,12 +831,27 @@ impl Sim {
                 // leadership; a client's retry is deduplicated by the sessions in the snapshot).
                 node.proposals.retain(|&i, _| i > snap.index);
                 self.stats.snapshots_installed += 1;
+                node.mark_durable();
+                if self.rng.random_bool(self.crash_mid_ready_p * 20.0) {
+                    // The install is durable (one batch and an fsync); the process dies before
+                    // the rest of this Ready is written.
+                    self.crash(id);
+                    let down = self.rng.random_range(50..800);
+                    self.schedule(down, Event::Restart(id));
+                    return;
+                }
             }
+            let node = self.nodes.get_mut(&id).expect("node");
+            let r = node.raft.as_mut().expect("up");
             self.checker.on_persist(id, r.store(), &rd.entries);
             r.store_mut().append(&rd.entries);
             if let Some(hs) = rd.hard_state {
                 node.hard_state = hs;
             }
+            for e in &rd.entries {
+                node.sums.insert(e.index, checksum(e));
+            }
+            node.mark_durable();
             // 3. Responses, now that what they promise is durable.
             for m in responses {
                 self.send(m);
@@ -694,6 +898,12 @@ impl Sim {
             let r = node.raft.as_mut().expect("up");
             r.advance();
             r.check_invariants();
+            if let Some((floor, Some(_))) = node.rejoin
+                && !r.rejoining()
+            {
+                node.rejoin = Some((floor, None));
+                node.watermark.catch_up = 0;
+            }
             assert_eq!(
                 r.applied_index(),
                 node.applied.len() as u64,
@@ -706,10 +916,26 @@ impl Sim {
                 let to = applied.saturating_sub(self.trailing_entries);
                 if to >= first {
                     r.store_mut().compact(to);
+                    node.sums.retain(|&i, _| i > to);
                     self.stats.compactions += 1;
                 }
             }
         }
+    }
+}
+
+impl Node {
+    /// The watermark follows what was made durable (exactly; see `Watermark`).
+    fn mark_durable(&mut self) {
+        let store = self.raft.as_ref().map_or(&self.disk, |r| r.store());
+        let last_index = store.last_index();
+        self.watermark = Watermark {
+            last_index,
+            last_term: store.term(last_index).unwrap_or(0),
+            term: self.hard_state.term,
+            vote: self.hard_state.vote,
+            ..self.watermark
+        };
     }
 }
 
@@ -725,5 +951,11 @@ fn start(id: NodeId, ids: &[NodeId], node: &Node, seed: u64) -> Raft<MemLogStore
         node.hard_state,
         node.applied.len() as u64,
     )
+    .map(|mut r| {
+        if let Some((floor, catch_up)) = node.rejoin {
+            r.set_rejoin(floor, catch_up);
+        }
+        r
+    })
     .expect("valid config")
 }

@@ -2,7 +2,11 @@
 //!
 //! Runs 3-, 5- and 7-node clusters of the real core over a simulated network that drops,
 //! delays, duplicates and reorders messages and makes symmetric and one-way partitions, with
-//! crashes that lose everything not yet durable (including in the middle of a `Ready`). Every
+//! crashes that lose everything not yet durable (including in the middle of a `Ready`, and
+//! between a snapshot's install and the rest of its `Ready`), and, in one schedule in four,
+//! damaged disks: a lost tail of synced entries, a corrupted entry or a rolled-back hard state,
+//! which the node must detect at start-up (checksums and the watermark, as `storage::disk`
+//! does) and then repair and rejoin as `raftkv node --repair` does. Every
 //! parameter of a schedule comes from one seed. After every event the checker verifies election
 //! safety, log matching, leader completeness, state machine safety, that no committed entry is
 //! ever lost and that ReadIndex reads are not stale. When the faults stop, the cluster must elect
