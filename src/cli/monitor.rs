@@ -1,5 +1,7 @@
 //! `raftkv monitor`: the cluster live in the terminal (ratatui), or once as a table or JSON.
 
+use std::io::{Read, Seek, SeekFrom};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use ratatui::Frame;
@@ -328,6 +330,60 @@ pub fn render(f: &mut Frame, v: &ClusterView, title: &str) {
     f.render_widget(Line::from("q / Esc / Ctrl-C: quit").dim(), bottom);
 }
 
+/// Why node `id` is down, as far as its log file `log` on this machine tells: the error it
+/// stopped with (a full or read-only disk and a damaged data directory named as such), or that
+/// it stopped cleanly. `None` without a log here, or when the log's last word is that the node
+/// was listening (killed, paused or cut off: the connection error says which it looks like).
+pub fn down_reason(log: &Path, id: NodeId) -> Option<String> {
+    const TAIL_BYTES: u64 = 256 << 10;
+    let mut f = std::fs::File::open(log).ok()?;
+    let len = f.metadata().ok()?.len();
+    f.seek(SeekFrom::Start(len.saturating_sub(TAIL_BYTES)))
+        .ok()?;
+    let mut tail = Vec::new();
+    f.take(TAIL_BYTES).read_to_end(&mut tail).ok()?;
+    let tail = String::from_utf8_lossy(&tail);
+    let stopped = format!("node {id} stopped");
+    let last = tail
+        .lines()
+        .rev()
+        .find(|l| l.contains(&stopped) || l.contains(" listening"))?;
+    let (_, what) = last.split_once(&stopped)?;
+    let at = last.split_whitespace().next().unwrap_or("");
+    if what.starts_with(" cleanly") {
+        return Some(format!("stopped cleanly at {at}"));
+    }
+    let why = what.trim_start_matches(':').trim();
+    let kind = if why.contains("No space left on device") || why.contains("os error 28") {
+        "disk full: "
+    } else if why.contains("Read-only file system") || why.contains("os error 30") {
+        "disk read-only: "
+    } else if why.contains("is damaged") {
+        "data directory damaged: "
+    } else {
+        ""
+    };
+    let mut why = why.to_string();
+    if why.chars().count() > 240 {
+        why = why.chars().take(240).collect::<String>() + "...";
+    }
+    Some(format!(
+        "{kind}stopped at {at} with: {why} (see {})",
+        log.display()
+    ))
+}
+
+/// Adds to each unreachable node's error what its log file says, when it is on this machine.
+fn explain_down(reports: &mut [StatusReport], cfg: &Config) {
+    for r in reports {
+        if let Err(e) = &mut r.result
+            && let Some(why) = down_reason(&cfg.log_dir().join(format!("node-{}.log", r.id)), r.id)
+        {
+            *e = format!("{e}; {why}");
+        }
+    }
+}
+
 pub async fn run(args: MonitorArgs) -> anyhow::Result<()> {
     let cfg = Config::load(&args.config.config)?;
     let client = Client::new(cfg.addrs());
@@ -337,7 +393,8 @@ pub async fn run(args: MonitorArgs) -> anyhow::Result<()> {
         let first = client.status_all(per_node).await;
         let (_, sample) = build_view(&first, None, Instant::now());
         tokio::time::sleep(args.interval).await;
-        let reports = client.status_all(per_node).await;
+        let mut reports = client.status_all(per_node).await;
+        explain_down(&mut reports, &cfg);
         let (view, _) = build_view(&reports, sample, Instant::now());
         if args.json {
             println!("{}", serde_json::to_string(&view)?);
@@ -393,7 +450,8 @@ pub async fn run(args: MonitorArgs) -> anyhow::Result<()> {
             tokio::select! {
                 _ = keys_rx.recv() => break,
                 _ = ticker.tick() => {
-                    let reports = client.status_all(per_node).await;
+                    let mut reports = client.status_all(per_node).await;
+                    explain_down(&mut reports, &cfg);
                     let (view, s) = build_view(&reports, sample, Instant::now());
                     sample = s.or(sample);
                     terminal.draw(|f| render(f, &view, &title))?;
@@ -429,6 +487,47 @@ mod tests {
                 ..StatusResponse::default()
             }),
         }
+    }
+
+    #[test]
+    fn a_down_nodes_log_tells_why_it_stopped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dir.path().join("node-2.log");
+        let reason = |text: &str| {
+            std::fs::write(&log, text).expect("write");
+            down_reason(&log, 2)
+        };
+        assert_eq!(down_reason(&dir.path().join("none.log"), 2), None);
+        let started = "2026-12-01T10:00:00.000001Z  INFO raftkv::node: listening node=2 local=127.0.0.1:5002\n";
+        assert_eq!(reason(started), None, "killed or paused: nothing to add");
+        let full = format!(
+            "{started}2026-12-01T10:05:00.000002Z ERROR raftkv::cli::node: node 2 stopped: persisting the Raft log: data directory data/node-2: writing the log: No space left on device (os error 28)\n"
+        );
+        let why = reason(&full).expect("a reason");
+        assert!(
+            why.starts_with(
+                "disk full: stopped at 2026-12-01T10:05:00.000002Z with: persisting the Raft log"
+            ),
+            "{why}"
+        );
+        assert!(why.contains("node-2.log"), "{why}");
+        let clean = format!(
+            "{started}2026-12-01T10:06:00.000003Z  INFO raftkv::cli::node: node 2 stopped cleanly\n"
+        );
+        assert_eq!(
+            reason(&clean).as_deref(),
+            Some("stopped cleanly at 2026-12-01T10:06:00.000003Z")
+        );
+        // Restarted since it stopped: the old error no longer explains anything.
+        assert_eq!(reason(&format!("{full}{started}")), None);
+        let damaged = format!(
+            "{started}2026-12-01T10:07:00Z ERROR raftkv::cli::node: node 2 stopped: data directory data/node-2 is damaged: its journal cannot be read back\n"
+        );
+        assert!(
+            reason(&damaged)
+                .expect("a reason")
+                .starts_with("data directory damaged: ")
+        );
     }
 
     fn down(id: NodeId) -> StatusReport {

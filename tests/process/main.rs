@@ -641,11 +641,11 @@ async fn monitor_once_and_json_report_the_cluster() {
     assert_eq!(v["quorum"], true);
     assert_eq!(v["nodes"].as_array().map(Vec::len), Some(3));
 
-    // Two of three down: no quorum, exit code 1, the dead nodes reported with their error.
+    // Two of three down: no quorum, exit code 1, the dead nodes reported with their error;
+    // the one stopped by a signal also with what its log says.
     let others: Vec<_> = c.ids().into_iter().filter(|&id| id != leader).collect();
-    for id in &others {
-        c.kill9(*id);
-    }
+    c.kill9(others[0]);
+    c.stop(others[1]);
     let (code, out, err) = run_cli(
         &["monitor", "--config", &cfg, "--json", "--interval", "200ms"],
         "",
@@ -665,6 +665,23 @@ async fn monitor_once_and_json_report_the_cluster() {
     assert!(
         down.iter()
             .all(|n| n["error"].as_str().is_some_and(|e| !e.is_empty()))
+    );
+    let error_of = |id: u64| {
+        down.iter()
+            .find(|n| n["id"] == id)
+            .and_then(|n| n["error"].as_str())
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert!(
+        error_of(others[1]).contains("stopped cleanly at"),
+        "{}",
+        error_of(others[1])
+    );
+    assert!(
+        !error_of(others[0]).contains("stopped"),
+        "{}",
+        error_of(others[0])
     );
 }
 
