@@ -41,6 +41,14 @@ bench-etcd RUNS="2":
 bench-log:
     RAFTKV_BENCH_DIR=/tmp cargo bench --bench logstore
 
+# A follower killed for 60 s under 64 writing clients, then restarted: catch-up time, RSS, terms (etcd beside it if installed).
+bench-catchup:
+    RAFTKV_BENCH_ETCD=${RAFTKV_BENCH_ETCD:-1} cargo bench --bench recovery
+
+# A whole-cluster SIGKILL and restart after WRITES writes: time to the first write and to every node applied.
+bench-restart WRITES="1000000":
+    RAFTKV_RECOVERY=restart RAFTKV_RESTART_WRITES={{WRITES}} cargo bench --bench recovery
+
 # Memory over a long write run: RSS of every node and the data size, sampled ten times.
 bench-soak SECS="600":
     RAFTKV_BENCH_SOAK={{SECS}} cargo bench --bench table

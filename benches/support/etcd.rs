@@ -12,6 +12,8 @@
 //! The etcd binary is `etcd` on the PATH (Debian: `apt install etcd-server`), or the path in
 //! `RAFTKV_BENCH_ETCD`. Nothing else in the project depends on etcd.
 
+#![allow(dead_code)] // each user (table, recovery) needs a different part
+
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -73,6 +75,8 @@ pub fn binary() -> Result<String, String> {
 pub struct EtcdCluster {
     _dir: tempfile::TempDir,
     members: Vec<Child>,
+    /// How to start each member again (after `kill`).
+    commands: Vec<Command>,
     pub client_urls: Vec<String>,
 }
 
@@ -95,10 +99,10 @@ impl EtcdCluster {
             .collect::<Vec<_>>()
             .join(",");
         let token = format!("raftkv-bench-{}", std::process::id());
-        let members = (0..n)
+        let mut commands: Vec<Command> = (0..n)
             .map(|i| {
-                Command::new(bin)
-                    .args(["--name", &format!("m{i}")])
+                let mut c = Command::new(bin);
+                c.args(["--name", &format!("m{i}")])
                     .arg("--data-dir")
                     .arg(dir.path().join(format!("m{i}")))
                     .args(["--listen-client-urls", &client_urls[i]])
@@ -110,14 +114,18 @@ impl EtcdCluster {
                     .args(["--initial-cluster-token", &token])
                     .stdin(Stdio::null())
                     .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .expect("spawn etcd")
+                    .stderr(Stdio::null());
+                c
             })
+            .collect();
+        let members = commands
+            .iter_mut()
+            .map(|c| c.spawn().expect("spawn etcd"))
             .collect();
         let c = EtcdCluster {
             _dir: dir,
             members,
+            commands,
             client_urls,
         };
         rt.block_on(async {
@@ -143,6 +151,23 @@ impl EtcdCluster {
     }
 }
 
+impl EtcdCluster {
+    /// Kills member `i` with SIGKILL.
+    pub fn kill(&mut self, i: usize) {
+        let _ = self.members[i].kill();
+        let _ = self.members[i].wait();
+    }
+
+    /// Starts member `i` again on its data directory.
+    pub fn restart(&mut self, i: usize) {
+        self.members[i] = self.commands[i].spawn().expect("respawn etcd");
+    }
+
+    pub fn pids(&self) -> Vec<u32> {
+        self.members.iter().map(Child::id).collect()
+    }
+}
+
 impl Drop for EtcdCluster {
     fn drop(&mut self) {
         for c in &mut self.members {
@@ -150,6 +175,83 @@ impl Drop for EtcdCluster {
             let _ = c.wait();
         }
     }
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct StatusRequest {}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ResponseHeader {
+    #[prost(uint64, tag = "2")]
+    pub member_id: u64,
+}
+
+/// `etcdserverpb.StatusResponse`, the fields read here.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct StatusResponse {
+    #[prost(message, optional, tag = "1")]
+    pub header: Option<ResponseHeader>,
+    #[prost(uint64, tag = "4")]
+    pub leader: u64,
+    #[prost(uint64, tag = "5")]
+    pub raft_index: u64,
+    #[prost(uint64, tag = "6")]
+    pub raft_term: u64,
+    #[prost(uint64, tag = "7")]
+    pub raft_applied_index: u64,
+}
+
+/// One member's `Maintenance/Status`, or `None` if it does not answer within 500 ms.
+pub async fn status(url: &str) -> Option<StatusResponse> {
+    let ask = async {
+        let ch = connect(url).await?;
+        unary(&ch, "/etcdserverpb.Maintenance/Status", StatusRequest {})
+            .await
+            .ok()
+    };
+    tokio::time::timeout(Duration::from_millis(500), ask)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// A closed-loop put load of `clients` tasks over 4 connections to `urls` (10,000 keys,
+/// 256-byte values) until `stop` is set; returns the puts that succeeded.
+pub async fn put_load(urls: Vec<String>, clients: usize, stop: Arc<AtomicU8>) -> u64 {
+    let mut conns = Vec::new();
+    for i in 0..CONNS.min(clients) {
+        conns.push(
+            connect(&urls[i % urls.len()])
+                .await
+                .expect("connect to etcd"),
+        );
+    }
+    let value: Vec<u8> = (0..256u32).map(|i| b'a' + (i % 26) as u8).collect();
+    let tasks: Vec<_> = (0..clients)
+        .map(|w| {
+            let (ch, stop, value) = (conns[w % conns.len()].clone(), stop.clone(), value.clone());
+            tokio::spawn(async move {
+                let mut ok = 0;
+                let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ (w as u64 + 1);
+                while stop.load(Ordering::Relaxed) != STOP {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    if put(&ch, key(x % 10_000), value.clone()).await.is_ok() {
+                        ok += 1;
+                    } else {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+                ok
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.unwrap_or(0);
+    }
+    total
 }
 
 async fn connect(url: &str) -> Option<Channel> {
@@ -205,7 +307,7 @@ pub struct Run {
 
 const WARMUP: u8 = 0;
 const MEASURE: u8 = 1;
-const STOP: u8 = 2;
+pub const STOP: u8 = 2;
 const KEYS: u64 = 1000;
 const CONNS: usize = 4;
 
