@@ -189,7 +189,11 @@ fn sample_rss(into: &mut BTreeMap<u64, f64>, pids: &[(u64, u32)]) {
 
 fn raftkv_catchup(rt: &tokio::runtime::Runtime) {
     let mut nodes = Nodes::start(3);
-    let mut load = nodes.load(64, &["--duration", "600s"]);
+    // Two loads of 64 clients one after the other: until the restart, and for 15 s from it
+    // (the snapshot's transfer and install fall in the second).
+    let before_secs = format!("{}s", (WARM + DOWN).as_secs());
+    let load = nodes.load(64, &["--duration", &before_secs, "--json"]);
+    let mut during = None;
     let mut seen = CatchUp::default();
     rt.block_on(async {
         let started = Instant::now();
@@ -230,6 +234,7 @@ fn raftkv_catchup(rt: &tokio::runtime::Runtime) {
         let commit_then = nodes.status().await.iter().map(|s| s.4).max().unwrap_or(0);
         seen.missed = commit_then.saturating_sub(before);
         nodes.spawn(victim);
+        during = Some(nodes.load(64, &["--duration", "15s", "--json"]));
         let restarted = Instant::now();
         let mut done_at = None;
         while restarted.elapsed() < Duration::from_secs(300) {
@@ -259,8 +264,23 @@ fn raftkv_catchup(rt: &tokio::runtime::Runtime) {
         seen.peak_rss = peak;
         seen.print("raftkv", victim);
     });
-    let _ = load.kill();
-    let _ = load.wait();
+    let latency = |c: Child| {
+        let out = c.wait_with_output().expect("bench");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        format!(
+            "{:.0} writes/s, p50 {:.2} ms, p99 {:.2} ms",
+            v["ops_per_sec"].as_f64().unwrap_or(0.0),
+            v["p50_ms"].as_f64().unwrap_or(0.0),
+            v["p99_ms"].as_f64().unwrap_or(0.0)
+        )
+    };
+    println!("raftkv: load until the restart: {}", latency(load));
+    if let Some(d) = during {
+        println!(
+            "raftkv: load in the 15 s from the restart (snapshot sent): {}",
+            latency(d)
+        );
+    }
 }
 
 fn etcd_catchup(bin: &str, rt: &tokio::runtime::Runtime) {

@@ -596,11 +596,13 @@ impl DiskLog {
                         let prefix: Vec<Entry> =
                             batch.into_iter().filter(|e| e.index < at).collect();
                         let checked = k >= self.checksums_from;
-                        b.insert(
-                            &self.log,
-                            k.to_be_bytes().to_vec(),
-                            encode_batch(k, &prefix, checked),
-                        );
+                        let cut = encode_batch(k, &prefix, checked);
+                        // The log's size follows the cut batch's new size.
+                        if let Some(last) = self.batches.iter_mut().rev().find(|(bk, _)| *bk == k) {
+                            self.log_bytes = self.log_bytes - last.1 + cut.len() as u64;
+                            last.1 = cut.len() as u64;
+                        }
+                        b.insert(&self.log, k.to_be_bytes().to_vec(), cut);
                     }
                 }
                 // The log shrinks legitimately: lower the watermark first, so that a crash

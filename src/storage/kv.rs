@@ -625,6 +625,7 @@ mod tests {
             .append(&[mk(1, 1), mk(2, 1), mk(3, 2), mk(4, 2)], None, true)
             .expect("append");
         r.log.append(&[mk(3, 3)], None, true).expect("append");
+        let bytes = r.log.log_bytes();
         assert_eq!(r.log.last_index(), 3);
         assert_eq!(r.log.term(3).expect("term"), 3);
         assert_eq!(r.log.term(2).expect("term"), 1);
@@ -640,6 +641,11 @@ mod tests {
         let r = open(dir.path(), 1).expect("reopen");
         assert_eq!(r.log.last_index(), 3);
         assert_eq!(r.log.term(3).expect("term"), 3);
+        assert_eq!(
+            r.log.log_bytes(),
+            bytes,
+            "the cut batch's new size is counted, not its old one"
+        );
     }
 
     /// A repaired node waits for every entry it had made durable, even when the peers that
