@@ -12,15 +12,17 @@
 //! RNG seeded at construction. Given the same seed and the same events it makes the same
 //! decisions, which is what lets the simulator replay a failing schedule exactly.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 
 use bytes::Bytes;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
 use super::log::RaftLog;
-use super::progress::{Progress, ProgressState, majority, quorum_value};
+use super::progress::ProgressState;
+use super::quorum::VoteResult;
 use super::storage::{LogStore, StorageError};
+use super::tracker::{Membership, ProgressTracker};
 use super::types::*;
 
 /// Static parameters of one core.
@@ -147,7 +149,6 @@ struct InFlightReady {
 pub struct Raft<S: LogStore> {
     id: NodeId,
     /// Sorted; includes `id`.
-    voters: Vec<NodeId>,
     cfg: Config,
 
     term: Term,
@@ -156,10 +157,9 @@ pub struct Raft<S: LogStore> {
     role: Role,
     pub(crate) log: RaftLog<S>,
 
-    /// Leader only: one entry per other voter.
-    progress: BTreeMap<NodeId, Progress>,
-    /// (Pre-)candidate only: answers received in this campaign.
-    votes: BTreeMap<NodeId, bool>,
+    /// The members; on a leader the progress of each (itself included); on a candidate the
+    /// votes of its campaign. All quorum arithmetic is its.
+    tracker: ProgressTracker,
 
     election_elapsed: u32,
     heartbeat_elapsed: u32,
@@ -199,8 +199,6 @@ pub struct Raft<S: LogStore> {
     prev_soft: SoftState,
     prev_hard: HardState,
     in_flight: Option<InFlightReady>,
-    /// Scratch space for quorum computations.
-    quorum_scratch: Vec<u64>,
 }
 
 impl<S: LogStore> Raft<S> {
@@ -216,19 +214,15 @@ impl<S: LogStore> Raft<S> {
         applied: LogIndex,
     ) -> Result<Self, Error> {
         cfg.validate()?;
-        let mut voters = cfg.voters.clone();
-        voters.sort_unstable();
         let log = RaftLog::new(store, hard_state.commit, applied);
         let mut r = Raft {
             id: cfg.id,
-            voters,
+            tracker: ProgressTracker::new(Membership::new(cfg.voters.iter().copied())),
             term: hard_state.term,
             vote: hard_state.vote,
             leader: 0,
             role: Role::Follower,
             log,
-            progress: BTreeMap::new(),
-            votes: BTreeMap::new(),
             election_elapsed: 0,
             heartbeat_elapsed: 0,
             randomized_election_timeout: 0,
@@ -252,7 +246,6 @@ impl<S: LogStore> Raft<S> {
             },
             prev_hard: HardState::default(),
             in_flight: None,
-            quorum_scratch: Vec::new(),
             cfg,
         };
         r.prev_hard = r.hard_state();
@@ -337,10 +330,12 @@ impl<S: LogStore> Raft<S> {
             applied: self.log.applied,
             first_index: self.log.first_index(),
             last_index: self.log.last_index(),
-            voters: self.voters.clone(),
+            voters: self.tracker.membership().voters.ids().into_iter().collect(),
             progress: self
-                .progress
+                .tracker
+                .progress()
                 .iter()
+                .filter(|&(&id, _)| id != self.id)
                 .map(|(&id, p)| (id, p.match_index, p.next_index, p.recent_active))
                 .collect(),
         }
@@ -356,13 +351,14 @@ impl<S: LogStore> Raft<S> {
         self.log.entries(lo, hi, usize::MAX)
     }
 
-    fn quorum(&self) -> usize {
-        majority(self.voters.len())
+    /// Whether this node alone is a quorum (a single voter).
+    fn is_singleton(&self) -> bool {
+        self.tracker.membership().voters.is_singleton_of(self.id)
     }
 
-    fn peers(&self) -> impl Iterator<Item = NodeId> + '_ {
-        let id = self.id;
-        self.voters.iter().copied().filter(move |&v| v != id)
+    /// Every other member: whom a leader replicates to.
+    fn peers(&self) -> Vec<NodeId> {
+        self.tracker.peers(self.id)
     }
 
     // ------------------------------------------------------------------------------------------
@@ -385,8 +381,8 @@ impl<S: LogStore> Raft<S> {
         self.election_elapsed = 0;
         self.heartbeat_elapsed = 0;
         self.reset_randomized_election_timeout();
-        self.votes.clear();
-        self.progress.clear();
+        self.tracker.reset_votes();
+        self.tracker.clear_progress();
         self.snapshot_sends.clear();
         self.need_bcast = false;
         self.uncommitted.clear();
@@ -411,7 +407,7 @@ impl<S: LogStore> Raft<S> {
             "invalid transition [leader -> pre-candidate]"
         );
         // A pre-vote changes neither term nor vote.
-        self.votes.clear();
+        self.tracker.reset_votes();
         self.leader = 0;
         self.election_elapsed = 0;
         self.reset_randomized_election_timeout();
@@ -439,13 +435,9 @@ impl<S: LogStore> Raft<S> {
         self.leader = self.id;
         self.role = Role::Leader;
         let next = self.log.last_index() + 1;
-        let peers: Vec<NodeId> = self.peers().collect();
-        for p in peers {
-            let mut pr = Progress::new(next);
-            // A fresh leader counts every follower as active until the first check.
-            pr.recent_active = true;
-            self.progress.insert(p, pr);
-        }
+        // A fresh leader counts every follower as active until the first check.
+        let durable = self.persisted_index();
+        self.tracker.reset_progress(self.id, next, durable);
         // Raft 5.4.2 / dissertation 6.4: commit an entry of our own term at once; it also
         // commits every earlier entry and lets us serve ReadIndex reads.
         let noop = Entry {
@@ -491,24 +483,20 @@ impl<S: LogStore> Raft<S> {
         if self.election_elapsed >= self.cfg.election_ticks_min {
             self.election_elapsed = 0;
             if self.cfg.check_quorum {
-                let active = 1 + self.progress.values().filter(|p| p.recent_active).count();
-                if active < self.quorum() {
+                if !self.tracker.quorum_active(self.id) {
                     // Dissertation 6.2: we may be cut off; step down so that clients look
                     // elsewhere instead of waiting on a leader that cannot commit.
                     self.become_follower(self.term, 0);
                     return;
                 }
-                for p in self.progress.values_mut() {
-                    p.recent_active = false;
-                }
+                self.tracker.reset_recent_active(self.id);
             }
         }
         if self.heartbeat_elapsed >= self.cfg.heartbeat_ticks {
             self.heartbeat_elapsed = 0;
-            let peers: Vec<NodeId> = self.peers().collect();
-            for p in peers {
+            for p in self.peers() {
                 // A probe that went unanswered is retried when the heartbeat is answered.
-                if let Some(pr) = self.progress.get_mut(&p) {
+                if let Some(pr) = self.tracker.get_mut(p) {
                     pr.check_stalled();
                 }
                 self.send_heartbeat(p);
@@ -539,14 +527,13 @@ impl<S: LogStore> Raft<S> {
             self.become_candidate();
             self.term
         };
-        self.votes.insert(self.id, true);
-        if self.quorum() == 1 {
+        self.tracker.record_vote(self.id, true);
+        if self.tracker.tally_votes() == VoteResult::Won {
             return self.won_election(pre_vote);
         }
         let last_log_index = self.log.last_index();
         let last_log_term = self.log.last_term();
-        let peers: Vec<NodeId> = self.peers().collect();
-        for to in peers {
+        for to in self.tracker.voters_except(self.id) {
             self.send(
                 to,
                 vote_term,
@@ -616,13 +603,11 @@ impl<S: LogStore> Raft<S> {
         if !expected {
             return;
         }
-        self.votes.entry(m.from).or_insert(granted);
-        let yes = self.votes.values().filter(|&&g| g).count();
-        let no = self.votes.len() - yes;
-        if yes >= self.quorum() {
-            self.won_election(pre_vote);
-        } else if no >= self.quorum() {
-            self.become_follower(self.term, 0);
+        self.tracker.record_vote(m.from, granted);
+        match self.tracker.tally_votes() {
+            VoteResult::Won => self.won_election(pre_vote),
+            VoteResult::Lost => self.become_follower(self.term, 0),
+            VoteResult::Pending => {}
         }
     }
 
@@ -648,7 +633,7 @@ impl<S: LogStore> Raft<S> {
             self.in_flight.is_none(),
             "step between ready() and advance()"
         );
-        if m.to != self.id || m.from == self.id || !self.voters.contains(&m.from) {
+        if m.to != self.id || m.from == self.id || !self.tracker.membership().contains(m.from) {
             return Ok(());
         }
         if m.term > self.term {
@@ -858,7 +843,7 @@ impl<S: LogStore> Raft<S> {
         hint_term: Term,
         read_context: u64,
     ) -> Result<(), Error> {
-        let Some(pr) = self.progress.get_mut(&from) else {
+        let Some(pr) = self.tracker.get_mut(from) else {
             return Ok(());
         };
         pr.recent_active = true;
@@ -866,7 +851,7 @@ impl<S: LogStore> Raft<S> {
             pr.read_ack = read_context;
             self.confirm_reads();
         }
-        let Some(pr) = self.progress.get_mut(&from) else {
+        let Some(pr) = self.tracker.get_mut(from) else {
             return Ok(());
         };
         if !success {
@@ -879,7 +864,7 @@ impl<S: LogStore> Raft<S> {
                 hint_index
             };
             let first_index = self.log.first_index();
-            let pr = self.progress.get_mut(&from).expect("progress exists");
+            let pr = self.tracker.get_mut(from).expect("progress exists");
             if pr.maybe_decr_to(index, match_hint) {
                 self.send_append(from)?;
             } else if pr.state == ProgressState::Probe && pr.match_index + 1 < first_index {
@@ -894,7 +879,7 @@ impl<S: LogStore> Raft<S> {
             pr.probe_sent = false;
         }
         let first_index = self.log.first_index();
-        let pr = self.progress.get_mut(&from).expect("progress exists");
+        let pr = self.tracker.get_mut(from).expect("progress exists");
         if pr.maybe_update(index) {
             match pr.state {
                 ProgressState::Probe => pr.become_replicate(),
@@ -921,7 +906,7 @@ impl<S: LogStore> Raft<S> {
     fn send_append(&mut self, to: NodeId) -> Result<bool, Error> {
         let (max_inflight, max_inflight_bytes) =
             (self.cfg.max_inflight_msgs, self.cfg.max_inflight_bytes);
-        let Some(pr) = self.progress.get(&to) else {
+        let Some(pr) = self.tracker.get(to) else {
             return Ok(false);
         };
         if pr.is_paused(max_inflight, max_inflight_bytes) {
@@ -944,7 +929,7 @@ impl<S: LogStore> Raft<S> {
             Err(e) => return Err(e.into()),
         };
         let sent_last = entries.last().map_or(prev_log_index, |e| e.index);
-        let pr = self.progress.get_mut(&to).expect("progress exists");
+        let pr = self.tracker.get_mut(to).expect("progress exists");
         if !entries.is_empty() || pr.state == ProgressState::Probe {
             pr.sent_entries(sent_last, entries.iter().map(Entry::size_bytes).sum());
         }
@@ -968,7 +953,7 @@ impl<S: LogStore> Raft<S> {
     /// been heard from recently: snapshots to a dead peer would only flood the network. The
     /// peer gets no appends until the transfer ends (`report_snapshot` or its answer).
     fn send_snapshot(&mut self, to: NodeId) -> bool {
-        let Some(pr) = self.progress.get_mut(&to) else {
+        let Some(pr) = self.tracker.get_mut(to) else {
             return false;
         };
         if !pr.recent_active {
@@ -987,7 +972,7 @@ impl<S: LogStore> Raft<S> {
     /// to report a failure, which paces the retries).
     pub fn report_snapshot(&mut self, to: NodeId, ok: bool) {
         let _ = ok;
-        if let Some(pr) = self.progress.get_mut(&to)
+        if let Some(pr) = self.tracker.get_mut(to)
             && pr.state == ProgressState::Snapshot
         {
             pr.become_probe();
@@ -1000,7 +985,7 @@ impl<S: LogStore> Raft<S> {
     /// If that index is compacted away, it is sent at the snapshot's index instead, which only
     /// keeps the follower from campaigning (and confirms reads).
     fn send_heartbeat(&mut self, to: NodeId) {
-        let Some(pr) = self.progress.get(&to) else {
+        let Some(pr) = self.tracker.get(to) else {
             return;
         };
         let mut prev_log_index = pr.match_index;
@@ -1027,13 +1012,13 @@ impl<S: LogStore> Raft<S> {
 
     /// Advances the commit index to what a majority has made durable, if it is of this term.
     fn maybe_commit(&mut self) -> bool {
-        // Runs on every append answer: reuse one buffer rather than allocate.
-        let mut matches = std::mem::take(&mut self.quorum_scratch);
-        matches.clear();
-        matches.extend(self.progress.values().map(|p| p.match_index));
-        matches.push(self.persisted_index());
-        let index = quorum_value(&mut matches);
-        self.quorum_scratch = matches;
+        // The leader's own progress is its durable log.
+        let durable = self.persisted_index();
+        if let Some(me) = self.tracker.get_mut(self.id) {
+            me.match_index = durable;
+            me.next_index = durable + 1;
+        }
+        let index = self.tracker.committed();
         if !self.log.maybe_commit(index, self.term) {
             return false;
         }
@@ -1127,7 +1112,7 @@ impl<S: LogStore> Raft<S> {
 
     fn queue_read(&mut self, ctx: u64) {
         let index = self.log.committed;
-        if self.quorum() == 1 {
+        if self.is_singleton() {
             self.read_states.push(ReadState { ctx, index });
             return;
         }
@@ -1142,12 +1127,11 @@ impl<S: LogStore> Raft<S> {
 
     /// Releases reads whose round a quorum (us included) has acknowledged.
     fn confirm_reads(&mut self) {
-        let mut acks = std::mem::take(&mut self.quorum_scratch);
-        acks.clear();
-        acks.extend(self.progress.values().map(|p| p.read_ack));
-        acks.push(self.read_round);
-        let confirmed = quorum_value(&mut acks);
-        self.quorum_scratch = acks;
+        let round = self.read_round;
+        if let Some(me) = self.tracker.get_mut(self.id) {
+            me.read_ack = round;
+        }
+        let confirmed = self.tracker.read_confirmed();
         while self
             .pending_reads
             .front()
@@ -1196,8 +1180,7 @@ impl<S: LogStore> Raft<S> {
         }
         // A new commit index alone is not worth a message round: it rides on the next append
         // or heartbeat. Followers only need it to apply, and no client waits for that.
-        let peers: Vec<NodeId> = self.peers().collect();
-        for p in peers {
+        for p in self.peers() {
             let sent = bcast && self.send_append(p)?;
             if start_round && !sent {
                 self.send_heartbeat(p);
@@ -1290,11 +1273,11 @@ impl<S: LogStore> Raft<S> {
                 assert_eq!(self.leader, self.id, "a leader leads itself");
                 assert_eq!(self.vote, self.id, "a leader voted for itself in its term");
                 assert_eq!(
-                    self.progress.len(),
-                    self.voters.len() - 1,
-                    "leader tracks every peer"
+                    self.tracker.progress().len(),
+                    self.tracker.membership().members().len(),
+                    "leader tracks every member"
                 );
-                for (id, p) in &self.progress {
+                for (id, p) in self.tracker.progress() {
                     assert!(p.match_index < p.next_index, "peer {id}: match >= next");
                     assert!(
                         p.next_index <= self.log.last_index() + 1,
@@ -1304,7 +1287,10 @@ impl<S: LogStore> Raft<S> {
             }
             Role::Candidate => assert_eq!(self.vote, self.id, "a candidate voted for itself"),
             Role::Follower | Role::PreCandidate => {
-                assert!(self.progress.is_empty(), "only a leader tracks progress");
+                assert!(
+                    self.tracker.progress().is_empty(),
+                    "only a leader tracks progress"
+                );
             }
         }
     }

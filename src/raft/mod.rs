@@ -5,7 +5,9 @@
 pub mod core;
 pub mod log;
 pub mod progress;
+pub mod quorum;
 pub mod storage;
+pub mod tracker;
 pub mod types;
 
 pub use self::core::{Config, Error, Raft, Status};

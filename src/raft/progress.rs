@@ -184,63 +184,9 @@ impl Progress {
     }
 }
 
-/// The number of votes that make a majority of `voters`.
-pub fn majority(voters: usize) -> usize {
-    voters / 2 + 1
-}
-
-/// The largest value that a majority of `values` (one per voter) has reached.
-pub fn quorum_value(mut values: impl AsMut<[u64]>) -> u64 {
-    let values = values.as_mut();
-    let n = values.len();
-    if n == 0 {
-        return 0;
-    }
-    values.sort_unstable_by(|a, b| b.cmp(a));
-    values[majority(n) - 1]
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn quorum_value_is_the_majority_minimum() {
-        assert_eq!(quorum_value(vec![5]), 5);
-        assert_eq!(quorum_value(vec![1, 5]), 1);
-        assert_eq!(quorum_value(vec![1, 5, 3]), 3);
-        assert_eq!(quorum_value(vec![7, 1, 5, 3]), 3);
-        assert_eq!(quorum_value(vec![2, 9, 1, 5, 3]), 3);
-    }
-
-    /// Property test against a dumb version: the quorum value is the largest v such that at
-    /// least a majority of values are >= v.
-    #[test]
-    fn quorum_value_matches_brute_force() {
-        let mut x = 0x9e3779b97f4a7c15u64;
-        for _ in 0..2000 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            let n = (x % 7 + 1) as usize;
-            let values: Vec<u64> = (0..n).map(|i| (x >> (i * 5)) % 10).collect();
-            let brute = (0..=10u64)
-                .filter(|v| values.iter().filter(|&&x| x >= *v).count() >= majority(n))
-                .max()
-                .unwrap_or(0);
-            assert_eq!(quorum_value(values.clone()), brute, "{values:?}");
-        }
-    }
-
-    #[test]
-    fn majority_sizes() {
-        assert_eq!(majority(1), 1);
-        assert_eq!(majority(2), 2);
-        assert_eq!(majority(3), 2);
-        assert_eq!(majority(4), 3);
-        assert_eq!(majority(5), 3);
-        assert_eq!(majority(7), 4);
-    }
 
     #[test]
     fn bytes_in_flight_pause_a_replicating_follower() {
