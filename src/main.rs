@@ -32,6 +32,7 @@ fn main() {
             Command::Monitor(a) => raftkv::cli::monitor::run(a).await,
             Command::Bench(a) => raftkv::cli::bench::run(a).await,
             Command::Snapshot(a) => raftkv::cli::snapshot::run(a).await,
+            Command::Leader(a) => raftkv::cli::leader::run(a).await,
         }
     });
     rt.shutdown_timeout(std::time::Duration::from_secs(1));

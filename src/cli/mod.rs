@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod cluster;
+pub mod leader;
 pub mod monitor;
 pub mod node;
 pub mod shell;
@@ -64,6 +65,8 @@ pub enum Command {
     Bench(bench::BenchArgs),
     /// Backups: save a snapshot of the store, inspect one, restore one into a new cluster.
     Snapshot(snapshot::SnapshotArgs),
+    /// Leadership: hand it to another node (`leader transfer [ID]`).
+    Leader(leader::LeaderArgs),
 }
 
 /// Parses durations like `500ms`, `10s`, `2m`, or a bare number of seconds.

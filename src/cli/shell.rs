@@ -38,6 +38,7 @@ commands:
   del KEY            delete KEY
   status             every node's role, term, leader and log indexes
   leader             which node leads
+  leader transfer [ID]  hand leadership to node ID (default: the most caught-up node)
   help               this text
   exit               leave (also: quit, Ctrl-D)";
 
@@ -126,6 +127,22 @@ pub async fn execute(
             Ok(Some(if existed { "deleted" } else { "(not found)" }.into()))
         }
         "status" => Ok(Some(status_table(client, timeout).await)),
+        "leader"
+            if rest
+                .split_whitespace()
+                .next()
+                .is_some_and(|w| w.eq_ignore_ascii_case("transfer")) =>
+        {
+            let args: Vec<&str> = rest.split_whitespace().skip(1).collect();
+            let target = match args.as_slice() {
+                [] => None,
+                [id] => Some(id.parse::<crate::raft::NodeId>().map_err(|_| {
+                    format!("usage: leader transfer [ID] ({id:?} is not a node id)")
+                })?),
+                _ => return Err("usage: leader transfer [ID]".into()),
+            };
+            super::leader::transfer(client, target).await.map(Some)
+        }
         "leader" => {
             let reports = client.status_all(timeout.min(Duration::from_secs(2))).await;
             let up: Vec<_> = reports

@@ -241,6 +241,53 @@ impl Client {
     pub async fn save_snapshot(
         &self,
     ) -> Result<(NodeId, tonic::Streaming<proto::SnapshotChunk>), String> {
+        let leader = self.find_leader("take the snapshot from").await?;
+        let ch = self
+            .channels
+            .get(&leader)
+            .cloned()
+            .ok_or_else(|| format!("node {leader} has an invalid address"))?;
+        let mut c = DataServiceClient::new(ch).max_decoding_message_size(64 << 20);
+        let stream = c
+            .save_snapshot(proto::SaveSnapshotRequest {})
+            .await
+            .map_err(|s| format!("node {leader}: {}", describe(&s)))?
+            .into_inner();
+        Ok((leader, stream))
+    }
+
+    /// Asks the leader to hand leadership to `target` (0: the most caught-up other voter) and
+    /// waits until it has: (from, to, term).
+    ///
+    /// # Errors
+    /// No leader (naming every node tried), or why the leader refused or gave up.
+    pub async fn transfer_leader(&self, target: NodeId) -> Result<(NodeId, NodeId, u64), String> {
+        if target != 0 && !self.nodes.contains_key(&target) {
+            return Err(format!(
+                "node {target} is not in the configuration (nodes: {})",
+                self.nodes
+                    .keys()
+                    .map(|id| id.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        let leader = self.find_leader("transfer leadership from").await?;
+        let ch = self
+            .channels
+            .get(&leader)
+            .cloned()
+            .ok_or_else(|| format!("node {leader} has an invalid address"))?;
+        let r = DataServiceClient::new(ch)
+            .transfer_leader(proto::TransferLeaderRequest { target })
+            .await
+            .map_err(|s| s.message().to_string())?
+            .into_inner();
+        Ok((r.from, r.to, r.term))
+    }
+
+    /// The node that leads in the highest term, asking every node.
+    async fn find_leader(&self, what: &str) -> Result<NodeId, String> {
         let reports = self.status_all(Duration::from_secs(2)).await;
         let leader = reports
             .iter()
@@ -256,23 +303,9 @@ impl Client {
                     Err(e) => format!("node {} at {}: {e}", r.id, r.addr),
                 })
                 .collect();
-            return Err(format!(
-                "no leader to take the snapshot from (tried {})",
-                tried.join("; ")
-            ));
+            return Err(format!("no leader to {what} (tried {})", tried.join("; ")));
         };
-        let ch = self
-            .channels
-            .get(&leader)
-            .cloned()
-            .ok_or_else(|| format!("node {leader} has an invalid address"))?;
-        let mut c = DataServiceClient::new(ch).max_decoding_message_size(64 << 20);
-        let stream = c
-            .save_snapshot(proto::SaveSnapshotRequest {})
-            .await
-            .map_err(|s| format!("node {leader}: {}", describe(&s)))?
-            .into_inner();
-        Ok((leader, stream))
+        Ok(leader)
     }
 
     pub async fn status_all(&self, timeout: Duration) -> Vec<StatusReport> {

@@ -204,6 +204,7 @@ pub async fn run(
         next_read: 0,
         role: Role::Follower,
         leader: 0,
+        transfer: None,
     };
     let tick = Duration::from_millis(cfg.tick_ms());
     let handle = tokio::runtime::Handle::current();
@@ -358,6 +359,14 @@ struct Core {
     next_read: u64,
     role: Role,
     leader: NodeId,
+    /// A leadership transfer this leader started for a client, answered once it ends.
+    transfer: Option<PendingTransfer>,
+}
+
+struct PendingTransfer {
+    target: NodeId,
+    started: std::time::Instant,
+    reply: crate::transport::Reply<(NodeId, NodeId, u64)>,
 }
 
 impl Core {
@@ -389,6 +398,7 @@ impl Core {
             while self.raft.has_ready() {
                 self.process_ready()?;
             }
+            self.poll_transfer();
             self.maybe_compact()?;
             self.maybe_end_repair()?;
             // Pipelined answers of this round go out together, one batch per client call.
@@ -397,6 +407,38 @@ impl Core {
         self.fail_all(|| ServiceError::ShuttingDown);
         crate::transport::flush_replies();
         Ok(())
+    }
+
+    /// Answers the pending leadership transfer once it has ended: the target leads, another
+    /// node does, or this node still leads after the core gave up (an election timeout).
+    fn poll_transfer(&mut self) {
+        let Some(t) = &self.transfer else {
+            return;
+        };
+        let (leader, role) = (self.raft.leader(), self.raft.role());
+        let outcome = if leader == t.target {
+            Ok((self.id, t.target, self.raft.term()))
+        } else if role == Role::Leader && self.raft.lead_transferee() == 0 {
+            Err(ServiceError::InvalidArgument(format!(
+                "node {} did not take over within an election timeout; node {} still leads",
+                t.target, self.id
+            )))
+        } else if role != Role::Leader && leader != 0 {
+            Err(ServiceError::InvalidArgument(format!(
+                "node {leader} was elected instead of node {}",
+                t.target
+            )))
+        } else if t.started.elapsed() > std::time::Duration::from_secs(3) {
+            Err(ServiceError::InvalidArgument(format!(
+                "no leader 3 s after the transfer to node {} began",
+                t.target
+            )))
+        } else {
+            return;
+        };
+        if let Some(t) = self.transfer.take() {
+            let _ = t.reply.send(outcome);
+        }
     }
 
     fn not_leader(&self) -> ServiceError {
@@ -675,6 +717,33 @@ impl Core {
             ClientRequest::Status { reply } => {
                 let _ = reply.send(Ok(self.status()));
             }
+            ClientRequest::TransferLeader { target, reply } => {
+                if self.transfer.is_some() {
+                    let _ = reply.send(Err(ServiceError::InvalidArgument(
+                        "a leadership transfer is already in progress".into(),
+                    )));
+                    return;
+                }
+                match self.raft.transfer_leader(target) {
+                    Ok(to) if to == self.id => {
+                        let _ = reply.send(Ok((self.id, to, self.raft.term())));
+                    }
+                    Ok(to) => {
+                        tracing::info!(node = self.id, to, "transferring leadership");
+                        self.transfer = Some(PendingTransfer {
+                            target: to,
+                            started: std::time::Instant::now(),
+                            reply,
+                        });
+                    }
+                    Err(raft::Error::NotLeader { .. }) => {
+                        let _ = reply.send(Err(self.not_leader()));
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(ServiceError::InvalidArgument(e.to_string())));
+                    }
+                }
+            }
             ClientRequest::Snapshot { reply } => {
                 if self.raft.role() != Role::Leader {
                     let _ = reply.send(Err(self.not_leader()));
@@ -699,6 +768,11 @@ impl Core {
             Err(e) => {
                 let err = match e {
                     raft::Error::ProposalDropped(bytes) => ServiceError::Busy(bytes),
+                    // Refused while leadership moves: the hint points at the new leader.
+                    raft::Error::TransferInProgress { to } => ServiceError::NotLeader {
+                        leader_id: Some(to),
+                        leader_addr: self.addrs.get(&to).cloned(),
+                    },
                     _ => self.not_leader(),
                 };
                 match pending {

@@ -112,6 +112,10 @@ pub enum Error {
     ProposalDropped(usize),
     #[error("invalid raft configuration: {0}")]
     Config(String),
+    #[error("leadership is being transferred to node {to}; retry there in a moment")]
+    TransferInProgress { to: NodeId },
+    #[error("cannot transfer leadership: {0}")]
+    TransferRefused(String),
     #[error(transparent)]
     Storage(#[from] StorageError),
 }
@@ -129,6 +133,8 @@ pub struct Status {
     pub first_index: LogIndex,
     pub last_index: LogIndex,
     pub voters: Vec<NodeId>,
+    /// Leader only: the node leadership is being transferred to (0: none).
+    pub lead_transferee: NodeId,
     /// Leader only: `(follower, match, next, recently active)`.
     pub progress: Vec<(NodeId, LogIndex, LogIndex, bool)>,
 }
@@ -196,6 +202,11 @@ pub struct Raft<S: LogStore> {
     /// campaigns) in them again.
     vote_floor: Term,
 
+    /// Leader: the voter leadership is being handed to (dissertation 3.10; 0: none), and the
+    /// ticks since the transfer began (it is abandoned after a minimum election timeout).
+    lead_transferee: NodeId,
+    transfer_elapsed: u32,
+
     prev_soft: SoftState,
     prev_hard: HardState,
     in_flight: Option<InFlightReady>,
@@ -240,6 +251,8 @@ impl<S: LogStore> Raft<S> {
             uncommitted_bytes: 0,
             catch_up_to: None,
             vote_floor: 0,
+            lead_transferee: 0,
+            transfer_elapsed: 0,
             prev_soft: SoftState {
                 role: Role::Follower,
                 leader: 0,
@@ -289,6 +302,10 @@ impl<S: LogStore> Raft<S> {
         &self.log.store
     }
     /// Whether the node is still catching up after rejoining (see [`Raft::set_rejoin`]).
+    /// Leader: the node leadership is being transferred to (0: none).
+    pub fn lead_transferee(&self) -> NodeId {
+        self.lead_transferee
+    }
     pub fn rejoining(&self) -> bool {
         self.catch_up_to.is_some()
     }
@@ -331,6 +348,7 @@ impl<S: LogStore> Raft<S> {
             first_index: self.log.first_index(),
             last_index: self.log.last_index(),
             voters: self.tracker.membership().voters.ids().into_iter().collect(),
+            lead_transferee: self.lead_transferee,
             progress: self
                 .tracker
                 .progress()
@@ -387,6 +405,8 @@ impl<S: LogStore> Raft<S> {
         self.need_bcast = false;
         self.uncommitted.clear();
         self.uncommitted_bytes = 0;
+        self.lead_transferee = 0;
+        self.transfer_elapsed = 0;
         // Reads in progress cannot be confirmed by a leader that is no longer one.
         self.dropped_reads
             .extend(self.pending_reads.drain(..).map(|r| r.ctx));
@@ -480,6 +500,14 @@ impl<S: LogStore> Raft<S> {
     fn tick_heartbeat(&mut self) {
         self.heartbeat_elapsed += 1;
         self.election_elapsed += 1;
+        if self.lead_transferee != 0 {
+            self.transfer_elapsed += 1;
+            if self.transfer_elapsed >= self.cfg.election_ticks_min {
+                // The target did not take over within an election timeout: keep leading.
+                self.lead_transferee = 0;
+                self.transfer_elapsed = 0;
+            }
+        }
         if self.election_elapsed >= self.cfg.election_ticks_min {
             self.election_elapsed = 0;
             if self.cfg.check_quorum {
@@ -520,6 +548,12 @@ impl<S: LogStore> Raft<S> {
     }
 
     fn campaign(&mut self, pre_vote: bool) {
+        self.campaign_with(pre_vote, false);
+    }
+
+    /// `leader_transfer`: started by the leader's `TimeoutNow`; voters grant it within their
+    /// leader lease.
+    fn campaign_with(&mut self, pre_vote: bool, leader_transfer: bool) {
         let vote_term = if pre_vote {
             self.become_pre_candidate();
             self.term + 1
@@ -541,6 +575,7 @@ impl<S: LogStore> Raft<S> {
                     pre_vote,
                     last_log_index,
                     last_log_term,
+                    leader_transfer,
                 },
             );
         }
@@ -637,7 +672,11 @@ impl<S: LogStore> Raft<S> {
             return Ok(());
         }
         if m.term > self.term {
-            if let MessageBody::VoteRequest { .. } = m.body {
+            if let MessageBody::VoteRequest {
+                leader_transfer: false,
+                ..
+            } = m.body
+            {
                 // Dissertation 6.2 (with check-quorum): a node that heard from a live leader
                 // within the minimum election timeout neither updates its term nor votes:
                 // a disruptive node must not depose a healthy leader.
@@ -701,8 +740,20 @@ impl<S: LogStore> Raft<S> {
                 pre_vote,
                 last_log_index,
                 last_log_term,
+                ..
             } => {
                 self.on_vote_request(&m, pre_vote, last_log_index, last_log_term);
+            }
+            MessageBody::TimeoutNow => {
+                // Only from the leader of our term, and only if we may lead (a rejoining node
+                // or a learner may not).
+                if self.role == Role::Follower
+                    && m.from == self.leader
+                    && self.tracker.membership().is_voter(self.id)
+                    && self.may_vote_in(self.term + 1)
+                {
+                    self.campaign_with(false, true);
+                }
             }
             MessageBody::VoteResponse { pre_vote, granted } => {
                 self.on_vote_response(&m, pre_vote, granted)
@@ -896,9 +947,79 @@ impl<S: LogStore> Raft<S> {
                 self.need_bcast = true;
             }
         }
+        if from == self.lead_transferee
+            && self.tracker.get(from).map(|p| p.match_index) == Some(self.log.last_index())
+        {
+            // The target has caught up: hand over.
+            self.send(from, self.term, MessageBody::TimeoutNow);
+            return Ok(());
+        }
         // Keep the pipeline full while the follower is behind.
         while self.send_append(from)? {}
         Ok(())
+    }
+
+    /// Starts handing leadership to `target` (dissertation 3.10), or to the most caught-up
+    /// other voter if `target` is 0. Once the target's log matches ours it is told to
+    /// campaign at once (`TimeoutNow`); meanwhile proposals are refused with
+    /// [`Error::TransferInProgress`]; if it has not taken over within a minimum election
+    /// timeout, the transfer is abandoned and this node goes on leading. Returns the target.
+    ///
+    /// # Errors
+    /// `NotLeader`, or `TransferRefused` for a target that is not another voter or has not
+    /// answered recently; a log read error.
+    pub fn transfer_leader(&mut self, target: NodeId) -> Result<NodeId, Error> {
+        assert!(
+            self.in_flight.is_none(),
+            "transfer_leader between ready() and advance()"
+        );
+        if self.role != Role::Leader {
+            return Err(Error::NotLeader {
+                leader: self.leader,
+            });
+        }
+        let target = if target == 0 {
+            self.tracker
+                .voters_except(self.id)
+                .into_iter()
+                .filter_map(|id| {
+                    self.tracker
+                        .get(id)
+                        .map(|p| (p.match_index, p.recent_active, id))
+                })
+                .filter(|&(_, active, _)| active)
+                .max_by_key(|&(m, _, id)| (m, std::cmp::Reverse(id)))
+                .map(|(_, _, id)| id)
+                .ok_or_else(|| {
+                    Error::TransferRefused("no other voter has answered recently".into())
+                })?
+        } else {
+            target
+        };
+        if target == self.id {
+            return Ok(target);
+        }
+        if !self.tracker.membership().is_voter(target) {
+            return Err(Error::TransferRefused(format!(
+                "node {target} is not a voter of this cluster"
+            )));
+        }
+        if self.lead_transferee == target {
+            return Ok(target);
+        }
+        if !self.tracker.get(target).is_some_and(|p| p.recent_active) {
+            return Err(Error::TransferRefused(format!(
+                "node {target} has not answered recently"
+            )));
+        }
+        self.lead_transferee = target;
+        self.transfer_elapsed = 0;
+        if self.tracker.get(target).map(|p| p.match_index) == Some(self.log.last_index()) {
+            self.send(target, self.term, MessageBody::TimeoutNow);
+        } else {
+            self.send_append(target)?;
+        }
+        Ok(target)
     }
 
     /// Sends `to` the entries it lacks, with the commit index. Returns whether a message went
@@ -1063,6 +1184,13 @@ impl<S: LogStore> Raft<S> {
         if self.role != Role::Leader {
             return Err(Error::NotLeader {
                 leader: self.leader,
+            });
+        }
+        if self.lead_transferee != 0 {
+            // Dissertation 3.10: a leader handing over stops taking new entries, so that the
+            // target can catch up; the client retries at the new leader.
+            return Err(Error::TransferInProgress {
+                to: self.lead_transferee,
             });
         }
         let entry = Entry {

@@ -77,7 +77,8 @@ fn follower_times_out_and_campaigns() {
             MessageBody::VoteRequest {
                 pre_vote: false,
                 last_log_index: 0,
-                last_log_term: 0
+                last_log_term: 0,
+                leader_transfer: false,
             }
         );
         assert_eq!(m.term, 1);
@@ -148,6 +149,7 @@ fn voter_votes_once_per_term() {
             pre_vote: false,
             last_log_index: 0,
             last_log_term: 0,
+            leader_transfer: false,
         },
     };
     r.step(req(2)).expect("step");
@@ -257,6 +259,7 @@ fn misaddressed_and_foreign_messages_are_ignored() {
             pre_vote: false,
             last_log_index: 9,
             last_log_term: 9,
+            leader_transfer: false,
         },
     };
     for (from, to) in [(2, 3), (1, 1), (7, 1), (0, 1)] {
@@ -294,6 +297,7 @@ fn vote_denied_to_candidate_with_stale_log() {
                 pre_vote: false,
                 last_log_index: li,
                 last_log_term: lt,
+                leader_transfer: false,
             },
         ))
         .expect("step");
@@ -722,6 +726,7 @@ fn pre_vote_for_the_current_term_is_refused() {
                 pre_vote: true,
                 last_log_index: 100,
                 last_log_term: term,
+                leader_transfer: false,
             },
         })
         .expect("step");
@@ -857,6 +862,7 @@ fn lease_ends_at_the_minimum_election_timeout() {
                     pre_vote: false,
                     last_log_index: 5,
                     last_log_term: 1,
+                    leader_transfer: false,
                 },
             ))
             .expect("step")
@@ -894,6 +900,7 @@ fn pre_vote_from_an_older_term_is_refused_with_our_term() {
             pre_vote: true,
             last_log_index: 0,
             last_log_term: 0,
+            leader_transfer: false,
         },
     ))
     .expect("step");
@@ -992,6 +999,7 @@ fn follower_in_lease_ignores_vote_requests() {
                 pre_vote: false,
                 last_log_index: 100,
                 last_log_term: 100,
+                leader_transfer: false,
             },
         ))
         .expect("step");
@@ -1143,6 +1151,7 @@ fn must_sync_exactly_when_entries_term_or_vote_change() {
             pre_vote: false,
             last_log_index: 0,
             last_log_term: 0,
+            leader_transfer: false,
         },
     ))
     .expect("step");
@@ -1688,6 +1697,7 @@ fn rejoining_node_votes_only_after_catching_up() {
                 pre_vote: false,
                 last_log_index: 9,
                 last_log_term: 9,
+                leader_transfer: false,
             },
         ))
         .expect("step");
@@ -1724,4 +1734,122 @@ fn rejoining_node_votes_only_after_catching_up() {
     r.advance();
     assert!(!granted(&mut r, 6), "term 6 is at or below the vote floor");
     assert!(granted(&mut r, 7));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Leadership transfer (dissertation 3.10, etcd raft `MsgTransferLeader` / `MsgTimeoutNow`)
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn leadership_moves_to_a_caught_up_target_within_the_followers_lease() {
+    let mut net = Net::new(3);
+    net.elect(1);
+    net.propose(1, "a").expect("propose");
+    let term = net.node(1).term();
+    // The followers heard from the leader a moment ago: without the transfer flag, their lease
+    // would make them ignore node 3's vote request.
+    assert_eq!(net.node(1).transfer_leader(3).expect("transfer"), 3);
+    net.settle();
+    assert_eq!(net.leaders(), vec![3]);
+    assert_eq!(
+        net.node(3).term(),
+        term + 1,
+        "one election, no pre-vote round"
+    );
+    assert_eq!(net.node(1).leader(), 3);
+    assert_eq!(net.node(1).lead_transferee(), 0);
+    // The new leader has every entry and takes writes.
+    net.propose(3, "b").expect("the new leader takes writes");
+    assert!(net.log_of(1).iter().any(|&(_, t)| t == term + 1));
+}
+
+#[test]
+fn a_lagging_target_is_caught_up_first_and_proposals_wait_for_the_new_leader() {
+    let mut net = Net::new(3);
+    net.elect(1);
+    net.cut.insert((1, 3));
+    for i in 0..5 {
+        net.propose(1, &format!("w{i}")).expect("propose");
+    }
+    assert!(net.node(3).last_index() < net.node(1).last_index());
+    assert_eq!(net.node(1).transfer_leader(3).expect("transfer"), 3);
+    // While the target catches up, the leader refuses writes and names the target.
+    match net.node(1).propose(Bytes::from_static(b"x")) {
+        Err(Error::TransferInProgress { to }) => assert_eq!(to, 3),
+        other => panic!("expected TransferInProgress, got {other:?}"),
+    }
+    net.cut.clear();
+    // The appends to node 3 were lost: the stalled pipeline is noticed at a heartbeat, the
+    // gap closed, and then TimeoutNow sent, all within the transfer's election timeout.
+    for _ in 0..8 {
+        if net.leaders() == vec![3] {
+            break;
+        }
+        net.tick_all();
+    }
+    assert_eq!(net.leaders(), vec![3]);
+    let last1 = net.node(1).last_index();
+    assert!(
+        net.node(3).last_index() >= last1,
+        "the target had the whole log"
+    );
+}
+
+#[test]
+fn a_transfer_that_does_not_finish_is_abandoned_after_an_election_timeout() {
+    let mut net = Net::new(3);
+    net.elect(1);
+    // Node 3 hears nothing more from the leader (nor its TimeoutNow).
+    net.cut.insert((1, 3));
+    net.node(1).transfer_leader(3).expect("transfer");
+    assert_eq!(net.node(1).lead_transferee(), 3);
+    for _ in 0..9 {
+        net.node(1).tick();
+    }
+    assert_eq!(
+        net.node(1).lead_transferee(),
+        3,
+        "still trying before the timeout"
+    );
+    net.node(1).tick();
+    assert_eq!(net.node(1).lead_transferee(), 0, "abandoned");
+    assert_eq!(
+        net.node(1).role(),
+        Role::Leader,
+        "the old leader goes on leading"
+    );
+    net.propose(1, "after").expect("writes are taken again");
+}
+
+#[test]
+fn transfer_targets_are_checked() {
+    let mut net = Net::new(3);
+    net.elect(1);
+    assert!(matches!(
+        net.node(2).transfer_leader(3),
+        Err(Error::NotLeader { leader: 1 })
+    ));
+    assert!(matches!(
+        net.node(1).transfer_leader(9),
+        Err(Error::TransferRefused(m)) if m.contains("not a voter")
+    ));
+    assert_eq!(net.node(1).transfer_leader(1).expect("self"), 1);
+    assert_eq!(net.node(1).lead_transferee(), 0, "to itself: nothing to do");
+    // Without a target: the most caught-up other voter (node 3 misses the last entry).
+    net.cut.insert((1, 3));
+    net.propose(1, "a").expect("propose");
+    assert_eq!(net.node(1).transfer_leader(0).expect("transfer"), 2);
+}
+
+#[test]
+fn timeout_now_from_anyone_but_the_leader_is_ignored() {
+    let mut net = Net::new(3);
+    net.elect(1);
+    let term = net.node(1).term();
+    net.node(3)
+        .step(msg(2, 3, term, MessageBody::TimeoutNow))
+        .expect("step");
+    net.settle();
+    assert_eq!(net.leaders(), vec![1]);
+    assert_eq!(net.node(3).term(), term);
 }

@@ -100,6 +100,9 @@ pub enum MessageBody {
         pre_vote: bool,
         last_log_index: LogIndex,
         last_log_term: Term,
+        /// The campaign was started by the leader handing over (`TimeoutNow`): voters grant
+        /// it even within a leader's lease (dissertation 3.10).
+        leader_transfer: bool,
     },
     VoteResponse {
         pre_vote: bool,
@@ -132,6 +135,9 @@ pub enum MessageBody {
     InstallSnapshot {
         snapshot: SnapshotMeta,
     },
+    /// Leadership transfer (dissertation 3.10): the leader tells a caught-up voter to start an
+    /// election at once, without waiting for its timeout or a pre-vote.
+    TimeoutNow,
 }
 
 impl Message {

@@ -28,11 +28,14 @@ pub fn message_to_wire(m: Message) -> Option<proto::RaftMessage> {
             pre_vote,
             last_log_index,
             last_log_term,
+            leader_transfer,
         } => Body::VoteRequest(proto::VoteRequest {
             pre_vote,
             last_log_index,
             last_log_term,
+            leader_transfer,
         }),
+        MessageBody::TimeoutNow => Body::TimeoutNow(proto::TimeoutNow {}),
         MessageBody::VoteResponse { pre_vote, granted } => {
             Body::VoteResponse(proto::VoteResponse { pre_vote, granted })
         }
@@ -104,7 +107,9 @@ pub fn message_from_wire(
             pre_vote: v.pre_vote,
             last_log_index: v.last_log_index,
             last_log_term: v.last_log_term,
+            leader_transfer: v.leader_transfer,
         },
+        Body::TimeoutNow(_) => MessageBody::TimeoutNow,
         Body::VoteResponse(v) => MessageBody::VoteResponse {
             pre_vote: v.pre_vote,
             granted: v.granted,
@@ -189,6 +194,7 @@ mod tests {
                     pre_vote: true,
                     last_log_index: 1,
                     last_log_term: 1,
+                    leader_transfer: false,
                 },
             },
             Message {

@@ -222,6 +222,12 @@ pub enum ClientRequest {
     Snapshot {
         reply: Reply<BackupSource>,
     },
+    /// Leader only: hand leadership to `target` (0: the most caught-up voter); answered with
+    /// (from, to, term) once `to` leads.
+    TransferLeader {
+        target: NodeId,
+        reply: Reply<(NodeId, NodeId, u64)>,
+    },
 }
 
 /// What a backup streams: the state machine, and whose it is.

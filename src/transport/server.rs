@@ -410,6 +410,24 @@ impl DataService for ClientService {
         )))
     }
 
+    async fn transfer_leader(
+        &self,
+        req: Request<proto::TransferLeaderRequest>,
+    ) -> Result<Response<proto::TransferLeaderResponse>, Status> {
+        let target = req.into_inner().target;
+        let (from, to, term) = self
+            .call(
+                |reply| Ok(ClientRequest::TransferLeader { target, reply }),
+                "leadership transfer",
+            )
+            .await?;
+        Ok(Response::new(proto::TransferLeaderResponse {
+            from,
+            to,
+            term,
+        }))
+    }
+
     async fn status(
         &self,
         _: Request<proto::StatusRequest>,

@@ -977,3 +977,55 @@ async fn many_large_values_at_once_travel_in_batches_under_the_grpc_limit() {
         );
     }
 }
+
+/// `raftkv leader transfer ID`, without an ID, to a node not in the configuration, and from the
+/// shell; writes go on at the new leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leadership_is_transferred_on_request() {
+    let c = TestCluster::started(3);
+    let leader = c.wait_leader(ELECTION).await;
+    c.client().put("before", "1").await.expect("write");
+    let cfg = c.config.to_str().expect("utf-8 path").to_string();
+    let dir = c.dir.path().to_path_buf();
+    let target = c.follower_other_than(leader);
+
+    let (code, out, err) = run_cli(
+        &["leader", "transfer", &target.to_string(), "--config", &cfg],
+        "",
+        &dir,
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains(&format!(
+            "leadership moved from node {leader} to node {target}"
+        )),
+        "{out}"
+    );
+    assert_eq!(c.wait_leader(ELECTION).await, target);
+    c.client()
+        .put("after", "2")
+        .await
+        .expect("a write at the new leader");
+
+    // Without an ID: to another node.
+    let (code, out, err) = run_cli(&["leader", "transfer", "--config", &cfg], "", &dir);
+    assert_eq!(code, 0, "{out}{err}");
+    let now = c.wait_leader(ELECTION).await;
+    assert_ne!(now, target, "{out}");
+
+    let (code, _, err) = run_cli(&["leader", "transfer", "9", "--config", &cfg], "", &dir);
+    assert_ne!(code, 0);
+    assert!(err.contains("node 9 is not in the configuration"), "{err}");
+
+    // The shell has the same command.
+    let back = c.follower_other_than(now);
+    let (code, out, err) = run_cli(
+        &["shell", "--config", &cfg],
+        &format!("leader transfer {back}\nget after\n"),
+        &dir,
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains(&format!("to node {back}")), "{out}");
+    assert!(out.contains('2'), "the write survived the transfers: {out}");
+    assert_eq!(c.wait_leader(ELECTION).await, back);
+}

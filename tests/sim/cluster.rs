@@ -33,6 +33,7 @@ pub struct Stats {
     pub snapshots_installed: u64,
     pub damages: u64,
     pub repairs: u64,
+    pub transfers: u64,
 }
 
 impl Stats {
@@ -49,6 +50,7 @@ impl Stats {
         self.snapshots_installed += o.snapshots_installed;
         self.damages += o.damages;
         self.repairs += o.repairs;
+        self.transfers += o.transfers;
     }
 }
 
@@ -56,7 +58,7 @@ impl std::fmt::Display for Stats {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} schedules, {} events, {} elections won, {} crashes, {} partitions, {} entries committed, {} proposals acknowledged, {} reads checked, {} compactions, {} snapshots installed, {} disks damaged, {} repairs",
+            "{} schedules, {} events, {} elections won, {} crashes, {} partitions, {} entries committed, {} proposals acknowledged, {} reads checked, {} compactions, {} snapshots installed, {} disks damaged, {} repairs, {} leadership transfers started",
             self.schedules,
             self.steps,
             self.elections,
@@ -68,7 +70,8 @@ impl std::fmt::Display for Stats {
             self.compactions,
             self.snapshots_installed,
             self.damages,
-            self.repairs
+            self.repairs,
+            self.transfers
         )
     }
 }
@@ -87,6 +90,8 @@ enum Event {
     SnapshotFailed(NodeId, NodeId),
     /// One node's disk is damaged (the node crashes first if it is up).
     Damage,
+    /// The leader is asked to hand leadership to another node (or the most caught-up one).
+    Transfer,
 }
 
 /// What the node keeps apart from its log to detect damage (`durable.json` in the real store),
@@ -238,6 +243,11 @@ impl Sim {
         sim.schedule(first_crash, Event::Crash);
         let first_partition = sim.rng.random_range(200..1500);
         sim.schedule(first_partition, Event::Partition);
+        // Leadership transfers now and then, in half of the schedules.
+        if sim.rng.random_bool(0.5) {
+            let first_transfer = sim.rng.random_range(300..2000);
+            sim.schedule(first_transfer, Event::Transfer);
+        }
         // One schedule in four damages disks.
         if sim.rng.random_bool(0.25) {
             let first_damage = sim.rng.random_range(500..3000);
@@ -280,10 +290,25 @@ impl Sim {
         };
         // A last write must commit and reach every node, which then agree on everything.
         let data = Bytes::from(format!("final-{}", self.seed));
-        let (index, _) = self
-            .node_mut(leader)
-            .propose(data)
-            .expect("the stable leader accepts");
+        // A transfer begun before the healing may still hold proposals back (at most an
+        // election timeout).
+        let mut leader = leader;
+        let index = loop {
+            match self.node_mut(leader).propose(data.clone()) {
+                Ok((index, _)) => break index,
+                Err(raftkv::raft::Error::TransferInProgress { .. }) => {}
+                Err(e) => panic!("the stable leader refuses the final write: {e}"),
+            }
+            assert!(self.now < deadline, "liveness: a transfer never ended");
+            self.run_until(self.now + 100);
+            leader = loop {
+                if let Some(l) = self.stable_leader() {
+                    break l;
+                }
+                assert!(self.now < deadline, "liveness: no leader after a transfer");
+                self.run_until(self.now + 100);
+            };
+        };
         self.process(leader);
         loop {
             self.run_until(self.now + 100);
@@ -428,6 +453,29 @@ impl Sim {
                 if !self.up(id) {
                     self.restart(id);
                 }
+            }
+            Event::Transfer => {
+                if !self.faults {
+                    return;
+                }
+                let leader = self.ids.iter().copied().find(|&id| {
+                    self.nodes[&id]
+                        .raft
+                        .as_ref()
+                        .is_some_and(|r| r.role() == Role::Leader)
+                });
+                if let Some(l) = leader {
+                    // Any node, itself or 0 (the most caught-up) included.
+                    let target = self.rng.random_range(0..=self.ids.len() as u64);
+                    match self.node_mut(l).transfer_leader(target) {
+                        Ok(_) => self.stats.transfers += 1,
+                        Err(raftkv::raft::Error::TransferRefused(_)) => {}
+                        Err(e) => panic!("unexpected transfer error {e}"),
+                    }
+                    self.process(l);
+                }
+                let next = self.rng.random_range(200..2000);
+                self.schedule(next, Event::Transfer);
             }
             Event::Damage => {
                 if !self.faults {
@@ -735,6 +783,9 @@ impl Sim {
                 assert_ne!(leader, id, "a follower names itself as leader");
             }
             Err(raftkv::raft::Error::ProposalDropped(_)) => {}
+            Err(raftkv::raft::Error::TransferInProgress { to }) => {
+                assert_ne!(to, id, "a leader transfers to another node");
+            }
             Err(e) => panic!("unexpected propose error {e}"),
         }
     }

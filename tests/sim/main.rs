@@ -6,7 +6,8 @@
 //! between a snapshot's install and the rest of its `Ready`), and, in one schedule in four,
 //! damaged disks: a lost tail of synced entries, a corrupted entry or a rolled-back hard state,
 //! which the node must detect at start-up (checksums and the watermark, as `storage::disk`
-//! does) and then repair and rejoin as `raftkv node --repair` does. Every
+//! does) and then repair and rejoin as `raftkv node --repair` does; in half of them the leader
+//! is asked now and then to hand leadership over (TimeoutNow). Every
 //! parameter of a schedule comes from one seed. After every event the checker verifies election
 //! safety, log matching, leader completeness, state machine safety, that no committed entry is
 //! ever lost and that ReadIndex reads are not stale. When the faults stop, the cluster must elect
