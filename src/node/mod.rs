@@ -163,13 +163,15 @@ pub async fn run(
     {
         // An empty directory in a cluster that exists (a wiped or replaced disk): this node
         // may have voted and acknowledged writes before it lost them.
+        // What the peers committed (the term of its own entry there is unknown).
+        let catch_up = (commit, crate::raft::Term::MAX);
         raft.store()
-            .set_rejoin(term, Some(commit))
+            .set_rejoin(term, Some(catch_up))
             .context("recording the rejoin")?;
-        rejoin = Some((term, Some(commit)));
+        rejoin = Some((term, Some(catch_up)));
     }
     if let Some((floor, catch_up)) = rejoin {
-        if let Some(c) = catch_up {
+        if let Some((c, _)) = catch_up {
             tracing::warn!(
                 node = id,
                 vote_floor = floor,

@@ -198,6 +198,10 @@ pub struct Raft<S: LogStore> {
     /// commit index has reached `catch_up_to` (what its peers had committed when it came
     /// back), so that its empty log cannot help elect a leader lacking acknowledged writes.
     catch_up_to: Option<LogIndex>,
+    /// The term of the entry this node had at `catch_up_to` (`Term::MAX` when unknown, or when
+    /// `catch_up_to` is what its peers had committed, which the commit index reaches anyway):
+    /// see `lower_catch_up`.
+    catch_up_term: Term,
     /// It may have voted in terms up to this one before it lost its state: it never votes (or
     /// campaigns) in them again.
     vote_floor: Term,
@@ -250,6 +254,7 @@ impl<S: LogStore> Raft<S> {
             uncommitted: VecDeque::new(),
             uncommitted_bytes: 0,
             catch_up_to: None,
+            catch_up_term: Term::MAX,
             vote_floor: 0,
             lead_transferee: 0,
             transfer_elapsed: 0,
@@ -310,11 +315,37 @@ impl<S: LogStore> Raft<S> {
         self.catch_up_to.is_some()
     }
     /// The node lost its durable state and rejoins: no votes or campaigns for terms up to
-    /// `vote_floor`, and none at all until the commit index reaches `catch_up_to` (`None`:
-    /// caught up already).
-    pub fn set_rejoin(&mut self, vote_floor: Term, catch_up_to: Option<LogIndex>) {
+    /// `vote_floor`, and none at all until the commit index reaches `catch_up_to`, given as
+    /// (index, the term of the node's own entry there, or `Term::MAX` if unknown); `None`:
+    /// caught up already.
+    pub fn set_rejoin(&mut self, vote_floor: Term, catch_up_to: Option<(LogIndex, Term)>) {
         self.vote_floor = vote_floor;
-        self.catch_up_to = catch_up_to.filter(|&i| i > self.log.committed);
+        self.catch_up_to = catch_up_to
+            .map(|(i, _)| i)
+            .filter(|&i| i > self.log.committed);
+        self.catch_up_term = catch_up_to.map_or(Term::MAX, |(_, t)| t);
+        self.lower_catch_up();
+    }
+
+    /// A rejoining node waits for the entries it may have acknowledged before it lost its
+    /// state: those up to `catch_up_to`, of terms up to `catch_up_term`. Its log now comes
+    /// from leaders that hold every entry committed before their term (leader completeness;
+    /// none of them counted on this node's lost state). Once that log has, at or below the
+    /// catch-up index, an entry of a later term than `catch_up_term`, the node's old entries
+    /// from there on were never committed (log matching: everything after it is of a later
+    /// term too), so it waits only for the entries before. Without this, a node whose old tail
+    /// was overwritten would wait for the commit index to pass it, which an idle cluster never
+    /// does.
+    fn lower_catch_up(&mut self) {
+        let Some(c) = self.catch_up_to else {
+            return;
+        };
+        let hi = c.min(self.log.last_index());
+        if !self.log.term(hi).is_ok_and(|t| t > self.catch_up_term) {
+            return;
+        }
+        let (j, _) = self.log.find_conflict_by_term(hi, self.catch_up_term);
+        self.catch_up_to = (j > self.log.committed).then_some(j);
     }
     fn may_vote_in(&self, term: Term) -> bool {
         self.catch_up_to.is_none() && term > self.vote_floor
@@ -778,6 +809,7 @@ impl<S: LogStore> Raft<S> {
                     }
                     _ => self.on_append_request(m),
                 }
+                self.lower_catch_up();
                 if self.catch_up_to.is_some_and(|i| self.log.committed >= i) {
                     self.catch_up_to = None;
                 }

@@ -1683,7 +1683,7 @@ fn rejoining_node_votes_only_after_catching_up() {
     let mut cfg = no_pre_vote(2, 3);
     cfg.check_quorum = false; // no leader lease in the way of the vote requests
     let mut r = core(cfg, MemLogStore::new(), 3, 0);
-    r.set_rejoin(6, Some(2));
+    r.set_rejoin(6, Some((2, Term::MAX)));
     for _ in 0..100 {
         r.tick();
     }
@@ -1734,6 +1734,70 @@ fn rejoining_node_votes_only_after_catching_up() {
     r.advance();
     assert!(!granted(&mut r, 6), "term 6 is at or below the vote floor");
     assert!(granted(&mut r, 7));
+}
+
+/// A repaired node had entries up to 10 of term 2; the cluster's leader of term 5 overwrote
+/// them from index 4 on, and commits only up to 6 (an idle cluster). Its old entries 4-10 were
+/// never committed (the leader would have them), so the node waits only for what came before.
+#[test]
+fn a_rejoining_node_whose_old_tail_was_overwritten_waits_only_for_the_rest() {
+    let mut cfg = no_pre_vote(2, 3);
+    cfg.check_quorum = false;
+    let mut r = core(cfg, MemLogStore::new(), 5, 0);
+    r.set_rejoin(5, Some((10, 2)));
+    let log = vec![
+        entry(1, 1),
+        entry(2, 2),
+        entry(3, 2),
+        entry(4, 5),
+        entry(5, 5),
+        entry(6, 5),
+    ];
+    r.step(msg(
+        1,
+        2,
+        5,
+        MessageBody::AppendRequest {
+            prev_log_index: 0,
+            prev_log_term: 0,
+            entries: log.clone(),
+            leader_commit: 2,
+            read_context: 0,
+        },
+    ))
+    .expect("step");
+    assert!(
+        r.rejoining(),
+        "entry 3 (term 2) may be its own old one: not committed yet"
+    );
+    let rd = r.ready().expect("ready");
+    r.store_mut().append(&rd.entries);
+    r.advance();
+    r.step(msg(
+        1,
+        2,
+        5,
+        MessageBody::AppendRequest {
+            prev_log_index: 6,
+            prev_log_term: 5,
+            entries: vec![],
+            leader_commit: 6,
+            read_context: 0,
+        },
+    ))
+    .expect("step");
+    assert!(
+        !r.rejoining(),
+        "committed through 3, the last entry that could be its own, without waiting for 10"
+    );
+    // With the term unknown it must wait for index 10 itself.
+    let mut cfg = no_pre_vote(2, 3);
+    cfg.check_quorum = false;
+    let mut store = MemLogStore::new();
+    store.append(&log);
+    let mut r = core(cfg, store, 5, 6);
+    r.set_rejoin(5, Some((10, Term::MAX)));
+    assert!(r.rejoining());
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -30,8 +30,9 @@ const KEY_FORMAT: &[u8] = b"format";
 const KEY_HARD_STATE: &[u8] = b"hard_state";
 /// The last compacted entry (index, term as u64 LE): the log starts after it.
 pub(crate) const KEY_LOG_START: &[u8] = b"log_start";
-/// A node that lost its durable state and rejoins: (vote floor, catch-up index; 0 once caught
-/// up), u64 LE each (see `Raft::set_rejoin`).
+/// A node that lost its durable state and rejoins: (vote floor, catch-up index (0 once caught
+/// up), the term of its own entry there (`u64::MAX`: unknown)), u64 LE each (see
+/// `Raft::set_rejoin`; records of 16 bytes, from before the term, read as unknown).
 const KEY_REJOIN: &[u8] = b"rejoin";
 /// Log batches stored at or after this index carry a checksum (u64 LE; older ones, from
 /// before checksums, do not).
@@ -110,7 +111,7 @@ pub struct Recovered {
     pub stager: Stager,
     /// Set on a node that lost its durable state: the term it must not vote in again (or
     /// before), and the commit index to reach before it votes at all (`None`: reached).
-    pub rejoin: Option<(Term, Option<LogIndex>)>,
+    pub rejoin: Option<(Term, Option<(LogIndex, Term)>)>,
     /// The directory was created just now (no node id was stored in it).
     pub is_new: bool,
 }
@@ -374,20 +375,38 @@ pub fn open_with_journal(
     };
     kv.delete_stale_generations().map_err(wrap)?;
     let rejoin = match meta.get(KEY_REJOIN).map_err(io_err).map_err(wrap)? {
-        Some(v) if v.len() == 16 => {
+        Some(v) if v.len() == 16 || v.len() == 24 => {
             let catch_up = u64_at(&v, 8);
-            Some((u64_at(&v, 0), (catch_up != 0).then_some(catch_up)))
+            let term = if v.len() == 24 {
+                u64_at(&v, 16)
+            } else {
+                Term::MAX
+            };
+            Some((u64_at(&v, 0), (catch_up != 0).then_some((catch_up, term))))
         }
         Some(_) => return Err(corrupt("rejoin")),
         None => None,
     };
+    if let Some(w) = watermark
+        && w.catch_up > rejoin.and_then(|(_, c)| c).map_or(0, |c| c.0)
+    {
+        // The record that keeps this node from voting before it has caught up is gone.
+        return Err(damaged(format!(
+            "this node was rejoining and must catch up to entry {} before it votes ({}), but its rejoin record is missing",
+            w.catch_up,
+            dir.join(durable::FILE).display()
+        )));
+    }
     let mark = Watermark {
         last_index: last,
         last_term,
         term: hard_state.term,
         vote: hard_state.vote,
         cluster_id: kv.cluster_id(),
-        catch_up: rejoin.and_then(|(_, c)| c).unwrap_or(0),
+        catch_up: rejoin.and_then(|(_, c)| c).map_or(0, |c| c.0),
+        catch_up_term: rejoin
+            .and_then(|(_, c)| c)
+            .map_or(0, |c| if c.1 == Term::MAX { 0 } else { c.1 }),
     };
     let watermark = WatermarkWriter::start(dir, mark, watermark != Some(mark)).map_err(wrap)?;
     if kv.applied() < start.index {
@@ -490,8 +509,19 @@ pub fn repair(
         // be committed on the strength of that acknowledgement alone; a peer's commit index can
         // be lower (a lagging peer answered, the leader did not). Waiting only for the peers'
         // commit lost committed entries in the simulator.
-        // A node repaired again before it caught up waits for what it waited for before.
-        let catch_up = peers_commit.unwrap_or(0).max(w.last_index).max(w.catch_up);
+        // A node repaired again before it caught up waits for what it waited for before. Each
+        // index comes with the term of this node's entry there (unknown: `u64::MAX`; what the
+        // peers committed is reached anyway), so that the core can lower the target once the
+        // leader's log shows those entries were overwritten (`Raft::set_rejoin`).
+        let known = |t: Term| if t == 0 { Term::MAX } else { t };
+        let catch_up = [
+            (peers_commit.unwrap_or(0), Term::MAX),
+            (w.last_index, known(w.last_term)),
+            (w.catch_up, known(w.catch_up_term)),
+        ]
+        .into_iter()
+        .max()
+        .unwrap_or((0, Term::MAX));
         b.insert(
             &r.log.meta,
             KEY_REJOIN,
@@ -518,7 +548,12 @@ pub fn repair(
                 term: hs.term,
                 vote: hs.vote,
                 cluster_id: w.cluster_id,
-                catch_up,
+                catch_up: catch_up.0,
+                catch_up_term: if catch_up.1 == Term::MAX {
+                    0
+                } else {
+                    catch_up.1
+                },
             })
             .map_err(wrap)?;
     }
@@ -664,21 +699,25 @@ impl DiskLog {
     pub fn set_rejoin(
         &self,
         vote_floor: Term,
-        catch_up_to: Option<LogIndex>,
+        catch_up_to: Option<(LogIndex, Term)>,
     ) -> Result<(), StorageError> {
+        let mut w = self.watermark.current();
+        w.catch_up = catch_up_to.map_or(0, |c| c.0);
+        w.catch_up_term = catch_up_to.map_or(0, |c| if c.1 == Term::MAX { 0 } else { c.1 });
+        if catch_up_to.is_none() {
+            // Caught up: the watermark first, so that a crash in between leaves the record
+            // (the node rejoins again), never a watermark that says a record is missing.
+            self.watermark.write_now(w)?;
+        }
         self.meta
             .insert(KEY_REJOIN, encode_rejoin(vote_floor, catch_up_to))
             .map_err(io_err)?;
         self.db.persist(PersistMode::SyncAll).map_err(io_err)?;
-        let mut w = self.watermark.current();
-        w.catch_up = catch_up_to.unwrap_or(0);
         if catch_up_to.is_some() {
-            // Before anything could lose the rejoin record with the journal.
-            self.watermark.write_now(w)
-        } else {
-            self.watermark.set(w);
-            Ok(())
+            // The record first: a watermark never names a record that is not there.
+            self.watermark.write_now(w)?;
         }
+        Ok(())
     }
 
     /// The cluster id became known; the watermark keeps it too.
@@ -1011,9 +1050,11 @@ fn encode_hard_state(hs: HardState) -> Vec<u8> {
 }
 
 /// `vote floor | catch-up index (0: caught up)`, u64 LE each.
-fn encode_rejoin(vote_floor: Term, catch_up_to: Option<LogIndex>) -> Vec<u8> {
+fn encode_rejoin(vote_floor: Term, catch_up_to: Option<(LogIndex, Term)>) -> Vec<u8> {
+    let (index, term) = catch_up_to.unwrap_or((0, Term::MAX));
     let mut v = vote_floor.to_le_bytes().to_vec();
-    v.extend_from_slice(&catch_up_to.unwrap_or(0).to_le_bytes());
+    v.extend_from_slice(&index.to_le_bytes());
+    v.extend_from_slice(&term.to_le_bytes());
     v
 }
 

@@ -46,9 +46,12 @@ pub struct Watermark {
     /// here so that a second repair before it has caught up still waits for it.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub catch_up: LogIndex,
+    /// The term of this node's own entry at `catch_up` (0: unknown).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub catch_up_term: Term,
 }
 
-fn is_zero(i: &LogIndex) -> bool {
+fn is_zero(i: &u64) -> bool {
     *i == 0
 }
 
@@ -68,6 +71,9 @@ fn checksum(w: &Watermark) -> String {
     // Absent when 0, so that files written before the field existed still verify.
     if w.catch_up != 0 {
         text += &format!("/{}", w.catch_up);
+    }
+    if w.catch_up_term != 0 {
+        text += &format!("/{}", w.catch_up_term);
     }
     format!("{:016x}", xxhash_rust::xxh3::xxh3_64(text.as_bytes()))
 }
@@ -239,11 +245,13 @@ mod tests {
             vote: 2,
             cluster_id: 77,
             catch_up: 0,
+            catch_up_term: 0,
         };
         write(dir.path(), w).expect("write");
         assert_eq!(read(dir.path()).expect("read"), Some(w));
         let rejoining = Watermark {
             catch_up: 60000,
+            catch_up_term: 3,
             ..w
         };
         write(dir.path(), rejoining).expect("write");

@@ -669,14 +669,18 @@ mod tests {
         assert!(aside.exists(), "the old directory is kept aside");
         assert_eq!(w.last_index, 10);
         let r = open(&dir, 1).expect("reopen");
-        assert_eq!(r.rejoin, Some((2, Some(10))));
+        assert_eq!(
+            r.rejoin,
+            Some((2, Some((10, 2)))),
+            "its last entry was of term 2"
+        );
         assert_eq!(r.log.last_index(), 0);
         assert_eq!((r.hard_state.term, r.hard_state.vote), (2, 3));
         drop(r);
         // Peers that committed more than the node had: it waits for that.
         crate::storage::disk::repair(&dir, 1, 5, Some(30)).expect("repair again");
         let r = open(&dir, 1).expect("reopen");
-        assert_eq!(r.rejoin, Some((5, Some(30))));
+        assert_eq!(r.rejoin, Some((5, Some((30, u64::MAX)))));
         assert_eq!((r.hard_state.term, r.hard_state.vote), (5, 0));
     }
 

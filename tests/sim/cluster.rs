@@ -102,8 +102,9 @@ struct Watermark {
     last_term: Term,
     term: Term,
     vote: NodeId,
-    /// While rejoining: the catch-up index (so that a second repair waits for it too).
-    catch_up: LogIndex,
+    /// While rejoining: the catch-up index and the term of the node's entry there
+    /// (`Term::MAX`: unknown), so that a second repair waits for it too.
+    catch_up: (LogIndex, Term),
 }
 
 /// The checksum of one durable entry (the real store keeps one per batch).
@@ -139,7 +140,7 @@ struct Node {
     /// (vote floor, catch-up index while catching up) after a repair.
     watermark: Watermark,
     sums: HashMap<LogIndex, u64>,
-    rejoin: Option<(Term, Option<LogIndex>)>,
+    rejoin: Option<(Term, Option<(LogIndex, Term)>)>,
     /// Damaged while down (the store must detect it at the next start).
     damaged: bool,
 }
@@ -651,7 +652,14 @@ impl Sim {
         let w = node.watermark;
         let floor = w.term.max(peers_term);
         let vote = if floor == w.term { w.vote } else { 0 };
-        let catch_up = peers_commit.unwrap_or(0).max(w.last_index).max(w.catch_up);
+        let catch_up = [
+            (peers_commit.unwrap_or(0), Term::MAX),
+            (w.last_index, w.last_term),
+            w.catch_up,
+        ]
+        .into_iter()
+        .max()
+        .expect("three candidates");
         node.disk = MemLogStore::new();
         node.hard_state = HardState {
             term: floor,
@@ -740,8 +748,8 @@ impl Sim {
                 let store = n.raft.as_ref().map_or(&n.disk, |r| r.store());
                 // A damaged node detects it at start-up and rejoins (see `repair`).
                 let covers = match n.rejoin {
-                    _ if n.damaged => n.watermark.last_index.max(n.watermark.catch_up),
-                    Some((_, Some(c))) => c,
+                    _ if n.damaged => n.watermark.last_index.max(n.watermark.catch_up.0),
+                    Some((_, Some((c, _)))) => c,
                     _ => 0,
                 };
                 (store, covers)
@@ -953,7 +961,7 @@ impl Sim {
                 && !r.rejoining()
             {
                 node.rejoin = Some((floor, None));
-                node.watermark.catch_up = 0;
+                node.watermark.catch_up = (0, 0);
             }
             assert_eq!(
                 r.applied_index(),
