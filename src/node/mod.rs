@@ -530,13 +530,15 @@ impl Core {
         {
             return;
         }
-        self.cluster_id_proposed_in = self.raft.term();
         let id = crate::transport::new_cluster_id(&format!("node {}", self.id));
         let cmd = Command {
             id: RequestId::default(),
             op: Op::SetClusterId { id },
         };
-        let _ = self.raft.propose(cmd.encode());
+        // Refused (a transfer in progress, too much pending): tried again next round.
+        if self.raft.propose(cmd.encode()).is_ok() {
+            self.cluster_id_proposed_in = self.raft.term();
+        }
     }
 
     /// The state machine may have learned the cluster id (an applied entry or a snapshot).

@@ -998,8 +998,8 @@ impl<S: LogStore> Raft<S> {
     /// timeout, the transfer is abandoned and this node goes on leading. Returns the target.
     ///
     /// # Errors
-    /// `NotLeader`, or `TransferRefused` for a target that is not another voter or has not
-    /// answered recently; a log read error.
+    /// `NotLeader`, or `TransferRefused` for a target that is not a voter (or no other voter
+    /// at all); a log read error.
     pub fn transfer_leader(&mut self, target: NodeId) -> Result<NodeId, Error> {
         assert!(
             self.in_flight.is_none(),
@@ -1011,24 +1011,25 @@ impl<S: LogStore> Raft<S> {
             });
         }
         let target = if target == 0 {
+            // The most caught-up other voter, one heard from this round first.
             self.tracker
                 .voters_except(self.id)
                 .into_iter()
                 .filter_map(|id| {
                     self.tracker
                         .get(id)
-                        .map(|p| (p.match_index, p.recent_active, id))
+                        .map(|p| (p.recent_active, p.match_index, std::cmp::Reverse(id)))
                 })
-                .filter(|&(_, active, _)| active)
-                .max_by_key(|&(m, _, id)| (m, std::cmp::Reverse(id)))
-                .map(|(_, _, id)| id)
-                .ok_or_else(|| {
-                    Error::TransferRefused("no other voter has answered recently".into())
-                })?
+                .max()
+                .map(|(_, _, std::cmp::Reverse(id))| id)
+                .ok_or_else(|| Error::TransferRefused("there is no other voter".into()))?
         } else {
             target
         };
         if target == self.id {
+            // Staying: a transfer in progress is called off.
+            self.lead_transferee = 0;
+            self.transfer_elapsed = 0;
             return Ok(target);
         }
         if !self.tracker.membership().is_voter(target) {
@@ -1039,11 +1040,9 @@ impl<S: LogStore> Raft<S> {
         if self.lead_transferee == target {
             return Ok(target);
         }
-        if !self.tracker.get(target).is_some_and(|p| p.recent_active) {
-            return Err(Error::TransferRefused(format!(
-                "node {target} has not answered recently"
-            )));
-        }
+        // A target that does not answer is not refused here (it may just not have answered
+        // since the last check-quorum round): the transfer is abandoned after an election
+        // timeout, and the caller told so.
         self.lead_transferee = target;
         self.transfer_elapsed = 0;
         if self.tracker.get(target).map(|p| p.match_index) == Some(self.log.last_index()) {

@@ -1899,6 +1899,15 @@ fn transfer_targets_are_checked() {
     ));
     assert_eq!(net.node(1).transfer_leader(1).expect("self"), 1);
     assert_eq!(net.node(1).lead_transferee(), 0, "to itself: nothing to do");
+    // To itself while a transfer runs: called off, writes are taken again.
+    net.cut.insert((1, 2));
+    net.node(1).transfer_leader(2).expect("transfer");
+    assert_eq!(net.node(1).lead_transferee(), 2);
+    net.node(1).transfer_leader(1).expect("stay");
+    assert_eq!(net.node(1).lead_transferee(), 0);
+    net.propose(1, "stays").expect("writes again");
+    net.cut.clear();
+    net.tick_all();
     // Without a target: the most caught-up other voter (node 3 misses the last entry).
     net.cut.insert((1, 3));
     net.propose(1, "a").expect("propose");
