@@ -2,7 +2,8 @@
 //!
 //! Concurrent clients run puts, gets and deletes over a few keys (each put with a unique value)
 //! and record what they asked and what they were told. Meanwhile a nemesis, driven by a printed
-//! seed, kills nodes with SIGKILL and restarts them, pauses them with SIGSTOP/SIGCONT, and cuts
+//! seed, kills nodes with SIGKILL and restarts them, pauses them with SIGSTOP/SIGCONT, asks the
+//! leader to transfer its leadership now and then, and cuts
 //! the network between groups of nodes (majority/minority splits with the leader on the minority
 //! side, one-way cuts). At the end everything is healed; the cluster must recover and converge,
 //! and the checker must find a linear order that explains every answer.
@@ -269,6 +270,31 @@ async fn nemesis(
             Some(l) if pick_leader => l,
             _ => rng.random_range(1..=NODES),
         };
+        if rng.random_bool(0.15) {
+            // Not a fault: the leader is asked to hand over (to a random node, or 0: the most
+            // caught up), while the clients go on.
+            let target = rng.random_range(0..=NODES) as NodeId;
+            let client = c.client();
+            drop(c);
+            let outcome =
+                match tokio::time::timeout(Duration::from_secs(10), client.transfer_leader(target))
+                    .await
+                {
+                    Ok(Ok((from, to, _))) => format!("node {from} -> node {to}"),
+                    Ok(Err(e)) => format!("refused: {e}"),
+                    Err(_) => "no answer within 10 s".to_string(),
+                };
+            log.push(format!(
+                "{} leader transfer to {}: {outcome}",
+                stamp(t0),
+                if target == 0 {
+                    "the most caught-up node".to_string()
+                } else {
+                    format!("node {target}")
+                }
+            ));
+            continue;
+        }
         let has_net = c.net.is_some();
         let fault = rng.random_range(0..if has_net { 5 } else { 2 });
         let hold = Duration::from_millis(rng.random_range(600..3000));
