@@ -29,8 +29,11 @@ use super::types::*;
 #[derive(Clone, Debug)]
 pub struct Config {
     pub id: NodeId,
-    /// Every voting member, this node included.
+    /// Every voting member (this node included, unless it is a learner).
     pub voters: Vec<NodeId>,
+    /// Members that receive the log and snapshots but vote on nothing and count toward no
+    /// quorum (they do answer vote requests: see `on_vote_request`). Empty by default.
+    pub learners: Vec<NodeId>,
     /// A follower that hears no leader for a random number of ticks in
     /// `[election_ticks_min, election_ticks_max]` starts an election.
     pub election_ticks_min: u32,
@@ -62,6 +65,7 @@ impl Config {
         Config {
             id,
             voters,
+            learners: Vec::new(),
             election_ticks_min: 15,
             election_ticks_max: 30,
             heartbeat_ticks: 5,
@@ -81,8 +85,18 @@ impl Config {
         if self.id == 0 {
             return bad("node id 0 is reserved for 'nobody'");
         }
-        if !self.voters.contains(&self.id) {
-            return bad("the node's own id is not among the voters");
+        if !self.voters.contains(&self.id) && !self.learners.contains(&self.id) {
+            return bad("the node's own id is not among the voters or learners");
+        }
+        if self.voters.is_empty() {
+            return bad("a configuration needs at least one voter");
+        }
+        if self
+            .learners
+            .iter()
+            .any(|l| self.voters.contains(l) || *l == 0)
+        {
+            return bad("a learner must not be a voter, and its id must not be 0");
         }
         let mut sorted = self.voters.clone();
         sorted.sort_unstable();
@@ -133,6 +147,7 @@ pub struct Status {
     pub first_index: LogIndex,
     pub last_index: LogIndex,
     pub voters: Vec<NodeId>,
+    pub learners: Vec<NodeId>,
     /// Leader only: the node leadership is being transferred to (0: none).
     pub lead_transferee: NodeId,
     /// Leader only: `(follower, match, next, recently active)`.
@@ -232,7 +247,10 @@ impl<S: LogStore> Raft<S> {
         let log = RaftLog::new(store, hard_state.commit, applied);
         let mut r = Raft {
             id: cfg.id,
-            tracker: ProgressTracker::new(Membership::new(cfg.voters.iter().copied())),
+            tracker: ProgressTracker::new(Membership {
+                learners: cfg.learners.iter().copied().collect(),
+                ..Membership::new(cfg.voters.iter().copied())
+            }),
             term: hard_state.term,
             vote: hard_state.vote,
             leader: 0,
@@ -350,6 +368,12 @@ impl<S: LogStore> Raft<S> {
     fn may_vote_in(&self, term: Term) -> bool {
         self.catch_up_to.is_none() && term > self.vote_floor
     }
+
+    /// Whether this node may stand for election: a voter that may vote in `term`. A learner
+    /// never campaigns (etcd raft `promotable`).
+    fn may_campaign_in(&self, term: Term) -> bool {
+        self.tracker.membership().is_voter(self.id) && self.may_vote_in(term)
+    }
     pub fn store_mut(&mut self) -> &mut S {
         &mut self.log.store
     }
@@ -379,6 +403,7 @@ impl<S: LogStore> Raft<S> {
             first_index: self.log.first_index(),
             last_index: self.log.last_index(),
             voters: self.tracker.membership().voters.ids().into_iter().collect(),
+            learners: self.tracker.membership().learners.iter().copied().collect(),
             lead_transferee: self.lead_transferee,
             progress: self
                 .tracker
@@ -522,7 +547,7 @@ impl<S: LogStore> Raft<S> {
         self.election_elapsed += 1;
         if self.election_elapsed >= self.randomized_election_timeout {
             self.election_elapsed = 0;
-            if self.may_vote_in(self.term + 1) {
+            if self.may_campaign_in(self.term + 1) {
                 self.campaign(self.cfg.pre_vote);
             }
         }
@@ -573,7 +598,7 @@ impl<S: LogStore> Raft<S> {
             self.in_flight.is_none(),
             "hup between ready() and advance()"
         );
-        if self.role != Role::Leader && self.may_vote_in(self.term + 1) {
+        if self.role != Role::Leader && self.may_campaign_in(self.term + 1) {
             self.campaign(self.cfg.pre_vote);
         }
     }
@@ -780,8 +805,7 @@ impl<S: LogStore> Raft<S> {
                 // or a learner may not).
                 if self.role == Role::Follower
                     && m.from == self.leader
-                    && self.tracker.membership().is_voter(self.id)
-                    && self.may_vote_in(self.term + 1)
+                    && self.may_campaign_in(self.term + 1)
                 {
                     self.campaign_with(false, true);
                 }

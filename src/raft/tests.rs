@@ -1926,3 +1926,124 @@ fn timeout_now_from_anyone_but_the_leader_is_ignored() {
     assert_eq!(net.leaders(), vec![1]);
     assert_eq!(net.node(3).term(), term);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Learners (non-voting members; etcd raft `tracker.Config.Learners`)
+// ---------------------------------------------------------------------------------------------
+
+fn with_learner(id: NodeId, _: u64) -> Config {
+    let mut c = config(id, 3);
+    c.learners = vec![4];
+    c
+}
+
+#[test]
+fn a_learner_gets_the_log_but_counts_toward_no_quorum() {
+    let mut net = Net::with(4, with_learner);
+    net.elect(1);
+    let (index, _) = net.propose(1, "a").expect("propose");
+    assert_eq!(
+        net.node(4).last_index(),
+        index,
+        "the learner is replicated to"
+    );
+    net.tick_all();
+    assert_eq!(
+        net.node(4).commit_index(),
+        index,
+        "and learns the commit index"
+    );
+    // With both other voters cut off, the learner's copy commits nothing.
+    net.cut.insert((1, 2));
+    net.cut.insert((1, 3));
+    let (index, _) = net.propose(1, "b").expect("propose");
+    assert_eq!(net.node(4).last_index(), index, "the learner has it");
+    assert!(
+        net.node(1).commit_index() < index,
+        "leader + learner are no quorum"
+    );
+    net.cut.clear();
+    // The lost appends are sent again once the heartbeats show the pipeline stalled.
+    for _ in 0..10 {
+        net.tick_all();
+    }
+    assert_eq!(net.node(1).commit_index(), index);
+    let st = net.node(1).status();
+    assert_eq!(st.voters, vec![1, 2, 3]);
+    assert_eq!(st.learners, vec![4]);
+    assert!(
+        st.progress.iter().any(|p| p.0 == 4),
+        "the leader tracks the learner"
+    );
+}
+
+#[test]
+fn a_learner_never_campaigns_not_even_on_timeout_now() {
+    let mut net = Net::with(4, with_learner);
+    net.elect(1);
+    net.isolate(4);
+    for _ in 0..200 {
+        net.node(4).tick();
+    }
+    net.settle();
+    assert_eq!(net.node(4).role(), Role::Follower);
+    assert_eq!(
+        net.node(4).term(),
+        net.node(1).term(),
+        "no campaign, no new term"
+    );
+    net.heal();
+    assert!(matches!(
+        net.node(1).transfer_leader(4),
+        Err(Error::TransferRefused(m)) if m.contains("not a voter")
+    ));
+    let term = net.node(1).term();
+    net.node(4)
+        .step(msg(1, 4, term, MessageBody::TimeoutNow))
+        .expect("step");
+    net.settle();
+    assert_eq!(net.leaders(), vec![1]);
+}
+
+/// etcd `campaign_learner_must_vote.txt`: a candidate whose configuration already makes the
+/// learner a voter needs its vote; the learner answers vote requests like anyone.
+#[test]
+fn a_learner_still_answers_vote_requests() {
+    let mut cfg = with_learner(4, 4);
+    cfg.pre_vote = false;
+    cfg.check_quorum = false;
+    let mut r = core(cfg, MemLogStore::new(), 1, 0);
+    r.step(msg(
+        2,
+        4,
+        2,
+        MessageBody::VoteRequest {
+            pre_vote: false,
+            last_log_index: 0,
+            last_log_term: 0,
+            leader_transfer: false,
+        },
+    ))
+    .expect("step");
+    let rd = r.ready().expect("ready");
+    assert!(
+        rd.messages
+            .iter()
+            .any(|m| m.to == 2 && matches!(m.body, MessageBody::VoteResponse { granted: true, .. })),
+        "{:?}",
+        rd.messages
+    );
+}
+
+#[test]
+fn learner_configurations_are_checked() {
+    let mut c = config(1, 3);
+    c.learners = vec![3];
+    assert!(c.validate().is_err(), "a voter cannot be a learner");
+    let mut c = Config::new(5, vec![1, 2, 3], 1);
+    assert!(c.validate().is_err(), "not a member");
+    c.learners = vec![5];
+    assert!(c.validate().is_ok());
+    c.voters.clear();
+    assert!(c.validate().is_err(), "no voter at all");
+}

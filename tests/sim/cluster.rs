@@ -154,6 +154,8 @@ pub struct Sim {
     in_flight: HashMap<u64, Message>,
     nodes: BTreeMap<NodeId, Node>,
     ids: Vec<NodeId>,
+    voters: Vec<NodeId>,
+    learners: Vec<NodeId>,
     cut: BTreeSet<(NodeId, NodeId)>,
     checker: Checker,
     pub stats: Stats,
@@ -176,7 +178,14 @@ impl Sim {
     pub fn new(seed: u64) -> Sim {
         let mut rng = SmallRng::seed_from_u64(seed);
         let n = [3u64, 5, 7][(seed % 3) as usize];
-        let ids: Vec<NodeId> = (1..=n).collect();
+        let voters: Vec<NodeId> = (1..=n).collect();
+        // One schedule in four has a learner too (it gets the log, votes on nothing).
+        let learners: Vec<NodeId> = if (seed / 3) % 4 == 1 {
+            vec![n + 1]
+        } else {
+            Vec::new()
+        };
+        let ids: Vec<NodeId> = voters.iter().chain(&learners).copied().collect();
         let mut nodes = BTreeMap::new();
         for &id in &ids {
             let mut node = Node {
@@ -195,7 +204,7 @@ impl Sim {
                 rejoin: None,
                 damaged: false,
             };
-            node.raft = Some(start(id, &ids, &node, seed));
+            node.raft = Some(start(id, &voters, &learners, &node, seed));
             nodes.insert(id, node);
         }
         let drop_p = rng.random_range(0.0..0.2);
@@ -219,6 +228,8 @@ impl Sim {
             in_flight: HashMap::new(),
             nodes,
             ids,
+            voters,
+            learners,
             cut: BTreeSet::new(),
             checker: Checker::default(),
             stats: Stats {
@@ -565,7 +576,7 @@ impl Sim {
             .values()
             .filter(|n| matches!(n.rejoin, Some((_, Some(_)))) || n.damaged)
             .count();
-        if untrusted >= (self.ids.len() - 1) / 2 {
+        if untrusted >= (self.voters.len() - 1) / 2 {
             return;
         }
         let id = self.ids[self.rng.random_range(0..self.ids.len())];
@@ -732,19 +743,27 @@ impl Sim {
         if found.is_some() {
             self.repair(id);
         }
-        let ids = self.ids.clone();
+        let (voters, learners) = (self.voters.clone(), self.learners.clone());
         let node = self.nodes.get_mut(&id).expect("node");
         node.restarts += 1;
-        let r = start(id, &ids, node, self.seed ^ (node.restarts << 32));
+        let r = start(
+            id,
+            &voters,
+            &learners,
+            node,
+            self.seed ^ (node.restarts << 32),
+        );
         node.recorded_commit = node.recorded_commit.min(r.commit_index());
         node.raft = Some(r);
     }
 
     fn check_durable(&self) {
+        // Only voters make a quorum: a learner's copy keeps nothing safe.
         let stores: Vec<(&MemLogStore, LogIndex)> = self
             .nodes
-            .values()
-            .map(|n| {
+            .iter()
+            .filter(|(id, _)| self.voters.contains(id))
+            .map(|(_, n)| {
                 let store = n.raft.as_ref().map_or(&n.disk, |r| r.store());
                 // A damaged node detects it at start-up and rejoins (see `repair`).
                 let covers = match n.rejoin {
@@ -999,8 +1018,15 @@ impl Node {
 }
 
 /// Starts (or restarts) a core from a node's durable state.
-fn start(id: NodeId, ids: &[NodeId], node: &Node, seed: u64) -> Raft<MemLogStore> {
-    let mut cfg = Config::new(id, ids.to_vec(), seed.wrapping_mul(31).wrapping_add(id));
+fn start(
+    id: NodeId,
+    voters: &[NodeId],
+    learners: &[NodeId],
+    node: &Node,
+    seed: u64,
+) -> Raft<MemLogStore> {
+    let mut cfg = Config::new(id, voters.to_vec(), seed.wrapping_mul(31).wrapping_add(id));
+    cfg.learners = learners.to_vec();
     cfg.max_inflight_msgs = 16;
     cfg.max_inflight_bytes = 2048;
     cfg.max_msg_bytes = 512;

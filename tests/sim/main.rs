@@ -1,6 +1,6 @@
 //! Deterministic simulation of raftkv's Raft core.
 //!
-//! Runs 3-, 5- and 7-node clusters of the real core over a simulated network that drops,
+//! Runs 3-, 5- and 7-node clusters of the real core (one schedule in four with a learner too) over a simulated network that drops,
 //! delays, duplicates and reorders messages and makes symmetric and one-way partitions, with
 //! crashes that lose everything not yet durable (including in the middle of a `Ready`, and
 //! between a snapshot's install and the rest of its `Ready`), and, in one schedule in four,
