@@ -3,6 +3,7 @@
 
 mod damage;
 mod harness;
+mod powerloss;
 mod snapshots;
 
 use std::time::{Duration, Instant};
