@@ -68,15 +68,7 @@ impl Nodes {
     }
 
     fn spawn(&mut self, id: u64) {
-        let c = Command::new(BIN)
-            .args(["node", "--id", &id.to_string(), "--config"])
-            .arg(&self.config)
-            .arg("--quiet")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn node");
+        let c = cluster_config::spawn_node(&self.config, id);
         self.procs.insert(id, c);
     }
 

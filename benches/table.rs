@@ -33,25 +33,10 @@ impl Cluster {
     fn start(n: usize) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = cluster_config::write(dir.path(), &cluster_config::free_loopback(n), "");
-        let config = config.to_str().expect("utf-8").to_string();
-        let nodes = (1..=n)
-            .map(|id| {
-                Command::new(BIN)
-                    .args([
-                        "node",
-                        "--id",
-                        &id.to_string(),
-                        "--config",
-                        &config,
-                        "--quiet",
-                    ])
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .expect("spawn node")
-            })
+        let nodes = (1..=n as u64)
+            .map(|id| cluster_config::spawn_node(&config, id))
             .collect();
+        let config = config.to_str().expect("utf-8").to_string();
         let c = Cluster {
             _dir: dir,
             config,

@@ -233,7 +233,6 @@ impl Client {
         }
     }
 
-    /// Asks every node for its status, concurrently, each within `timeout`.
     /// Opens a backup stream from the leader (found by asking every node for its status).
     ///
     /// # Errors
@@ -241,14 +240,9 @@ impl Client {
     pub async fn save_snapshot(
         &self,
     ) -> Result<(NodeId, tonic::Streaming<proto::SnapshotChunk>), String> {
-        let leader = self.find_leader("take the snapshot from").await?;
-        let ch = self
-            .channels
-            .get(&leader)
-            .cloned()
-            .ok_or_else(|| format!("node {leader} has an invalid address"))?;
-        let mut c = DataServiceClient::new(ch).max_decoding_message_size(64 << 20);
+        let (leader, c) = self.find_leader("take the snapshot from").await?;
         let stream = c
+            .max_decoding_message_size(64 << 20)
             .save_snapshot(proto::SaveSnapshotRequest {})
             .await
             .map_err(|s| format!("node {leader}: {}", describe(&s)))?
@@ -272,13 +266,8 @@ impl Client {
                     .join(", ")
             ));
         }
-        let leader = self.find_leader("transfer leadership from").await?;
-        let ch = self
-            .channels
-            .get(&leader)
-            .cloned()
-            .ok_or_else(|| format!("node {leader} has an invalid address"))?;
-        let r = DataServiceClient::new(ch)
+        let (_, mut c) = self.find_leader("transfer leadership from").await?;
+        let r = c
             .transfer_leader(proto::TransferLeaderRequest { target })
             .await
             .map_err(|s| s.message().to_string())?
@@ -286,8 +275,11 @@ impl Client {
         Ok((r.from, r.to, r.term))
     }
 
-    /// The node that leads in the highest term, asking every node.
-    async fn find_leader(&self, what: &str) -> Result<NodeId, String> {
+    /// The node that leads in the highest term, asking every node, and a client of it.
+    async fn find_leader(
+        &self,
+        what: &str,
+    ) -> Result<(NodeId, DataServiceClient<Channel>), String> {
         let reports = self.status_all(Duration::from_secs(2)).await;
         let leader = reports
             .iter()
@@ -305,9 +297,15 @@ impl Client {
                 .collect();
             return Err(format!("no leader to {what} (tried {})", tried.join("; ")));
         };
-        Ok(leader)
+        let ch = self
+            .channels
+            .get(&leader)
+            .cloned()
+            .ok_or_else(|| format!("node {leader} has an invalid address"))?;
+        Ok((leader, DataServiceClient::new(ch)))
     }
 
+    /// Asks every node for its status, concurrently, each within `timeout`.
     pub async fn status_all(&self, timeout: Duration) -> Vec<StatusReport> {
         let mut set = tokio::task::JoinSet::new();
         for (&id, addr) in &self.nodes {

@@ -1,8 +1,9 @@
-//! Shared by the process tests, the nemesis test and the benchmark table: a `config.json` for a
-//! cluster of real `raftkv` processes in a test directory.
+//! Shared by the process tests, the nemesis test and the benchmarks: a `config.json` for a
+//! cluster of real `raftkv` processes in a test directory, and starting one of its nodes.
 #![allow(dead_code)] // each user needs a different part
 
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 
 /// `n` loopback addresses on ports that were free a moment ago (the listeners are closed before
 /// the nodes bind them).
@@ -42,4 +43,18 @@ pub fn write(dir: &Path, hosts: &[(String, u16)], extra: &str) -> PathBuf {
     let path = dir.join("config.json");
     std::fs::write(&path, text).expect("write config");
     path
+}
+
+/// Starts `raftkv node --id id --config config --quiet`, its output discarded (the node logs
+/// to its log file).
+pub fn spawn_node(config: &Path, id: u64) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_raftkv"))
+        .args(["node", "--id", &id.to_string(), "--config"])
+        .arg(config)
+        .arg("--quiet")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn raftkv node")
 }

@@ -13,6 +13,7 @@ use raftkv::raft::NodeId;
 
 #[path = "../common/cluster_config.rs"]
 mod cluster_config;
+pub use cluster_config::spawn_node;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_raftkv");
 
@@ -70,15 +71,7 @@ impl TestCluster {
 
     pub fn start(&mut self, id: NodeId) {
         assert!(!self.procs.contains_key(&id), "node {id} already running");
-        let child = Command::new(BIN)
-            .args(["node", "--id", &id.to_string(), "--config"])
-            .arg(&self.config)
-            .arg("--quiet")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn raftkv node");
+        let child = cluster_config::spawn_node(&self.config, id);
         self.procs.insert(id, child);
     }
 

@@ -10,12 +10,10 @@
 //! fsync apart; a filesystem that drops them (the "power-loss filesystem") can.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use raftkv::client::Client;
-
-use super::harness::BIN;
 
 /// A loop-mounted filesystem image; unmounted and detached on drop.
 struct Mounted {
@@ -59,18 +57,6 @@ impl Drop for Mounted {
         let _ = Command::new("umount").arg(&self.at).status();
         let _ = Command::new("losetup").args(["-d", &self.dev]).status();
     }
-}
-
-fn node(config: &Path) -> Child {
-    Command::new(BIN)
-        .args(["node", "--id", "1", "--config"])
-        .arg(config)
-        .arg("--quiet")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn node")
 }
 
 async fn wait_leader(client: &Client) {
@@ -146,7 +132,7 @@ async fn acknowledged_writes_survive_a_power_cut() {
 
     // A fresh data directory, its first writes, and the power cut right after the last ack:
     // everything fjall and raftkv created (directories included) must be on the device.
-    let mut n = node(&config);
+    let mut n = super::harness::spawn_node(&config, 1);
     wait_leader(&client).await;
     for i in 0..200 {
         client
@@ -170,7 +156,7 @@ async fn acknowledged_writes_survive_a_power_cut() {
         .expect("e2fsck");
     assert!(fsck.code().is_some_and(|c| c <= 1), "e2fsck: {fsck}");
     let _mounted = Mounted::attach(&cut, &mnt).expect("mount the image after the cut");
-    let mut n = node(&config);
+    let mut n = super::harness::spawn_node(&config, 1);
     wait_leader(&client).await;
     for i in [0, 1, 100, 198, 199] {
         let v = client.get(format!("k{i}"), false).await.expect("read");

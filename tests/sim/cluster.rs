@@ -394,6 +394,16 @@ impl Sim {
             .expect("node is up")
     }
 
+    /// The lowest-numbered node that believes it leads (a stale leader may too).
+    fn leader(&self) -> Option<NodeId> {
+        self.ids.iter().copied().find(|&id| {
+            self.nodes[&id]
+                .raft
+                .as_ref()
+                .is_some_and(|r| r.role() == Role::Leader)
+        })
+    }
+
     fn up(&self, id: NodeId) -> bool {
         self.nodes[&id].raft.is_some()
     }
@@ -443,12 +453,7 @@ impl Sim {
                     return;
                 }
                 // Half of the crashes hit the leader, if there is one.
-                let leader = self.ids.iter().copied().find(|&id| {
-                    self.nodes[&id]
-                        .raft
-                        .as_ref()
-                        .is_some_and(|r| r.role() == Role::Leader)
-                });
+                let leader = self.leader();
                 let id = match leader {
                     Some(l) if self.rng.random_bool(0.5) => l,
                     _ => self.ids[self.rng.random_range(0..self.ids.len())],
@@ -470,12 +475,7 @@ impl Sim {
                 if !self.faults {
                     return;
                 }
-                let leader = self.ids.iter().copied().find(|&id| {
-                    self.nodes[&id]
-                        .raft
-                        .as_ref()
-                        .is_some_and(|r| r.role() == Role::Leader)
-                });
+                let leader = self.leader();
                 if let Some(l) = leader {
                     // Any node, itself or 0 (the most caught-up) included.
                     let target = self.rng.random_range(0..=self.ids.len() as u64);
@@ -784,12 +784,7 @@ impl Sim {
             return;
         }
         // Mostly at the leader; sometimes at a random node (which refuses).
-        let leader = candidates.iter().copied().find(|&id| {
-            self.nodes[&id]
-                .raft
-                .as_ref()
-                .is_some_and(|r| r.role() == Role::Leader)
-        });
+        let leader = self.leader();
         let id = match leader {
             Some(l) if self.rng.random_bool(0.9) => l,
             _ => candidates[self.rng.random_range(0..candidates.len())],
@@ -818,12 +813,7 @@ impl Sim {
     }
 
     fn read(&mut self) {
-        let leader = self.ids.iter().copied().find(|&id| {
-            self.nodes[&id]
-                .raft
-                .as_ref()
-                .is_some_and(|r| r.role() == Role::Leader)
-        });
+        let leader = self.leader();
         let Some(id) = leader else {
             return;
         };
