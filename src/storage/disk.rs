@@ -1078,3 +1078,24 @@ pub(crate) fn u64_at(v: &[u8], at: usize) -> u64 {
     b.copy_from_slice(&v[at..at + 8]);
     u64::from_le_bytes(b)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A rejoin record as 6b19b02..a087ce8 wrote it (16 bytes, no term) still opens, with the
+    /// term unknown, so that the node waits for the whole catch-up index as it did then.
+    #[test]
+    fn a_rejoin_record_from_before_its_term_opens() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let r = open(dir.path(), 1).expect("open");
+            let mut old = 4u64.to_le_bytes().to_vec();
+            old.extend_from_slice(&9u64.to_le_bytes());
+            r.log.meta.insert(KEY_REJOIN, old).expect("insert");
+            r.log.db.persist(PersistMode::SyncAll).expect("persist");
+        }
+        let r = open(dir.path(), 1).expect("reopen");
+        assert_eq!(r.rejoin, Some((4, Some((9, Term::MAX)))));
+    }
+}
