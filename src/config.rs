@@ -39,6 +39,32 @@ impl NodeAddr {
     }
 }
 
+/// Splits `host:port` (`[v6]:port` too), checking both parts.
+///
+/// # Errors
+/// What is wrong with it, for the user.
+pub fn parse_address(addr: &str) -> Result<(String, u16), String> {
+    let (host, port) = addr
+        .rsplit_once(':')
+        .ok_or_else(|| "expected HOST:PORT, e.g. localhost:50056".to_string())?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.trim().is_empty() {
+        return Err("the host is empty (expected HOST:PORT)".into());
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok((host.to_string(), p)),
+        _ => Err(format!("port {port:?} is not a number between 1 and 65535")),
+    }
+}
+
+/// Checks an address given on a command line or in a request.
+///
+/// # Errors
+/// As [`parse_address`].
+pub fn check_address(addr: &str) -> Result<(), String> {
+    parse_address(addr).map(|_| ())
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct ElectionTimeout {
@@ -369,6 +395,26 @@ impl Config {
         (self.heartbeat_interval_ms / 5).max(1)
     }
 
+    /// The membership a new cluster starts with: every node of the file, voting.
+    pub fn bootstrap_membership(&self) -> crate::raft::ClusterConfig {
+        crate::raft::ClusterConfig {
+            members: self
+                .nodes
+                .iter()
+                .map(|n| {
+                    (
+                        n.id,
+                        crate::raft::Member {
+                            address: n.addr(),
+                            voter: true,
+                        },
+                    )
+                })
+                .collect(),
+            removed: Default::default(),
+        }
+    }
+
     /// The Raft core's configuration for node `id`, with timeouts converted into ticks.
     pub fn raft_config(&self, id: NodeId, seed: u64) -> crate::raft::Config {
         let tick = self.tick_ms();
@@ -445,7 +491,7 @@ mod tests {
             ),
             (5, 15, 30)
         );
-        assert_eq!(r.voters, vec![1, 2, 3, 4, 5]);
+        assert_eq!(r.members.voters().collect::<Vec<_>>(), vec![1, 2, 3, 4, 5]);
         assert!(c.node_data_dir(3).ends_with("data/node-3"));
     }
 

@@ -33,6 +33,7 @@ fn main() {
             Command::Bench(a) => raftkv::cli::bench::run(a).await,
             Command::Snapshot(a) => raftkv::cli::snapshot::run(a).await,
             Command::Leader(a) => raftkv::cli::leader::run(a).await,
+            Command::Member(a) => raftkv::cli::member::run(a).await,
         }
     });
     rt.shutdown_timeout(std::time::Duration::from_secs(1));

@@ -143,8 +143,10 @@ fn key(i: u64) -> Bytes {
 }
 
 pub async fn bench(cfg: &Config, args: &BenchArgs) -> anyhow::Result<Report> {
+    // The members, as the cluster knows them (config.json may list only the original nodes).
+    let members = Client::discover(cfg.addrs()).await.nodes().clone();
     let conns: Vec<Client> = (0..args.conns.max(1))
-        .map(|_| Client::new(cfg.addrs()).with_timeout(args.timeout))
+        .map(|_| Client::new(members.clone()).with_timeout(args.timeout))
         .collect();
     let mut rng = SmallRng::seed_from_u64(0x5eed);
     let value = Bytes::from(

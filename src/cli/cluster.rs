@@ -21,7 +21,9 @@ use super::ConfigArg;
 pub struct ClusterArgs {
     #[command(flatten)]
     pub config: ConfigArg,
-    /// Which nodes to start: `all`, or ids separated by commas (e.g. `1,2,3`).
+    /// Which nodes to start: `all`, or ids separated by commas (e.g. `1,2,3`). Besides the
+    /// config's nodes, a member added later (`raftkv member add`) can be named, or is part of
+    /// `all`, when a running member knows it: it is started at its address in the membership.
     #[arg(long, default_value = "all")]
     pub nodes: String,
     /// Do not restart a node that exits or is killed.
@@ -44,24 +46,43 @@ struct Child {
     backoff: Duration,
 }
 
-fn parse_nodes(spec: &str, cfg: &Config) -> anyhow::Result<Vec<NodeId>> {
+/// The nodes to start, with the address of each that is not in the config (a member added
+/// later, as the running cluster reports it).
+fn parse_nodes(
+    spec: &str,
+    cfg: &Config,
+    members: &BTreeMap<NodeId, String>,
+) -> anyhow::Result<Vec<(NodeId, Option<String>)>> {
+    let extra = |id: NodeId| {
+        (cfg.node(id).is_none())
+            .then(|| members.get(&id).cloned())
+            .flatten()
+    };
     if spec.trim() == "all" {
-        return Ok(cfg.ids());
+        let mut ids: Vec<NodeId> = cfg.ids();
+        ids.extend(
+            members
+                .keys()
+                .filter(|id| !ids.contains(id))
+                .copied()
+                .collect::<Vec<_>>(),
+        );
+        return Ok(ids.into_iter().map(|id| (id, extra(id))).collect());
     }
-    let mut ids = Vec::new();
+    let mut ids: Vec<(NodeId, Option<String>)> = Vec::new();
     for part in spec.split(',') {
         let part = part.trim();
         let id: NodeId = part.parse().with_context(|| {
             format!("--nodes: {part:?} is not a node id (use `all` or e.g. `1,2,3`)")
         })?;
-        if cfg.node(id).is_none() {
+        if cfg.node(id).is_none() && !members.contains_key(&id) {
             bail!(
-                "--nodes: node {id} is not in the config (configured ids: {:?})",
+                "--nodes: node {id} is neither in the config (configured ids: {:?}) nor a member any running node knows of; add it first with `raftkv member add {id} HOST:PORT`",
                 cfg.ids()
             );
         }
-        if !ids.contains(&id) {
-            ids.push(id);
+        if !ids.iter().any(|(i, _)| *i == id) {
+            ids.push((id, extra(id)));
         }
     }
     if ids.is_empty() {
@@ -87,7 +108,20 @@ fn describe_exit(status: &std::io::Result<ExitStatus>) -> String {
 
 pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
     let cfg = Config::load(&args.config.config)?;
-    let ids = parse_nodes(&args.nodes, &cfg)?;
+    // Members added since config.json was written, if some node already runs.
+    let client = Client::discover(cfg.addrs()).await;
+    let members = client.nodes().clone();
+    let ids = parse_nodes(&args.nodes, &cfg, &members)?;
+    let extra: BTreeMap<NodeId, String> = ids
+        .iter()
+        .filter_map(|(id, a)| a.clone().map(|a| (*id, a)))
+        .collect();
+    let join: Vec<String> = members
+        .iter()
+        .filter(|(id, _)| !extra.contains_key(id))
+        .map(|(_, a)| a.clone())
+        .collect();
+    let ids: Vec<NodeId> = ids.into_iter().map(|(id, _)| id).collect();
     let exe = std::env::current_exe().context("finding the raftkv executable")?;
     let config_path = args
         .config
@@ -105,6 +139,13 @@ pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
             .arg("--config")
             .arg(&config_path)
             .arg("--quiet");
+        if let Some(addr) = extra.get(&id) {
+            // Not in config.json: where it listens, and whom to ask if its directory is empty.
+            cmd.arg("--listen").arg(addr);
+            if !join.is_empty() {
+                cmd.arg("--join").arg(join.join(","));
+            }
+        }
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
@@ -135,7 +176,11 @@ pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
     println!("{:<4} {:<8} {:<22} LOG", "ID", "PID", "ADDRESS");
     for &id in &ids {
         let pid = spawn(id, 0)?;
-        let addr = cfg.node(id).map(|n| n.addr()).unwrap_or_default();
+        let addr = cfg
+            .node(id)
+            .map(|n| n.addr())
+            .or_else(|| extra.get(&id).cloned())
+            .unwrap_or_default();
         let log: PathBuf = cfg.log_dir().join(format!("node-{id}.log"));
         println!("{:<4} {:<8} {:<22} {}", id, pid, addr, log.display());
         children.insert(
@@ -151,7 +196,6 @@ pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
 
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let client = Client::new(cfg.addrs());
     let config_arg = args.config.config.display().to_string();
     let mut leader_reported = false;
     let mut leader_poll = tokio::time::interval(Duration::from_millis(250));
@@ -170,6 +214,15 @@ pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
                 let pid = c.pid.take().map_or(0, |p| p.as_raw());
                 let ran = c.started.elapsed();
                 println!("node {id} (pid {pid}) exited after {:.1}s: {}", ran.as_secs_f64(), describe_exit(&status));
+                if status.as_ref().is_ok_and(|s| s.success()) {
+                    // Not a crash: a node removed from the cluster stops this way (or someone
+                    // stopped it on purpose).
+                    println!("not restarting node {id}: it stopped cleanly (see {})", cfg.log_dir().join(format!("node-{id}.log")).display());
+                    if children.values().all(|c| c.pid.is_none()) {
+                        bail!("every node has exited");
+                    }
+                    continue;
+                }
                 if args.no_auto_restart {
                     println!("not restarting node {id} (--no-auto-restart)");
                     if children.values().all(|c| c.pid.is_none()) {
@@ -208,7 +261,7 @@ pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
                 let reports = client.status_all(Duration::from_millis(200)).await;
                 let leader = reports.iter().filter_map(|r| r.result.as_ref().ok()).find(|s| s.role == "leader");
                 if let Some(l) = leader {
-                    println!("leader: node {} ({}), term {}", l.id, cfg.node(l.id).map(|n| n.addr()).unwrap_or_default(), l.term);
+                    println!("leader: node {} ({}), term {}", l.id, client.nodes().get(&l.id).cloned().or_else(|| cfg.node(l.id).map(|n| n.addr())).unwrap_or_default(), l.term);
                     println!("connect with: raftkv shell --config {config_arg}");
                     leader_reported = true;
                 } else if started.elapsed() > Duration::from_secs(10) {

@@ -56,7 +56,7 @@ pub async fn run(args: LeaderArgs) -> anyhow::Result<()> {
     match args.command {
         LeaderCommand::Transfer { id, config } => {
             let cfg = Config::load(&config.config)?;
-            let client = Client::new(cfg.addrs());
+            let client = Client::discover(cfg.addrs()).await;
             let msg = transfer(&client, id).await.map_err(|e| anyhow!(e))?;
             println!("{msg}");
             Ok(())

@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod cluster;
 pub mod leader;
+pub mod member;
 pub mod monitor;
 pub mod node;
 pub mod shell;
@@ -67,6 +68,8 @@ pub enum Command {
     Snapshot(snapshot::SnapshotArgs),
     /// Leadership: hand it to another node (`leader transfer [ID]`).
     Leader(leader::LeaderArgs),
+    /// Membership: list, add, promote and remove members (`member list|add|promote|remove`).
+    Member(member::MemberArgs),
 }
 
 /// Parses durations like `500ms`, `10s`, `2m`, or a bare number of seconds.

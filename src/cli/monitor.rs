@@ -42,6 +42,8 @@ pub struct NodeView {
     pub addr: String,
     pub up: bool,
     pub role: Option<String>,
+    /// Whether it votes (false: a learner), as the configuration in force says.
+    pub voter: bool,
     pub term: Option<u64>,
     pub leader: Option<NodeId>,
     pub commit_index: Option<u64>,
@@ -72,6 +74,11 @@ pub struct ClusterView {
     pub up: usize,
     pub total: usize,
     pub quorum: bool,
+    /// The configuration in force (the leader's, else the newest any node reports).
+    pub voters: Vec<NodeId>,
+    pub learners: Vec<NodeId>,
+    /// The entry of a membership change not yet committed.
+    pub change_pending: Option<u64>,
     /// Derived from the leader's commit index between two polls.
     pub writes_per_sec: Option<f64>,
     pub nodes: Vec<NodeView>,
@@ -100,7 +107,14 @@ pub fn build_view(
         .filter(|s| s.role == "leader")
         .max_by_key(|s| s.term);
     let leader_commit = leader.map(|l| l.commit_index);
-    let nodes = reports
+    let config = leader
+        .copied()
+        .or_else(|| up.iter().copied().max_by_key(|s| (s.term, s.config_index)));
+    let is_voter = |id: NodeId| {
+        config
+            .is_none_or(|c| c.members.is_empty() || c.members.iter().any(|m| m.id == id && m.voter))
+    };
+    let nodes: Vec<NodeView> = reports
         .iter()
         .map(|r| match &r.result {
             Ok(s) => NodeView {
@@ -108,6 +122,7 @@ pub fn build_view(
                 addr: r.addr.clone(),
                 up: true,
                 role: Some(s.role.clone()),
+                voter: is_voter(r.id),
                 term: Some(s.term),
                 leader: (s.leader_id != 0).then_some(s.leader_id),
                 commit_index: Some(s.commit_index),
@@ -130,6 +145,7 @@ pub fn build_view(
                 addr: r.addr.clone(),
                 up: false,
                 role: None,
+                voter: is_voter(r.id),
                 term: None,
                 leader: None,
                 commit_index: None,
@@ -160,15 +176,22 @@ pub fn build_view(
         }
         _ => None,
     };
-    let total = reports.len();
+    let voters: Vec<NodeId> = nodes.iter().filter(|n| n.voter).map(|n| n.id).collect();
+    let learners: Vec<NodeId> = nodes.iter().filter(|n| !n.voter).map(|n| n.id).collect();
+    // A quorum is of voters: learners do not count.
+    let total = voters.len();
+    let voters_up = nodes.iter().filter(|n| n.voter && n.up).count();
     let view = ClusterView {
         leader: leader.map(|l| l.id),
         term: leader
             .map(|l| l.term)
             .or_else(|| up.iter().map(|s| s.term).max()),
-        up: up.len(),
+        up: voters_up,
         total,
-        quorum: up.len() > total / 2 && leader.is_some(),
+        quorum: voters_up > total / 2 && leader.is_some(),
+        voters,
+        learners,
+        change_pending: config.filter(|c| c.config_pending).map(|c| c.config_index),
         writes_per_sec,
         nodes,
     };
@@ -187,8 +210,8 @@ pub fn summary(v: &ClusterView) -> String {
     } else {
         "NO QUORUM"
     };
-    format!(
-        "leader: {}   term: {}   {}/{} up, {}   writes/s: {}",
+    let mut s = format!(
+        "leader: {}   term: {}   {}/{} voters up, {}   writes/s: {}",
         v.leader.map_or("none".to_string(), |l| format!("node {l}")),
         opt(v.term),
         v.up,
@@ -196,7 +219,15 @@ pub fn summary(v: &ClusterView) -> String {
         health,
         v.writes_per_sec
             .map_or("-".to_string(), |w| format!("{w:.0}"))
-    )
+    );
+    if !v.learners.is_empty() {
+        let ids: Vec<String> = v.learners.iter().map(u64::to_string).collect();
+        s.push_str(&format!("   learners: {}", ids.join(",")));
+    }
+    if let Some(i) = v.change_pending {
+        s.push_str(&format!("   membership change pending (entry {i})"));
+    }
+    s
 }
 
 const HEADERS: [&str; 12] = [
@@ -219,7 +250,12 @@ fn cells(n: &NodeView) -> [String; 12] {
         n.id.to_string(),
         n.addr.clone(),
         if n.up { "up".into() } else { "down".into() },
-        n.role.clone().unwrap_or_else(|| "-".into()),
+        match (&n.role, n.voter) {
+            (Some(r), true) => r.clone(),
+            // A learner is a follower that does not vote.
+            (Some(_), false) => "learner".into(),
+            (None, _) => "-".into(),
+        },
         opt(n.term),
         opt(n.leader),
         opt(n.commit_index),
@@ -386,7 +422,7 @@ fn explain_down(reports: &mut [StatusReport], cfg: &Config) {
 
 pub async fn run(args: MonitorArgs) -> anyhow::Result<()> {
     let cfg = Config::load(&args.config.config)?;
-    let client = Client::new(cfg.addrs());
+    let mut client = Client::discover(cfg.addrs()).await;
     // Each node gets most of an interval to answer; they are asked concurrently.
     let per_node = args.interval.mul_f64(0.8).max(Duration::from_millis(50));
     if args.once || args.json {
@@ -416,6 +452,7 @@ pub async fn run(args: MonitorArgs) -> anyhow::Result<()> {
     let title = args.config.config.display().to_string();
     let result = async {
         let mut sample = None;
+        let mut polls = 0u64;
         let mut ticker = tokio::time::interval(args.interval);
         let (keys_tx, mut keys_rx) = tokio::sync::mpsc::unbounded_channel();
         // Key presses are read on a blocking thread so that a slow node never delays quitting.
@@ -450,6 +487,11 @@ pub async fn run(args: MonitorArgs) -> anyhow::Result<()> {
             tokio::select! {
                 _ = keys_rx.recv() => break,
                 _ = ticker.tick() => {
+                    polls += 1;
+                    if polls.is_multiple_of(10) {
+                        // Members added or removed since the monitor started.
+                        client.refresh_members().await;
+                    }
                     let mut reports = client.status_all(per_node).await;
                     explain_down(&mut reports, &cfg);
                     let (view, s) = build_view(&reports, sample, Instant::now());
@@ -588,7 +630,7 @@ mod tests {
         assert_eq!(v.nodes[2].lag, Some(200));
         let text = screen(&v);
         assert!(text.contains("leader: node 1"), "{text}");
-        assert!(text.contains("3/3 up, quorum ok"), "{text}");
+        assert!(text.contains("3/3 voters up, quorum ok"), "{text}");
         assert!(text.contains("writes/s: 1000"), "{text}");
         assert_eq!(
             style_of_row(&v, "127.0.0.1:5001").fg,
@@ -613,7 +655,7 @@ mod tests {
         assert!(v.quorum);
         assert_eq!(v.up, 2);
         let text = screen(&v);
-        assert!(text.contains("2/3 up, quorum ok"), "{text}");
+        assert!(text.contains("2/3 voters up, quorum ok"), "{text}");
         assert!(text.contains("down"), "{text}");
         assert!(
             text.contains("node 2 (127.0.0.1:5002): unreachable (connection refused)"),
@@ -631,7 +673,7 @@ mod tests {
         assert_eq!(v.leader, None);
         let text = screen(&v);
         assert!(text.contains("leader: none"), "{text}");
-        assert!(text.contains("1/3 up, NO QUORUM"), "{text}");
+        assert!(text.contains("1/3 voters up, NO QUORUM"), "{text}");
         let json = serde_json::to_value(&v).expect("json");
         assert_eq!(json["quorum"], false);
         assert_eq!(json["nodes"][1]["up"], false);

@@ -14,7 +14,8 @@ use super::ConfigArg;
 
 #[derive(clap::Args, Debug)]
 pub struct NodeArgs {
-    /// This node's id (one of the ids in the config's "nodes").
+    /// This node's id: one of the ids in the config's "nodes", or, with --join, a new id
+    /// (never one a removed member had).
     #[arg(long)]
     pub id: NodeId,
     #[command(flatten)]
@@ -29,13 +30,46 @@ pub struct NodeArgs {
     /// and only while the rest of the cluster is up.
     #[arg(long)]
     pub repair: bool,
+    /// Join a running cluster: ask the members at these addresses (HOST:PORT, comma-separated;
+    /// one that answers is enough) to add this node as a learner at its --listen address. The
+    /// node starts with an empty data directory under the config's data_directory and catches
+    /// up from the leader (by snapshot when the log is compacted). Timings come from the config;
+    /// the id need not be in it.
+    #[arg(long, value_delimiter = ',', value_name = "HOST:PORT", value_parser = parse_addr)]
+    pub join: Vec<String>,
+    /// Where this node listens for peers and clients, as the others will reach it
+    /// (HOST:PORT). Default: its entry in the config, else its address in the membership.
+    #[arg(long, value_name = "HOST:PORT", value_parser = parse_addr)]
+    pub listen: Option<String>,
+    /// With --join: ask for promotion to voter once caught up (the leader refuses until the
+    /// node's log is within 1000 entries of its own; the node asks again every second).
+    #[arg(long, requires = "join")]
+    pub voter: bool,
+}
+
+fn parse_addr(s: &str) -> Result<String, String> {
+    crate::config::check_address(s).map(|()| s.to_string())
 }
 
 pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
     let cfg = Config::load(&args.config.config)?;
-    if cfg.node(args.id).is_none() {
+    if args.id == 0 {
+        anyhow::bail!("node id 0 is reserved; ids start at 1");
+    }
+    if !args.join.is_empty() && args.listen.is_none() && cfg.node(args.id).is_none() {
         anyhow::bail!(
-            "node id {} is not in {} (configured ids: {})",
+            "--join needs --listen HOST:PORT: node {} is not in {}, so the address the others should reach it at must be given",
+            args.id,
+            args.config.config.display()
+        );
+    }
+    if args.join.is_empty()
+        && args.listen.is_none()
+        && cfg.node(args.id).is_none()
+        && !cfg.node_data_dir(args.id).exists()
+    {
+        anyhow::bail!(
+            "node id {} is not in {} (configured ids: {}); to add a new node to a running cluster, start it with --join HOST:PORT --listen HOST:PORT",
             args.id,
             args.config.config.display(),
             cfg.ids()
@@ -45,6 +79,11 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
                 .join(", ")
         );
     }
+    let join = crate::node::JoinOptions {
+        join: args.join.clone(),
+        listen: args.listen.clone(),
+        voter: args.voter,
+    };
     let log_dir = cfg.log_dir();
     std::fs::create_dir_all(&log_dir)
         .with_context(|| format!("creating log directory {}", log_dir.display()))?;
@@ -127,11 +166,20 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
         }
         let _ = tx.send(true);
     });
-    let result = crate::node::run(cfg, args.id, rx).await;
-    if let Err(e) = &result {
-        tracing::error!("node {} stopped: {e:#}", args.id);
-    } else {
-        tracing::info!("node {} stopped cleanly", args.id);
+    let dir = cfg.node_data_dir(args.id);
+    let result = crate::node::run(cfg, args.id, join, rx).await;
+    match &result {
+        Err(e) => tracing::error!("node {} stopped: {e:#}", args.id),
+        Ok(crate::node::Stopped::Removed) => {
+            let msg = format!(
+                "node {} was removed from the cluster and has stopped; its id is never used again. Its data directory {} can be deleted.",
+                args.id,
+                dir.display()
+            );
+            tracing::info!("{msg}");
+            eprintln!("{msg}");
+        }
+        Ok(crate::node::Stopped::Shutdown) => tracing::info!("node {} stopped cleanly", args.id),
     }
-    result
+    result.map(|_| ())
 }

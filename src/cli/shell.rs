@@ -27,7 +27,7 @@ pub struct ShellArgs {
 }
 
 const COMMANDS: &[&str] = &[
-    "set", "get", "del", "status", "leader", "help", "exit", "quit",
+    "set", "get", "del", "status", "leader", "member", "help", "exit", "quit",
 ];
 
 const HELP: &str = "\
@@ -39,6 +39,10 @@ commands:
   status             every node's role, term, leader and log indexes
   leader             which node leads
   leader transfer [ID]  hand leadership to node ID (default: the most caught-up node)
+  member list        every member: address, voter or learner, match index
+  member add ID HOST:PORT [--learner]  add a node (a learner, promoted once caught up)
+  member promote ID  make a caught-up learner a voter
+  member remove ID   remove a member for good (its id is never reused)
   help               this text
   exit               leave (also: quit, Ctrl-D)";
 
@@ -162,6 +166,7 @@ pub async fn execute(
                 )),
             }
         }
+        "member" => super::member::shell(client, rest).await.map(Some),
         "help" | "?" => Ok(Some(HELP.into())),
         other => Err(format!(
             "unknown command {other:?}; type `help` for the list"
@@ -202,7 +207,9 @@ pub async fn status_table(client: &Client, timeout: Duration) -> String {
 
 pub async fn run(args: ShellArgs) -> anyhow::Result<()> {
     let cfg = Config::load(&args.config.config)?;
-    let mut client = Client::new(cfg.addrs()).with_timeout(args.timeout);
+    let mut client = Client::discover(cfg.addrs())
+        .await
+        .with_timeout(args.timeout);
     if !std::io::stdin().is_terminal() {
         let mut failed = 0usize;
         let lines: Vec<String> = std::io::stdin().lock().lines().collect::<Result<_, _>>()?;

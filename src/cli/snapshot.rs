@@ -73,7 +73,7 @@ pub async fn run(args: SnapshotArgs) -> anyhow::Result<()> {
 
 async fn save(file: &Path, config: &Path) -> anyhow::Result<()> {
     let cfg = Config::load(config)?;
-    let client = Client::new(cfg.addrs());
+    let client = Client::discover(cfg.addrs()).await;
     let (leader, mut stream) = client.save_snapshot().await.map_err(|e| anyhow!(e))?;
     let tmp = tmp_path(file);
     let result = async {

@@ -123,6 +123,135 @@ impl Client {
         }
     }
 
+    /// A client of the cluster `nodes` (config.json's, typically) that has asked the cluster
+    /// for its current members: see [`Client::refresh_members`].
+    pub async fn discover(nodes: BTreeMap<NodeId, String>) -> Client {
+        let mut c = Client::new(nodes);
+        c.refresh_members().await;
+        c
+    }
+
+    /// A client of the cluster that the node at one of `addrs` belongs to (a node that joins
+    /// knows only where some members are, not their ids): the first that answers tells the
+    /// members.
+    ///
+    /// # Errors
+    /// No address answered (each named with what it said).
+    pub async fn from_addresses(addrs: &[String], timeout: Duration) -> Result<Client, String> {
+        let mut tried = Vec::new();
+        for addr in addrs {
+            let answer = match endpoint(addr) {
+                None => Err("invalid address".to_string()),
+                Some(e) => {
+                    let mut c = DataServiceClient::new(e.connect_lazy());
+                    match tokio::time::timeout(timeout, c.status(proto::StatusRequest {})).await {
+                        Ok(Ok(r)) => Ok(r.into_inner()),
+                        Ok(Err(s)) => Err(describe(&s)),
+                        Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
+                    }
+                }
+            };
+            match answer {
+                Ok(s) if !s.members.is_empty() => {
+                    return Ok(Client::new(members_of(&s)).with_timeout(DEFAULT_TIMEOUT));
+                }
+                Ok(s) => tried.push(format!(
+                    "{addr}: node {} knows no membership yet (it is joining too)",
+                    s.id
+                )),
+                Err(e) => tried.push(format!("{addr}: {e}")),
+            }
+        }
+        Err(format!(
+            "cannot reach the cluster (tried {})",
+            tried.join("; ")
+        ))
+    }
+
+    /// Learns the current members from the cluster (the configuration of the node that
+    /// answers with the highest term and configuration entry), so that a client started from
+    /// a config.json listing only the original nodes reaches every member after membership
+    /// changes. Nodes that are no longer members are dropped. Without any answer, nothing
+    /// changes.
+    pub async fn refresh_members(&mut self) {
+        let reports = self.status_all(Duration::from_secs(1)).await;
+        let best = reports
+            .iter()
+            .filter_map(|r| r.result.as_ref().ok())
+            .filter(|s| !s.members.is_empty())
+            .max_by_key(|s| (s.term, s.config_index));
+        if let Some(s) = best {
+            let members = members_of(s);
+            self.nodes.retain(|id, _| members.contains_key(id));
+            self.channels.retain(|id, _| members.contains_key(id));
+            self.pipelines.retain(|id, _| members.contains_key(id));
+            for (id, addr) in members {
+                self.add_node(id, addr);
+            }
+        }
+    }
+
+    /// Adds (or moves) node `id` at `addr`.
+    fn add_node(&mut self, id: NodeId, addr: String) {
+        if self.nodes.get(&id) == Some(&addr) {
+            return;
+        }
+        if let Some(e) = endpoint(&addr) {
+            let ch = e.connect_lazy();
+            self.pipelines.insert(id, Pipeline::start(ch.clone()));
+            self.channels.insert(id, ch);
+        }
+        self.nodes.insert(id, addr);
+    }
+
+    /// Asks the leader for a membership change and waits until it is committed; retries
+    /// while the leader says "not now" (another change in progress, a learner still catching
+    /// up) until the client's timeout. Returns the entry's index (0: the change was in force
+    /// already) and the members after it.
+    ///
+    /// # Errors
+    /// No leader (naming every node tried), or why the change was refused.
+    pub async fn change_membership(
+        &self,
+        op: proto::MembershipOp,
+        id: NodeId,
+        address: &str,
+    ) -> Result<(u64, Vec<proto::MemberInfo>), ChangeError> {
+        let deadline = Instant::now() + self.timeout;
+        let req = proto::MembershipRequest {
+            op: op as i32,
+            id,
+            address: address.to_string(),
+        };
+        loop {
+            let err = match self.find_leader("change the membership").await {
+                Ok((leader, mut c)) => match c.change_membership(req.clone()).await {
+                    Ok(r) => {
+                        let r = r.into_inner();
+                        return Ok((r.index, r.members));
+                    }
+                    Err(s) if matches!(s.code(), Code::Unavailable | Code::FailedPrecondition) => {
+                        format!("node {leader}: {}", describe(&s))
+                    }
+                    Err(s) => {
+                        return Err(ChangeError {
+                            retryable: false,
+                            message: s.message().to_string(),
+                        });
+                    }
+                },
+                Err(e) => e,
+            };
+            if Instant::now() + Duration::from_millis(250) >= deadline {
+                return Err(ChangeError {
+                    retryable: true,
+                    message: format!("{err} (still so after {}s)", self.timeout.as_secs_f32()),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
     /// A copy with its own client id (for concurrent writers), sharing connections.
     pub fn fork(&self) -> Client {
         Client {
@@ -258,7 +387,7 @@ impl Client {
     pub async fn transfer_leader(&self, target: NodeId) -> Result<(NodeId, NodeId, u64), String> {
         if target != 0 && !self.nodes.contains_key(&target) {
             return Err(format!(
-                "node {target} is not in the configuration (nodes: {})",
+                "node {target} is not a member (members: {})",
                 self.nodes
                     .keys()
                     .map(|id| id.to_string())
@@ -281,13 +410,26 @@ impl Client {
         what: &str,
     ) -> Result<(NodeId, DataServiceClient<Channel>), String> {
         let reports = self.status_all(Duration::from_secs(2)).await;
-        let leader = reports
-            .iter()
-            .filter_map(|r| r.result.as_ref().ok())
+        let answers = || reports.iter().filter_map(|r| r.result.as_ref().ok());
+        // A leader that answered; else the leader the others name (it may be a member this
+        // client was not started with).
+        let leader = answers()
             .filter(|s| s.role == "leader")
             .max_by_key(|s| s.term)
-            .map(|s| s.id);
-        let Some(leader) = leader else {
+            .map(|s| (s.id, String::new()))
+            .or_else(|| {
+                answers()
+                    .filter(|s| s.leader_id != 0 && !s.leader_addr.is_empty())
+                    .max_by_key(|s| s.term)
+                    .map(|s| (s.leader_id, s.leader_addr.clone()))
+            });
+        if let Some((leader, addr)) = &leader
+            && !self.channels.contains_key(leader)
+            && let Some(e) = endpoint(addr)
+        {
+            return Ok((*leader, DataServiceClient::new(e.connect_lazy())));
+        }
+        let Some((leader, _)) = leader else {
             let tried: Vec<String> = reports
                 .iter()
                 .map(|r| match &r.result {
@@ -339,7 +481,7 @@ impl Client {
         any_node: bool,
     ) -> Result<Reply, ClientError> {
         let deadline = Instant::now() + self.timeout;
-        let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
+        let mut ids: Vec<NodeId> = self.nodes.keys().copied().collect();
         let mut tried: BTreeMap<NodeId, (String, String)> = BTreeMap::new();
         let mut reached_any = false;
         let mut outcome_unknown = false;
@@ -407,11 +549,23 @@ impl Client {
                         .metadata()
                         .get(LEADER_ID_HEADER)
                         .and_then(|v| v.to_str().ok())
-                        .and_then(|v| v.parse::<NodeId>().ok())
-                        .filter(|id| self.nodes.contains_key(id));
-                    if let (None, Some(addr)) = (hint, status.metadata().get(LEADER_ADDR_HEADER)) {
-                        tracing::debug!("leader hint {addr:?} is not a configured node");
-                    }
+                        .and_then(|v| v.parse::<NodeId>().ok());
+                    let hint_addr = status
+                        .metadata()
+                        .get(LEADER_ADDR_HEADER)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_string);
+                    // A leader this client did not know of (a member added since its
+                    // config.json was written): it is reached at the address the hint gives.
+                    let hint = match (hint, hint_addr) {
+                        (Some(h), _) if self.nodes.contains_key(&h) => Some(h),
+                        (Some(h), Some(addr)) if !addr.is_empty() => {
+                            self.add_node(h, addr);
+                            ids = self.nodes.keys().copied().collect();
+                            Some(h)
+                        }
+                        _ => None,
+                    };
                     match hint {
                         Some(h) if h != target && hops_without_progress < ids.len() => {
                             hops_without_progress += 1;
@@ -449,6 +603,24 @@ impl Client {
             Err(ClientError::Unreachable { tried })
         }
     }
+}
+
+/// Why a membership change failed.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct ChangeError {
+    /// It may pass later (no leader, another change in progress, a learner catching up).
+    pub retryable: bool,
+    pub message: String,
+}
+
+/// Every member a node's status names, with its address.
+fn members_of(s: &proto::StatusResponse) -> BTreeMap<NodeId, String> {
+    s.members
+        .iter()
+        .filter(|m| !m.address.is_empty())
+        .map(|m| (m.id, m.address.clone()))
+        .collect()
 }
 
 /// A pipelined request's error as the status the unary call would have returned.

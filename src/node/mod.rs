@@ -23,6 +23,8 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tonic::transport::server::TcpIncoming;
 
+mod join;
+
 use crate::config::{Config, SnapshotPolicy};
 use crate::proto::data_service_server::DataServiceServer;
 use crate::proto::node_communication_server::NodeCommunicationServer;
@@ -43,6 +45,27 @@ const INBOUND_QUEUE: usize = 16 * 1024;
 /// Inputs taken in one round before the core produces a `Ready`.
 const ROUND_INPUTS_MAX: usize = 8192;
 
+/// How a node that is not (yet) a member joins a running cluster (`raftkv node --join`).
+#[derive(Clone, Debug, Default)]
+pub struct JoinOptions {
+    /// Members to ask (`host:port`); empty: the node does not join.
+    pub join: Vec<String>,
+    /// Where this node listens (and what the others are told); default: its entry in the
+    /// config file, else its address in the stored membership.
+    pub listen: Option<String>,
+    /// Ask for promotion to voter once caught up.
+    pub voter: bool,
+}
+
+/// How a node stopped without an error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stopped {
+    /// On a signal.
+    Shutdown,
+    /// It applied its own removal from the cluster (a removed node serves and votes no more).
+    Removed,
+}
+
 /// Runs node `id` until `shutdown` fires. Binds its port first, so that a port in use is
 /// reported before anything else happens.
 ///
@@ -51,14 +74,17 @@ const ROUND_INPUTS_MAX: usize = 8192;
 pub async fn run(
     cfg: Config,
     id: NodeId,
+    join: JoinOptions,
     mut shutdown: watch::Receiver<bool>,
-) -> anyhow::Result<()> {
-    let me = cfg
-        .node(id)
-        .ok_or_else(|| anyhow!("node id {id} is not in the config (ids: {:?})", cfg.ids()))?
-        .clone();
-    let listener = bind(&me.host, me.port).await?;
-    let local = listener.local_addr().context("reading the bound address")?;
+) -> anyhow::Result<Stopped> {
+    let listen = join
+        .listen
+        .clone()
+        .or_else(|| cfg.node(id).map(|n| n.addr()));
+    let mut listener = match &listen {
+        Some(a) => Some(bind_addr(a).await?),
+        None => None,
+    };
 
     let dir = cfg.node_data_dir(id);
     let recovered = tokio::task::spawn_blocking({
@@ -68,6 +94,41 @@ pub async fn run(
     })
     .await
     .context("opening storage")??;
+
+    // The membership at the applied index: the state machine's, once one was applied (a
+    // membership change, or a snapshot of a cluster that had one); else a new node joining
+    // knows none (the leader will tell it), and a cluster that never changed is config.json's.
+    let bootstrap = cfg.bootstrap_membership();
+    let joining = !join.join.is_empty();
+    let members = match recovered.kv.config() {
+        Some(c) => c.clone(),
+        None if joining => crate::raft::ClusterConfig::default(),
+        None => bootstrap.clone(),
+    };
+    if members.removed.contains(&id) {
+        return Err(anyhow!(
+            "node {id} was removed from the cluster; node ids are never reused. To bring this machine back, delete {} and add it under a new id: raftkv member add NEW_ID HOST:PORT, then raftkv node --id NEW_ID --join ... --listen HOST:PORT",
+            dir.display()
+        ));
+    }
+    let listener = match listener.take() {
+        Some(l) => l,
+        None => match members.address(id) {
+            Some(a) => bind_addr(a).await?,
+            None => {
+                return Err(anyhow!(
+                    "node id {id} is not in the config (ids: {}) and its data directory {} holds no membership with it; to add a new node to a running cluster, start it with --join HOST:PORT --listen HOST:PORT",
+                    cfg.ids()
+                        .iter()
+                        .map(u64::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    dir.display()
+                ));
+            }
+        },
+    };
+    let local = listener.local_addr().context("reading the bound address")?;
     tracing::info!(
         node = id,
         %local,
@@ -77,28 +138,58 @@ pub async fn run(
         applied = recovered.kv.applied(),
         "node starting"
     );
+    if let Some(stored) = recovered.kv.config()
+        && !same_members(stored, &bootstrap)
+    {
+        tracing::warn!(
+            node = id,
+            "config.json lists {}, but the cluster's membership (from the log) is {}: the membership is used. config.json only bootstraps a new cluster and tells clients where to start",
+            describe_members(&bootstrap),
+            describe_members(stored)
+        );
+    }
 
-    let peer_addrs = || {
-        cfg.nodes
+    let peer_addrs = |c: &crate::raft::ClusterConfig| {
+        c.members
             .iter()
-            .filter(|n| n.id != id)
-            .map(|n| (n.id, n.addr()))
+            .filter(|(m, _)| **m != id)
+            .filter_map(|(&m, _)| c.address(m).map(|a| (m, a.to_string())))
             .collect::<Vec<_>>()
+    };
+    let probe = if joining {
+        join.join.iter().map(|a| (0, a.clone())).collect()
+    } else {
+        peer_addrs(&members)
     };
     let peers_know_cluster = check_cluster_identity(
         &dir,
         recovered.kv.cluster_id(),
-        peer_addrs(),
-        cfg.nodes.len(),
+        probe,
+        members.voters().count(),
     )
     .await?;
     let cluster: ClusterId = Arc::new(AtomicU64::new(recovered.kv.cluster_id()));
     let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_QUEUE);
-    let peers = Peers::start(peer_addrs(), cluster.clone());
+    let seed = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+        ^ id;
+    let mut raft_cfg = cfg.raft_config(id, seed);
+    raft_cfg.members = members;
+    let mut raft = Raft::new(
+        raft_cfg,
+        recovered.log,
+        recovered.hard_state,
+        recovered.kv.applied(),
+    )?;
+    let config = raft.config().clone();
+    let peers = Peers::start(peer_addrs(&config), cluster.clone());
+    let removed: crate::transport::RemovedIds =
+        Arc::new(std::sync::RwLock::new(config.removed.clone()));
 
     let peer_service = PeerService {
         id,
-        members: cfg.ids(),
+        removed: removed.clone(),
         inbound: inbound_tx.clone(),
         snapshots: snapshot_transport::Receiver::new(
             id,
@@ -145,17 +236,6 @@ pub async fn run(
         );
     let server = tokio::spawn(server);
 
-    let seed = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
-        ^ id;
-    let raft_cfg = cfg.raft_config(id, seed);
-    let mut raft = Raft::new(
-        raft_cfg,
-        recovered.log,
-        recovered.hard_state,
-        recovered.kv.applied(),
-    )?;
     let mut rejoin = recovered.rejoin;
     if recovered.is_new
         && rejoin.is_none()
@@ -199,7 +279,11 @@ pub async fn run(
         rejoin_floor: rejoin.and_then(|(f, c)| c.map(|_| f)),
         cluster_id_proposed_in: 0,
         peers,
-        addrs: cfg.addrs(),
+        addrs: addresses(&config),
+        config,
+        removed,
+        removed_since: None,
+        hints: BTreeMap::new(),
         writes: BTreeMap::new(),
         reads: HashMap::new(),
         confirmed_reads: BTreeMap::new(),
@@ -210,20 +294,37 @@ pub async fn run(
     };
     let tick = Duration::from_millis(cfg.tick_ms());
     let handle = tokio::runtime::Handle::current();
-    let (core_done_tx, core_done_rx) = tokio::sync::oneshot::channel::<()>();
+    let (core_done_tx, core_done_rx) = tokio::sync::oneshot::channel::<bool>();
     let core_thread = std::thread::Builder::new()
         .name(format!("raft-core-{id}"))
         .spawn(move || {
             let result = handle.block_on(core.run(inbound_rx, tick, stop_rx));
-            let _ = core_done_tx.send(());
+            let _ = core_done_tx.send(matches!(result, Ok(Stopped::Removed)));
             result
         })
         .context("starting the core thread")?;
     tracing::info!(node = id, %local, "listening");
+    let joiner = joining.then(|| {
+        let advertised = listen.clone().unwrap_or_else(|| local.to_string());
+        tokio::spawn(join::join_cluster(
+            id,
+            advertised,
+            join.join.clone(),
+            join.voter,
+            inbound_tx.clone(),
+        ))
+    });
 
     tokio::select! {
         _ = shutdown.wait_for(|v| *v) => tracing::info!(node = id, "shutting down"),
-        _ = core_done_rx => tracing::error!(node = id, "the Raft core stopped; shutting down"),
+        removed = core_done_rx => if removed == Ok(true) {
+            tracing::info!(node = id, "this node was removed from the cluster; stopping");
+        } else {
+            tracing::error!(node = id, "the Raft core stopped; shutting down");
+        },
+    }
+    if let Some(j) = joiner {
+        j.abort();
     }
     let _ = stop_tx.send(true);
     let core_result = tokio::task::spawn_blocking(move || core_thread.join())
@@ -232,6 +333,43 @@ pub async fn run(
         .map_err(|p| anyhow!("the core thread panicked: {}", panic_message(p.as_ref())))?;
     let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
     core_result
+}
+
+/// Whether two configurations have the same members at the same addresses in the same roles.
+fn same_members(a: &crate::raft::ClusterConfig, b: &crate::raft::ClusterConfig) -> bool {
+    a.members == b.members
+}
+
+/// `voters 1 (h:1), 2 (h:2); learners 4 (h:4)`, for messages.
+pub fn describe_members(c: &crate::raft::ClusterConfig) -> String {
+    let list = |voter: bool| {
+        c.members
+            .iter()
+            .filter(|(_, m)| m.voter == voter)
+            .map(|(id, m)| format!("{id} ({})", m.address))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut s = format!("voters {}", list(true));
+    if c.learners().next().is_some() {
+        s.push_str(&format!("; learners {}", list(false)));
+    }
+    s
+}
+
+/// Every member's address, for leader hints and snapshot transfers.
+fn addresses(c: &crate::raft::ClusterConfig) -> BTreeMap<NodeId, String> {
+    c.members
+        .keys()
+        .filter_map(|&id| c.address(id).map(|a| (id, a.to_string())))
+        .collect()
+}
+
+/// Binds `host:port`.
+async fn bind_addr(addr: &str) -> anyhow::Result<TcpListener> {
+    let (host, port) =
+        crate::config::parse_address(addr).map_err(|e| anyhow!("listen address {addr:?}: {e}"))?;
+    bind(&host, port).await
 }
 
 /// The message a panic was raised with.
@@ -320,6 +458,23 @@ type PendingRead = (Bytes, Reply<Option<Bytes>>);
 enum PendingWrite {
     Put(Reply<LogIndex>),
     Delete(Reply<(bool, LogIndex)>),
+    Member(Reply<(LogIndex, crate::raft::ClusterConfig)>),
+}
+
+impl PendingWrite {
+    fn fail(self, err: ServiceError) {
+        match self {
+            PendingWrite::Put(r) => {
+                let _ = r.send(Err(err));
+            }
+            PendingWrite::Delete(r) => {
+                let _ = r.send(Err(err));
+            }
+            PendingWrite::Member(r) => {
+                let _ = r.send(Err(err));
+            }
+        }
+    }
 }
 
 struct Core {
@@ -351,7 +506,17 @@ struct Core {
     /// The term in which this node, as leader, last proposed a cluster id.
     cluster_id_proposed_in: Term,
     peers: Peers,
+    /// Every member's address (from the configuration in force).
     addrs: BTreeMap<NodeId, String>,
+    /// The configuration the transport was last set up for.
+    config: crate::raft::ClusterConfig,
+    /// Shared with the peer service, which refuses these ids.
+    removed: crate::transport::RemovedIds,
+    /// A joining node's view of the members before its configuration has any.
+    hints: BTreeMap<NodeId, String>,
+    /// When this node applied its own removal: it stops a moment later (so that its last
+    /// messages, a hand-over among them, go out).
+    removed_since: Option<std::time::Instant>,
     /// Proposed writes by log index, with the term they were proposed in.
     writes: BTreeMap<LogIndex, (Term, PendingWrite)>,
     /// Reads waiting for leadership confirmation, by ReadIndex context.
@@ -377,7 +542,7 @@ impl Core {
         mut inbound: mpsc::Receiver<Inbound>,
         tick: Duration,
         mut shutdown: watch::Receiver<bool>,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<Stopped> {
         let mut ticker = tokio::time::interval(tick);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -401,14 +566,66 @@ impl Core {
                 self.process_ready()?;
             }
             self.poll_transfer();
+            self.sync_membership();
             self.maybe_compact()?;
             self.maybe_end_repair()?;
             // Pipelined answers of this round go out together, one batch per client call.
             crate::transport::flush_replies();
+            if self
+                .removed_since
+                .is_some_and(|t| t.elapsed() > Duration::from_secs(1))
+            {
+                self.fail_all(|| ServiceError::ShuttingDown);
+                crate::transport::flush_replies();
+                return Ok(Stopped::Removed);
+            }
         }
         self.fail_all(|| ServiceError::ShuttingDown);
         crate::transport::flush_replies();
-        Ok(())
+        Ok(Stopped::Shutdown)
+    }
+
+    /// Follows the configuration in force: connections to new members, none to members that
+    /// left, removed ids refused by the peer service. Once this node's own removal is applied
+    /// it stops (a removed node takes no part in the cluster any more: hashicorp/raft#524).
+    fn sync_membership(&mut self) {
+        if self.removed_since.is_none()
+            && self
+                .kv
+                .config()
+                .is_some_and(|c| c.removed.contains(&self.id))
+        {
+            tracing::warn!(
+                node = self.id,
+                "this node was removed from the cluster; it stops now and its id is never used again (its data directory can be deleted)"
+            );
+            self.removed_since = Some(std::time::Instant::now());
+        }
+        if self.raft.config() == &self.config && !self.config.is_empty() {
+            return;
+        }
+        let c = self.raft.config().clone();
+        if !c.is_empty() {
+            tracing::info!(
+                node = self.id,
+                index = self.raft.config_index(),
+                "membership: {}",
+                describe_members(&c)
+            );
+            self.hints.clear();
+        }
+        self.addrs = addresses(&c);
+        for (id, a) in &self.hints {
+            self.addrs.entry(*id).or_insert_with(|| a.clone());
+        }
+        self.peers.set(
+            self.addrs
+                .iter()
+                .filter(|(id, _)| **id != self.id)
+                .map(|(&id, a)| (id, a.clone())),
+        );
+        *self.removed.write().unwrap_or_else(|e| e.into_inner()) = c.removed.clone();
+        self.config = c;
     }
 
     /// Answers the pending leadership transfer once it has ended: the target leads, another
@@ -459,6 +676,11 @@ impl Core {
                 }
             }
             Inbound::Client(r) => self.handle_client(r),
+            Inbound::PeerHints(hints) => {
+                self.hints = hints;
+                self.config = Default::default();
+                self.sync_membership();
+            }
             Inbound::Clients(rs) => {
                 for r in rs {
                     self.handle_client(r);
@@ -748,6 +970,9 @@ impl Core {
                     }
                 }
             }
+            ClientRequest::ChangeMembership { change, reply } => {
+                self.change_membership(change, reply);
+            }
             ClientRequest::Snapshot { reply } => {
                 if self.raft.role() != Role::Leader {
                     let _ = reply.send(Err(self.not_leader()));
@@ -759,6 +984,57 @@ impl Core {
                     term: self.raft.term(),
                     cluster_id: self.kv.cluster_id(),
                 }));
+            }
+        }
+    }
+
+    fn change_membership(
+        &mut self,
+        change: crate::raft::ConfChange,
+        reply: Reply<(LogIndex, crate::raft::ClusterConfig)>,
+    ) {
+        use crate::raft::ConfChange;
+        if self.raft.role() != Role::Leader {
+            let _ = reply.send(Err(self.not_leader()));
+            return;
+        }
+        // A change already in force is done (a joining node asks again after a restart).
+        let c = self.raft.config();
+        let done = match &change {
+            ConfChange::AddLearner { id, address } => {
+                c.members.get(id).is_some_and(|m| &m.address == address)
+            }
+            ConfChange::Promote { id } => c.is_voter(*id),
+            ConfChange::Remove { id } => c.removed.contains(id),
+        };
+        if done && !self.raft.status().config_pending {
+            let _ = reply.send(Ok((0, c.clone())));
+            return;
+        }
+        match self.raft.propose_conf_change(&change) {
+            Ok((index, term)) => {
+                tracing::info!(
+                    node = self.id,
+                    index,
+                    "membership change proposed: {change}"
+                );
+                self.writes
+                    .insert(index, (term, PendingWrite::Member(reply)));
+            }
+            Err(e) => {
+                let err = match e {
+                    raft::Error::NotLeader { .. } => self.not_leader(),
+                    raft::Error::TransferInProgress { to } => ServiceError::NotLeader {
+                        leader_id: Some(to),
+                        leader_addr: self.addrs.get(&to).cloned(),
+                    },
+                    raft::Error::ProposalDropped(bytes) => ServiceError::Busy(bytes),
+                    raft::Error::ConfChangeRefused { why, retry: true } => {
+                        ServiceError::TryAgain(format!("cannot {change} now: {why}"))
+                    }
+                    other => ServiceError::InvalidArgument(format!("cannot {change}: {other}")),
+                };
+                let _ = reply.send(Err(err));
             }
         }
     }
@@ -779,14 +1055,7 @@ impl Core {
                     },
                     _ => self.not_leader(),
                 };
-                match pending {
-                    PendingWrite::Put(r) => {
-                        let _ = r.send(Err(err));
-                    }
-                    PendingWrite::Delete(r) => {
-                        let _ = r.send(Err(err));
-                    }
-                }
+                pending.fail(err);
             }
         }
     }
@@ -804,6 +1073,9 @@ impl Core {
             first_log_index: s.first_index,
             last_log_index: s.last_index,
             voters: s.voters,
+            config: s.config,
+            config_index: s.config_index,
+            config_pending: s.config_pending,
             snapshot_index: self.raft.store().start().index,
             snapshot_term: self.raft.store().start().term,
             log_bytes: self.raft.store().log_bytes(),
@@ -830,15 +1102,22 @@ impl Core {
 
     fn fail_all(&mut self, err: impl Fn() -> ServiceError) {
         for (_, (_, w)) in std::mem::take(&mut self.writes) {
-            match w {
-                PendingWrite::Put(r) => {
-                    let _ = r.send(Err(err()));
-                }
-                PendingWrite::Delete(r) => {
-                    let _ = r.send(Err(err()));
-                }
-            }
+            w.fail(err());
         }
+        self.fail_reads(err);
+    }
+
+    /// Leadership lost: writes not yet committed may or may not be applied; those committed
+    /// are answered when they apply here, as on a leader.
+    fn fail_uncommitted(&mut self, err: impl Fn() -> ServiceError) {
+        let uncommitted = self.writes.split_off(&(self.raft.commit_index() + 1));
+        for (_, (_, w)) in uncommitted {
+            w.fail(err());
+        }
+        self.fail_reads(err);
+    }
+
+    fn fail_reads(&mut self, err: impl Fn() -> ServiceError) {
         for (_, (_, r)) in self.reads.drain() {
             let _ = r.send(Err(err()));
         }
@@ -857,7 +1136,7 @@ impl Core {
             }
             if self.role == Role::Leader && ss.role != Role::Leader {
                 // Writes in flight may still commit under the next leader, or be replaced.
-                self.fail_all(|| ServiceError::LeadershipLost);
+                self.fail_uncommitted(|| ServiceError::LeadershipLost);
             }
             self.role = ss.role;
             self.leader = ss.leader;
@@ -895,6 +1174,12 @@ impl Core {
             );
             self.last_snapshot = Some((snap, SystemTime::now()));
             self.snapshots_installed += 1;
+            // Writes this node proposed as leader that the snapshot covers are not applied
+            // one by one here: their outcome is not known to it.
+            let after = self.writes.split_off(&(snap.index + 1));
+            for (_, (_, w)) in std::mem::replace(&mut self.writes, after) {
+                w.fail(ServiceError::LeadershipLost);
+            }
             self.sync_cluster_id();
             let _ = pending.reply.send((true, "installed".into()));
         }
@@ -941,6 +1226,12 @@ impl Core {
                     }
                     (PendingWrite::Delete(r), _) => {
                         let _ = r.send(Err(ServiceError::NotCommitted));
+                    }
+                    (PendingWrite::Member(r), _) => {
+                        let _ = r.send(match self.kv.config() {
+                            Some(c) if ok => Ok((e.index, c.clone())),
+                            _ => Err(ServiceError::NotCommitted),
+                        });
                     }
                 }
             }

@@ -19,21 +19,36 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
 use super::log::RaftLog;
+use super::membership::{ClusterConfig, ConfChange};
 use super::progress::ProgressState;
 use super::quorum::VoteResult;
 use super::storage::{LogStore, StorageError};
-use super::tracker::{Membership, ProgressTracker};
+use super::tracker::ProgressTracker;
 use super::types::*;
+
+/// The configuration a configuration-change entry holds.
+fn decode_config(e: &Entry) -> Result<ClusterConfig, Error> {
+    ClusterConfig::decode(&e.data).map_err(|why| {
+        Error::Storage(StorageError::Corrupt(format!(
+            "configuration entry {}: {why}",
+            e.index
+        )))
+    })
+}
 
 /// Static parameters of one core.
 #[derive(Clone, Debug)]
 pub struct Config {
     pub id: NodeId,
-    /// Every voting member (this node included, unless it is a learner).
-    pub voters: Vec<NodeId>,
-    /// Members that receive the log and snapshots but vote on nothing and count toward no
-    /// quorum (they do answer vote requests: see `on_vote_request`). Empty by default.
-    pub learners: Vec<NodeId>,
+    /// The configuration in force at the applied index the core starts from: the one the
+    /// state machine holds, or the bootstrap configuration of a new cluster (voters, and
+    /// learners, which receive the log and snapshots but vote on nothing and count toward no
+    /// quorum). Configuration entries in the log after that index are read at start-up.
+    /// Empty for a node that joins an existing cluster: it learns the configuration from the
+    /// leader. A node that is not a voter of its configuration never campaigns.
+    pub members: ClusterConfig,
+    /// A learner may be promoted once its log is within this many entries of the leader's.
+    pub promote_max_lag: u64,
     /// A follower that hears no leader for a random number of ticks in
     /// `[election_ticks_min, election_ticks_max]` starts an election.
     pub election_ticks_min: u32,
@@ -64,8 +79,8 @@ impl Config {
     pub fn new(id: NodeId, voters: Vec<NodeId>, seed: u64) -> Self {
         Config {
             id,
-            voters,
-            learners: Vec::new(),
+            members: ClusterConfig::with_voters(voters),
+            promote_max_lag: 1000,
             election_ticks_min: 15,
             election_ticks_max: 30,
             heartbeat_ticks: 5,
@@ -85,24 +100,11 @@ impl Config {
         if self.id == 0 {
             return bad("node id 0 is reserved for 'nobody'");
         }
-        if !self.voters.contains(&self.id) && !self.learners.contains(&self.id) {
-            return bad("the node's own id is not among the voters or learners");
-        }
-        if self.voters.is_empty() {
+        if !self.members.is_empty() && self.members.voters().next().is_none() {
             return bad("a configuration needs at least one voter");
         }
-        if self
-            .learners
-            .iter()
-            .any(|l| self.voters.contains(l) || *l == 0)
-        {
-            return bad("a learner must not be a voter, and its id must not be 0");
-        }
-        let mut sorted = self.voters.clone();
-        sorted.sort_unstable();
-        sorted.dedup();
-        if sorted.len() != self.voters.len() || sorted.contains(&0) {
-            return bad("voter ids must be unique and non-zero");
+        if self.members.contains(0) {
+            return bad("member id 0 is reserved for 'nobody'");
         }
         if self.heartbeat_ticks == 0 || self.election_ticks_min <= self.heartbeat_ticks {
             return bad("the election timeout must be longer than the heartbeat interval");
@@ -130,6 +132,9 @@ pub enum Error {
     TransferInProgress { to: NodeId },
     #[error("cannot transfer leadership: {0}")]
     TransferRefused(String),
+    /// `retry`: the change may pass later (another one in progress, a learner catching up).
+    #[error("membership change refused: {why}")]
+    ConfChangeRefused { why: String, retry: bool },
     #[error(transparent)]
     Storage(#[from] StorageError),
 }
@@ -148,6 +153,12 @@ pub struct Status {
     pub last_index: LogIndex,
     pub voters: Vec<NodeId>,
     pub learners: Vec<NodeId>,
+    /// The configuration in force (the latest in the log), and the index of its entry (0: the
+    /// bootstrap configuration).
+    pub config: ClusterConfig,
+    pub config_index: LogIndex,
+    /// Whether that entry is not yet committed: a change is in progress.
+    pub config_pending: bool,
     /// Leader only: the node leadership is being transferred to (0: none).
     pub lead_transferee: NodeId,
     /// Leader only: `(follower, match, next, recently active)`.
@@ -181,6 +192,11 @@ pub struct Raft<S: LogStore> {
     /// The members; on a leader the progress of each (itself included); on a candidate the
     /// votes of its campaign. All quorum arithmetic is its.
     tracker: ProgressTracker,
+    /// The configurations of the log, oldest first: the one in force at the applied index
+    /// (or a snapshot's), then one per configuration entry after it. The last is in force
+    /// (on append: dissertation 4.1); a truncated entry's is dropped with it, which brings
+    /// back the one before.
+    configs: Vec<(LogIndex, ClusterConfig)>,
 
     election_elapsed: u32,
     heartbeat_elapsed: u32,
@@ -245,12 +261,29 @@ impl<S: LogStore> Raft<S> {
     ) -> Result<Self, Error> {
         cfg.validate()?;
         let log = RaftLog::new(store, hard_state.commit, applied);
+        // Configuration entries not yet applied are in force already.
+        let mut configs = vec![(applied, cfg.members.clone())];
+        let lo = (applied + 1).max(log.first_index());
+        let mut at = lo;
+        while at <= log.last_index() {
+            let batch = log.entries(at, log.last_index() + 1, 16 << 20)?;
+            for e in &batch {
+                if e.kind == EntryKind::ConfChange {
+                    configs.push((e.index, decode_config(e)?));
+                }
+            }
+            at = batch.last().map_or(at + 1, |e| e.index + 1);
+        }
         let mut r = Raft {
             id: cfg.id,
-            tracker: ProgressTracker::new(Membership {
-                learners: cfg.learners.iter().copied().collect(),
-                ..Membership::new(cfg.voters.iter().copied())
-            }),
+            tracker: ProgressTracker::new(
+                configs
+                    .last()
+                    .expect("one configuration at least")
+                    .1
+                    .membership(),
+            ),
+            configs,
             term: hard_state.term,
             vote: hard_state.vote,
             leader: 0,
@@ -374,6 +407,83 @@ impl<S: LogStore> Raft<S> {
     fn may_campaign_in(&self, term: Term) -> bool {
         self.tracker.membership().is_voter(self.id) && self.may_vote_in(term)
     }
+
+    /// The configuration in force: the latest in the log, committed or not.
+    pub fn config(&self) -> &ClusterConfig {
+        &self.configs.last().expect("one configuration at least").1
+    }
+
+    /// The index of the latest configuration's entry (at or below the applied index when it
+    /// came with the state machine or a snapshot).
+    pub fn config_index(&self) -> LogIndex {
+        self.configs.last().expect("one configuration at least").0
+    }
+
+    /// The configuration in force once entry `index` has been applied: the one a snapshot of
+    /// the state machine at `index` must carry.
+    pub fn config_at(&self, index: LogIndex) -> Option<&ClusterConfig> {
+        self.configs
+            .iter()
+            .rev()
+            .find(|(i, _)| *i <= index)
+            .map(|(_, c)| c)
+    }
+
+    /// The latest configuration changed (appended, truncated away, or restored from a
+    /// snapshot): the tracker follows; a leader starts or stops replicating to members.
+    fn config_changed(&mut self) {
+        let membership = self.config().membership();
+        // While a removal is not committed, the removed member is still sent the log: it
+        // learns of its removal (and stops) instead of waiting for a leader forever.
+        let departing = match self.configs.as_slice() {
+            [.., (_, before), (index, now)] if *index > self.log.committed => before
+                .members
+                .keys()
+                .filter(|id| !now.contains(**id))
+                .copied()
+                .collect(),
+            _ => Default::default(),
+        };
+        let next = self.log.last_index() + 1;
+        let durable = self.persisted_index();
+        let leader = self.role == Role::Leader;
+        self.tracker.set_membership(
+            membership,
+            departing,
+            self.id,
+            leader.then_some((next, durable)),
+        );
+        if self.lead_transferee != 0 && !self.tracker.membership().is_voter(self.lead_transferee) {
+            self.lead_transferee = 0;
+            self.transfer_elapsed = 0;
+        }
+        if leader {
+            self.need_bcast = true;
+        }
+    }
+
+    /// Entries from `from` on replaced what the log had there: their configurations replace
+    /// those of the entries they replaced.
+    fn configs_appended(&mut self, from: LogIndex, entries: &[Entry]) -> Result<(), Error> {
+        let before = self.configs.len();
+        self.configs.retain(|(i, _)| *i < from);
+        debug_assert!(
+            !self.configs.is_empty(),
+            "the base configuration is never truncated"
+        );
+        let mut changed = self.configs.len() != before;
+        for e in entries
+            .iter()
+            .filter(|e| e.index >= from && e.kind == EntryKind::ConfChange)
+        {
+            self.configs.push((e.index, decode_config(e)?));
+            changed = true;
+        }
+        if changed {
+            self.config_changed();
+        }
+        Ok(())
+    }
     pub fn store_mut(&mut self) -> &mut S {
         &mut self.log.store
     }
@@ -404,6 +514,9 @@ impl<S: LogStore> Raft<S> {
             last_index: self.log.last_index(),
             voters: self.tracker.membership().voters.ids().into_iter().collect(),
             learners: self.tracker.membership().learners.iter().copied().collect(),
+            config: self.config().clone(),
+            config_index: self.config_index(),
+            config_pending: self.config_index() > self.log.committed,
             lead_transferee: self.lead_transferee,
             progress: self
                 .tracker
@@ -724,7 +837,26 @@ impl<S: LogStore> Raft<S> {
             self.in_flight.is_none(),
             "step between ready() and advance()"
         );
-        if m.to != self.id || m.from == self.id || !self.tracker.membership().contains(m.from) {
+        // Messages are taken from nodes outside the configuration too (dissertation 4.1): a
+        // leader added after this node's last configuration entry must be able to bring it up
+        // to date. Votes are the exception below.
+        if m.to != self.id || m.from == self.id || m.from == 0 {
+            return Ok(());
+        }
+        if let MessageBody::VoteRequest { pre_vote, .. } = m.body
+            && !self.config().is_empty()
+            && !self.config().contains(m.from)
+        {
+            // A node removed (or never added) asks for votes: it must not make anyone change
+            // term, let alone win (hashicorp/raft#524). It learns our term from the refusal.
+            self.send(
+                m.from,
+                self.term,
+                MessageBody::VoteResponse {
+                    pre_vote,
+                    granted: false,
+                },
+            );
             return Ok(());
         }
         if m.term > self.term {
@@ -828,10 +960,10 @@ impl<S: LogStore> Raft<S> {
                 self.leader = m.from;
                 self.election_elapsed = 0;
                 match m.body {
-                    MessageBody::InstallSnapshot { snapshot } => {
-                        self.on_install_snapshot(m.from, snapshot)
+                    MessageBody::InstallSnapshot { snapshot, config } => {
+                        self.on_install_snapshot(m.from, snapshot, config)
                     }
-                    _ => self.on_append_request(m),
+                    _ => self.on_append_request(m)?,
                 }
                 self.lower_catch_up();
                 if self.catch_up_to.is_some_and(|i| self.log.committed >= i) {
@@ -861,7 +993,7 @@ impl<S: LogStore> Raft<S> {
     }
 
     /// Follower side of AppendEntries (Raft paper 5.3).
-    fn on_append_request(&mut self, m: Message) {
+    fn on_append_request(&mut self, m: Message) -> Result<(), Error> {
         let MessageBody::AppendRequest {
             prev_log_index,
             prev_log_term,
@@ -870,7 +1002,7 @@ impl<S: LogStore> Raft<S> {
             read_context,
         } = m.body
         else {
-            return;
+            return Ok(());
         };
         let reply = |success, index, hint_index, hint_term| MessageBody::AppendResponse {
             success,
@@ -883,13 +1015,19 @@ impl<S: LogStore> Raft<S> {
             // Old news: everything up to our commit index matches the leader already.
             let committed = self.log.committed;
             self.send(m.from, self.term, reply(true, committed, 0, 0));
-            return;
+            return Ok(());
         }
+        let conflict = self.log.find_conflict(&entries);
         match self
             .log
             .maybe_append(prev_log_index, prev_log_term, leader_commit, &entries)
         {
-            Some(last_new) => self.send(m.from, self.term, reply(true, last_new, 0, 0)),
+            Some(last_new) => {
+                if conflict != 0 {
+                    self.configs_appended(conflict, &entries)?;
+                }
+                self.send(m.from, self.term, reply(true, last_new, 0, 0))
+            }
             None => {
                 // Fast backtracking: point the leader at the last entry that may still match,
                 // skipping every entry of a term newer than the one it asked about.
@@ -902,12 +1040,13 @@ impl<S: LogStore> Raft<S> {
                 );
             }
         }
+        Ok(())
     }
 
     /// Follower side of InstallSnapshot (Raft paper 7; etcd raft `restore`). The snapshot is
     /// already staged by the runtime; the core only decides whether to install it, and answers
     /// like an append: the index that now matches the leader.
-    fn on_install_snapshot(&mut self, from: NodeId, snap: SnapshotMeta) {
+    fn on_install_snapshot(&mut self, from: NodeId, snap: SnapshotMeta, config: ClusterConfig) {
         let reply = |index| MessageBody::AppendResponse {
             success: true,
             index,
@@ -936,6 +1075,15 @@ impl<S: LogStore> Raft<S> {
         // Our log does not hold the snapshot's last entry (or holds another term there): the
         // whole log is dropped, not only what follows the snapshot (hashicorp/raft#697).
         self.log.restore(snap);
+        let config = if config.is_empty() {
+            // A snapshot from before membership was in the log: the configuration is the one
+            // this node had.
+            self.config().clone()
+        } else {
+            config
+        };
+        self.configs = vec![(snap.index, config)];
+        self.config_changed();
         // Sent after the install is durable (an AppendResponse waits for persistence).
         self.send(from, self.term, reply(snap.index));
     }
@@ -1199,6 +1347,23 @@ impl<S: LogStore> Raft<S> {
             return false;
         }
         let committed = self.log.committed;
+        if !self.tracker.departing().is_empty() && self.config_index() <= committed {
+            // A removal committed: the departed get the commit index once more (so that they
+            // apply their removal), and nothing after.
+            for id in self.tracker.departing().clone() {
+                if id != self.id {
+                    self.send_heartbeat(id);
+                }
+            }
+            self.config_changed();
+        }
+        if !self.config().is_voter(self.id) && self.config_index() <= committed {
+            // Our own removal is committed (dissertation 4.2.2: a leader that is not in the
+            // new configuration leads until then, without counting itself). Hand over to a
+            // voter that has everything, so that the cluster need not wait for a timeout.
+            self.step_down_removed();
+            return true;
+        }
         while self
             .uncommitted
             .front()
@@ -1215,6 +1380,19 @@ impl<S: LogStore> Raft<S> {
             }
         }
         true
+    }
+
+    fn step_down_removed(&mut self) {
+        let last = self.log.last_index();
+        let heir = self
+            .tracker
+            .voters_except(self.id)
+            .into_iter()
+            .find(|&id| self.tracker.get(id).is_some_and(|p| p.match_index == last));
+        if let Some(heir) = heir {
+            self.send(heir, self.term, MessageBody::TimeoutNow);
+        }
+        self.become_follower(self.term, 0);
     }
 
     /// The last index durable on this node.
@@ -1236,6 +1414,11 @@ impl<S: LogStore> Raft<S> {
             self.in_flight.is_none(),
             "propose between ready() and advance()"
         );
+        self.check_may_propose()?;
+        self.append_proposal(EntryKind::Normal, data)
+    }
+
+    fn check_may_propose(&self) -> Result<(), Error> {
         if self.role != Role::Leader {
             return Err(Error::NotLeader {
                 leader: self.leader,
@@ -1248,10 +1431,14 @@ impl<S: LogStore> Raft<S> {
                 to: self.lead_transferee,
             });
         }
+        Ok(())
+    }
+
+    fn append_proposal(&mut self, kind: EntryKind, data: Bytes) -> Result<(LogIndex, Term), Error> {
         let entry = Entry {
             index: self.log.last_index() + 1,
             term: self.term,
-            kind: EntryKind::Normal,
+            kind,
             data,
         };
         let bytes = entry.size_bytes();
@@ -1261,11 +1448,75 @@ impl<S: LogStore> Raft<S> {
             return Err(Error::ProposalDropped(self.uncommitted_bytes));
         }
         let index = entry.index;
+        if kind == EntryKind::ConfChange {
+            self.configs_appended(index, std::slice::from_ref(&entry))?;
+        }
         self.log.append(&[entry]);
         self.uncommitted.push_back((index, bytes));
         self.uncommitted_bytes += bytes;
         self.need_bcast = true;
         Ok((index, self.term))
+    }
+
+    /// Proposes a single-server configuration change (dissertation 4.1). It is in force as soon
+    /// as it is appended, here and on each follower; it is done once committed. Returns the
+    /// entry's index and term, as [`Raft::propose`] does.
+    ///
+    /// Refused, leaving everything as it was:
+    /// - while another change is not yet committed (one at a time: two uncommitted
+    ///   single-server changes could make majorities that do not overlap);
+    /// - until this leader has committed an entry of its own term (the 2015 raft-dev
+    ///   correction: otherwise a change of a deposed leader's term could be lost while one of
+    ///   this term is committed on a majority that does not overlap it);
+    /// - for a promotion, unless the learner is active and within `promote_max_lag` entries;
+    /// - for anything the configuration itself rules out (see [`ClusterConfig::apply`]).
+    ///
+    /// # Errors
+    /// `NotLeader`, `TransferInProgress`, `ProposalDropped`, or `ConfChangeRefused` saying why.
+    pub fn propose_conf_change(&mut self, change: &ConfChange) -> Result<(LogIndex, Term), Error> {
+        assert!(
+            self.in_flight.is_none(),
+            "propose_conf_change between ready() and advance()"
+        );
+        self.check_may_propose()?;
+        let refuse = |why: String| Err(Error::ConfChangeRefused { why, retry: true });
+        if self.config_index() > self.log.committed {
+            return refuse(format!(
+                "another change (entry {}) is not committed yet; retry once it is",
+                self.config_index()
+            ));
+        }
+        if !self.log.match_term(self.log.committed, self.term) {
+            return refuse(
+                "the leader has not yet committed an entry of its term; retry in a moment".into(),
+            );
+        }
+        let next = self
+            .config()
+            .apply(change)
+            .map_err(|why| Error::ConfChangeRefused { why, retry: false })?;
+        if let ConfChange::Promote { id } = *change {
+            let last = self.log.last_index();
+            let (matched, active) = self
+                .tracker
+                .get(id)
+                .map_or((0, false), |p| (p.match_index, p.recent_active));
+            // It must hold the configuration that made it a learner (so it has answered at
+            // least once since), and be close behind.
+            if !active || matched < self.config_index() || matched + self.cfg.promote_max_lag < last
+            {
+                return refuse(format!(
+                    "node {id} has not caught up: its log reaches entry {matched} of {last}{}; a learner is promoted once it is within {} entries of the leader",
+                    if active {
+                        ""
+                    } else {
+                        " and it has not answered recently"
+                    },
+                    self.cfg.promote_max_lag
+                ));
+            }
+        }
+        self.append_proposal(EntryKind::ConfChange, next.encode())
     }
 
     /// Requests a linearizable read (dissertation 6.4). Once a quorum has confirmed that we are
@@ -1446,6 +1697,15 @@ impl<S: LogStore> Raft<S> {
     /// If `index` was not handed out for applying.
     pub fn advance_apply(&mut self, index: LogIndex) {
         self.log.applied_to(index);
+        // The state machine now holds the configuration in force at `index`: older ones are
+        // never needed again (a truncation stops above the commit index).
+        let applied = self.log.applied;
+        let keep_from = self
+            .configs
+            .iter()
+            .rposition(|(i, _)| *i <= applied)
+            .unwrap_or(0);
+        self.configs.drain(..keep_from);
     }
 
     /// Checks the core's internal invariants; panics with a description if one is broken.
@@ -1457,7 +1717,7 @@ impl<S: LogStore> Raft<S> {
                 assert_eq!(self.vote, self.id, "a leader voted for itself in its term");
                 assert_eq!(
                     self.tracker.progress().len(),
-                    self.tracker.membership().members().len(),
+                    self.tracker.tracked().len(),
                     "leader tracks every member"
                 );
                 for (id, p) in self.tracker.progress() {

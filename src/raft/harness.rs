@@ -121,7 +121,7 @@ impl Net {
             };
             let lost =
                 self.cut.contains(&(m.from, m.to)) || self.filter.as_ref().is_some_and(|f| !f(&m));
-            if let MessageBody::InstallSnapshot { snapshot } = m.body {
+            if let MessageBody::InstallSnapshot { snapshot, .. } = m.body {
                 // The transfer (runtime work) ends here: report it to the sender.
                 let data = self.snapshot_data.remove(&(m.from, m.to, snapshot.index));
                 if let Some(sender) = self.nodes.get_mut(&m.from) {
@@ -140,7 +140,7 @@ impl Net {
             }
             self.delivered.push(m.clone());
             let (to, snap) = match m.body {
-                MessageBody::InstallSnapshot { snapshot } => (m.to, Some(snapshot)),
+                MessageBody::InstallSnapshot { snapshot, .. } => (m.to, Some(snapshot)),
                 _ => (m.to, None),
             };
             if let Some(r) = self.nodes.get_mut(&m.to) {
@@ -187,12 +187,13 @@ impl Net {
             let term = r.term_at(index).expect("the applied entry's term is known");
             let data = self.applied.get(&id).cloned().unwrap_or_default();
             let snapshot = SnapshotMeta { index, term };
+            let config = r.config_at(index).cloned().unwrap_or_default();
             self.snapshot_data.insert((id, to, index), data);
             self.queue.push_back(Message {
                 from: id,
                 to,
                 term: r.term(),
-                body: MessageBody::InstallSnapshot { snapshot },
+                body: MessageBody::InstallSnapshot { snapshot, config },
             });
         }
         self.applied

@@ -158,7 +158,7 @@ impl<S: LogStore> RaftLog<S> {
     }
 
     /// The index of the first entry that is not in the log with the same term, or 0.
-    fn find_conflict(&self, entries: &[Entry]) -> LogIndex {
+    pub(crate) fn find_conflict(&self, entries: &[Entry]) -> LogIndex {
         entries
             .iter()
             .find(|e| !self.match_term(e.index, e.term))

@@ -4,6 +4,7 @@
 
 pub mod core;
 pub mod log;
+pub mod membership;
 pub mod progress;
 pub mod quorum;
 pub mod storage;
@@ -11,6 +12,7 @@ pub mod tracker;
 pub mod types;
 
 pub use self::core::{Config, Error, Raft, Status};
+pub use self::membership::{ClusterConfig, ConfChange, Member};
 pub use self::storage::{LogStore, MemLogStore, StorageError};
 pub use self::types::*;
 

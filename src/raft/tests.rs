@@ -247,8 +247,10 @@ fn higher_term_deposes_and_stale_term_is_rejected() {
     ));
 }
 
-// Messages addressed to another node, claiming to come from this node, or from a node outside
-// the configuration change nothing (the transport checks too; the core does not rely on it).
+// Messages addressed to another node, or claiming to come from this node or from nobody, change
+// nothing (the transport checks too; the core does not rely on it). A vote request from a node
+// outside the configuration (a removed one) is refused in this node's term, which it keeps
+// (hashicorp/raft#524).
 #[test]
 fn misaddressed_and_foreign_messages_are_ignored() {
     let vote = |from, to| Message {
@@ -262,7 +264,7 @@ fn misaddressed_and_foreign_messages_are_ignored() {
             leader_transfer: false,
         },
     };
-    for (from, to) in [(2, 3), (1, 1), (7, 1), (0, 1)] {
+    for (from, to) in [(2, 3), (1, 1), (0, 1)] {
         let mut r = core(no_pre_vote(1, 3), MemLogStore::new(), 2, 0);
         r.step(vote(from, to)).expect("step");
         assert_eq!(r.term(), 2, "from {from} to {to}");
@@ -271,6 +273,23 @@ fn misaddressed_and_foreign_messages_are_ignored() {
             "from {from} to {to}: no answer, no state change"
         );
     }
+    let mut r = core(no_pre_vote(1, 3), MemLogStore::new(), 2, 0);
+    r.step(vote(7, 1)).expect("step");
+    assert_eq!(r.term(), 2, "a non-member does not change the term");
+    let rd = r.ready().expect("ready");
+    assert_eq!(rd.hard_state, None, "nor the vote");
+    assert_eq!(
+        rd.messages,
+        vec![Message {
+            from: 1,
+            to: 7,
+            term: 2,
+            body: MessageBody::VoteResponse {
+                pre_vote: false,
+                granted: false
+            },
+        }]
+    );
 }
 
 // Reference: section 5.4.1. A voter denies its vote if its own log is more up-to-date.
@@ -1304,13 +1323,8 @@ fn invalid_configs_are_refused() {
     let base = || config(1, 3);
     let bad = [
         Config { id: 0, ..base() },
-        Config { id: 4, ..base() },
         Config {
-            voters: vec![1, 1, 2],
-            ..base()
-        },
-        Config {
-            voters: vec![1, 0, 2],
+            members: ClusterConfig::with_voters([1, 0, 2]),
             ..base()
         },
         Config {
@@ -1450,7 +1464,10 @@ fn stale_snapshot_is_ignored() {
         1,
         2,
         1,
-        MessageBody::InstallSnapshot { snapshot: snap },
+        MessageBody::InstallSnapshot {
+            snapshot: snap,
+            config: ClusterConfig::default(),
+        },
     ))
     .expect("step");
     assert_eq!(r.pending_snapshot(), None);
@@ -1487,7 +1504,10 @@ fn snapshot_matching_the_log_only_commits() {
         1,
         2,
         1,
-        MessageBody::InstallSnapshot { snapshot: snap },
+        MessageBody::InstallSnapshot {
+            snapshot: snap,
+            config: ClusterConfig::default(),
+        },
     ))
     .expect("step");
     assert_eq!(r.pending_snapshot(), None);
@@ -1507,7 +1527,10 @@ fn follower_with_conflicting_log_installs_snapshot_and_drops_its_log() {
         1,
         2,
         3,
-        MessageBody::InstallSnapshot { snapshot: snap },
+        MessageBody::InstallSnapshot {
+            snapshot: snap,
+            config: ClusterConfig::default(),
+        },
     ))
     .expect("step");
     assert_eq!(r.pending_snapshot(), Some(snap));
@@ -1558,7 +1581,10 @@ fn snapshot_from_an_older_term_is_refused() {
         1,
         2,
         4,
-        MessageBody::InstallSnapshot { snapshot: snap },
+        MessageBody::InstallSnapshot {
+            snapshot: snap,
+            config: ClusterConfig::default(),
+        },
     ))
     .expect("step");
     assert_eq!(r.pending_snapshot(), None);
@@ -1933,7 +1959,7 @@ fn timeout_now_from_anyone_but_the_leader_is_ignored() {
 
 fn with_learner(id: NodeId, _: u64) -> Config {
     let mut c = config(id, 3);
-    c.learners = vec![4];
+    c.members.add_learner(4);
     c
 }
 
@@ -2037,13 +2063,442 @@ fn a_learner_still_answers_vote_requests() {
 
 #[test]
 fn learner_configurations_are_checked() {
-    let mut c = config(1, 3);
-    c.learners = vec![3];
-    assert!(c.validate().is_err(), "a voter cannot be a learner");
     let mut c = Config::new(5, vec![1, 2, 3], 1);
-    assert!(c.validate().is_err(), "not a member");
-    c.learners = vec![5];
+    assert!(
+        c.validate().is_ok(),
+        "a node outside its configuration is valid: it waits to be added"
+    );
+    c.members.add_learner(5);
     assert!(c.validate().is_ok());
-    c.voters.clear();
-    assert!(c.validate().is_err(), "no voter at all");
+    c.members.members.retain(|_, m| !m.voter);
+    assert!(c.validate().is_err(), "learners but no voter");
+    c.members.members.clear();
+    assert!(
+        c.validate().is_ok(),
+        "a joining node knows no configuration"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Membership changes (dissertation 4; etcd raft `confchange/` and its testdata)
+// ---------------------------------------------------------------------------------------------
+
+fn add(id: NodeId) -> ConfChange {
+    ConfChange::AddLearner {
+        id,
+        address: format!("h:{id}"),
+    }
+}
+
+/// A node that joins with nothing: no log, no configuration.
+fn joiner(net: &mut Net, id: NodeId) {
+    let r = Raft::new(config(id, 0), MemLogStore::new(), HardState::default(), 0)
+        .expect("a joining node's config");
+    net.nodes.insert(id, r);
+}
+
+/// Proposes `change` on `leader`, settles, and returns the entry's index.
+fn change(net: &mut Net, leader: NodeId, c: &ConfChange) -> LogIndex {
+    let (index, _) = net.node(leader).propose_conf_change(c).expect("change");
+    net.settle();
+    index
+}
+
+/// Ticks until `done` (lost appends are noticed at heartbeats), at most 50 rounds.
+fn tick_until(net: &mut Net, mut done: impl FnMut(&mut Net) -> bool) {
+    for _ in 0..50 {
+        if done(net) {
+            return;
+        }
+        net.tick_all();
+    }
+    assert!(done(net), "not reached within 50 ticks");
+}
+
+fn refusal(r: Result<(LogIndex, Term), Error>) -> (String, bool) {
+    match r {
+        Err(Error::ConfChangeRefused { why, retry }) => (why, retry),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_learner_is_added_catches_up_and_is_promoted() {
+    let mut net = Net::new(3);
+    net.elect(1);
+    net.propose(1, "before").expect("propose");
+    joiner(&mut net, 4);
+    let index = change(&mut net, 1, &add(4));
+    for id in 1..=4 {
+        let r = net.node(id);
+        assert!(
+            r.config().contains(4) && !r.config().is_voter(4),
+            "node {id}"
+        );
+        assert_eq!(r.config_index(), index, "node {id}");
+    }
+    assert_eq!(net.node(4).commit_index(), net.node(1).commit_index());
+    assert_eq!(net.node(1).status().learners, vec![4]);
+    // A learner makes no quorum: with 2 and 3 cut off, nothing commits.
+    net.isolate(2);
+    net.cut.insert((1, 3));
+    net.cut.insert((3, 1));
+    let (i, _) = net.propose(1, "needs a voter").expect("propose");
+    assert!(net.node(1).commit_index() < i);
+    assert_eq!(net.node(4).last_index(), i, "but the learner has it");
+    net.heal();
+    tick_until(&mut net, |n| n.node(1).commit_index() >= i);
+    // Promoted once caught up: now four voters, a quorum of three.
+    change(&mut net, 1, &ConfChange::Promote { id: 4 });
+    assert_eq!(net.node(1).status().voters, vec![1, 2, 3, 4]);
+    assert!(net.node(4).config().is_voter(4));
+    net.isolate(2);
+    net.cut.insert((1, 3));
+    net.cut.insert((3, 1));
+    let (i, _) = net
+        .propose(1, "1 and 4 are no quorum of four")
+        .expect("propose");
+    assert!(net.node(1).commit_index() < i);
+    net.cut.remove(&(1, 3));
+    net.cut.remove(&(3, 1));
+    tick_until(&mut net, |n| n.node(1).commit_index() >= i);
+}
+
+#[test]
+fn a_learner_that_lags_is_not_promoted() {
+    let mut net = Net::with(3, |id, n| {
+        let mut c = config(id, n);
+        c.promote_max_lag = 3;
+        c
+    });
+    net.elect(1);
+    joiner(&mut net, 4);
+    change(&mut net, 1, &add(4));
+    net.isolate(4);
+    for i in 0..5 {
+        net.propose(1, &format!("w{i}")).expect("propose");
+    }
+    let (why, retry) = refusal(
+        net.node(1)
+            .propose_conf_change(&ConfChange::Promote { id: 4 }),
+    );
+    assert!(why.contains("has not caught up") && retry, "{why}");
+    assert!(!net.node(1).config().is_voter(4), "nothing changed");
+    net.heal();
+    let last = net.node(1).last_index();
+    tick_until(&mut net, |n| n.node(4).last_index() >= last);
+    change(&mut net, 1, &ConfChange::Promote { id: 4 });
+    assert!(net.node(1).config().is_voter(4));
+}
+
+#[test]
+fn one_change_at_a_time() {
+    let mut net = Net::new(3);
+    net.elect(1);
+    joiner(&mut net, 4);
+    joiner(&mut net, 5);
+    net.isolate(2);
+    net.isolate(3);
+    let (i, _) = net.node(1).propose_conf_change(&add(4)).expect("first");
+    net.settle();
+    assert!(
+        net.node(1).commit_index() < i,
+        "not committed: 2 and 3 are cut off"
+    );
+    let (why, retry) = refusal(net.node(1).propose_conf_change(&add(5)));
+    assert!(why.contains("not committed yet") && retry, "{why}");
+    net.heal();
+    tick_until(&mut net, |n| n.node(1).commit_index() >= i);
+    change(&mut net, 1, &add(5));
+    assert!(net.node(1).config().contains(5));
+}
+
+// The 2015 raft-dev correction: a new leader must commit an entry of its own term before it
+// changes the configuration (hashicorp/raft, etcd's pending-config index).
+#[test]
+fn a_new_leader_changes_nothing_before_it_commits_an_entry_of_its_term() {
+    let mut net = Net::new(3);
+    // Node 1 wins, but no follower's acknowledgement of its no-op arrives.
+    net.filter = Some(Box::new(|m| {
+        !matches!(m.body, MessageBody::AppendResponse { .. })
+    }));
+    net.elect(1);
+    assert_eq!(net.leaders(), vec![1]);
+    let (why, retry) = refusal(net.node(1).propose_conf_change(&add(4)));
+    assert!(
+        why.contains("has not yet committed an entry of its term") && retry,
+        "{why}"
+    );
+    net.filter = None;
+    let term = net.node(1).term();
+    tick_until(&mut net, |n| {
+        let r = n.node(1);
+        r.term_at(r.commit_index()) == Some(term)
+    });
+    joiner(&mut net, 4);
+    change(&mut net, 1, &add(4));
+}
+
+#[test]
+fn changes_the_configuration_rules_out_are_refused_for_good() {
+    let mut net = Net::new(3);
+    net.elect(1);
+    let (why, retry) = refusal(net.node(1).propose_conf_change(&add(2)));
+    assert!(why.contains("already a member") && !retry, "{why}");
+    let (why, _) = refusal(
+        net.node(1)
+            .propose_conf_change(&ConfChange::Promote { id: 2 }),
+    );
+    assert!(why.contains("already a voter"), "{why}");
+    change(&mut net, 1, &ConfChange::Remove { id: 3 });
+    let (why, retry) = refusal(net.node(1).propose_conf_change(&add(3)));
+    assert!(why.contains("never reused") && !retry, "{why}");
+    assert!(matches!(
+        net.node(2).propose_conf_change(&add(4)),
+        Err(Error::NotLeader { leader: 1 })
+    ));
+}
+
+#[test]
+fn a_removed_follower_is_no_longer_replicated_to_and_never_campaigns() {
+    let mut net = Net::new(3);
+    net.elect(1);
+    change(&mut net, 1, &ConfChange::Remove { id: 3 });
+    assert_eq!(net.node(1).status().voters, vec![1, 2]);
+    assert!(
+        net.node(3).config().removed.contains(&3),
+        "it got its removal"
+    );
+    let before = net.node(3).last_index();
+    net.propose(1, "after").expect("1 and 2 commit alone");
+    assert_eq!(
+        net.node(3).last_index(),
+        before,
+        "nothing more is sent to it"
+    );
+    // It hears no leader any more, yet it never campaigns (it is no voter).
+    net.delivered.clear();
+    for _ in 0..100 {
+        net.tick_all();
+    }
+    assert!(
+        !net.delivered.iter().any(|m| m.from == 3),
+        "the removed node sends nothing"
+    );
+    assert_eq!(net.leaders(), vec![1]);
+}
+
+// hashicorp/raft#524: a removed node that did not learn of its removal times out and asks for
+// votes; the members refuse without changing term, and the leader stays.
+#[test]
+fn a_removed_node_that_missed_its_removal_cannot_disrupt() {
+    let mut net = Net::with(3, no_pre_vote);
+    net.elect(1);
+    net.isolate(3);
+    change(&mut net, 1, &ConfChange::Remove { id: 3 });
+    assert!(!net.node(3).config().removed.contains(&3), "3 missed it");
+    let term = net.node(1).term();
+    net.heal();
+    for _ in 0..5 {
+        net.node(3).hup();
+        net.settle();
+    }
+    assert!(net.node(3).term() > term, "3 campaigned");
+    assert_eq!(net.node(1).term(), term, "the members kept their term");
+    assert_eq!(net.node(2).term(), term);
+    assert_eq!(net.leaders(), vec![1]);
+}
+
+#[test]
+fn the_leader_removes_itself_then_hands_over() {
+    let mut net = Net::new(3);
+    net.elect(1);
+    let (index, _) = net
+        .node(1)
+        .propose_conf_change(&ConfChange::Remove { id: 1 })
+        .expect("remove the leader");
+    // In force on append: the leader no longer counts itself, and leads until it commits.
+    assert!(!net.node(1).config().is_voter(1));
+    assert_eq!(net.node(1).role(), Role::Leader);
+    net.settle();
+    assert!(net.node(2).commit_index() >= index || net.node(3).commit_index() >= index);
+    let leaders = net.leaders();
+    assert_eq!(leaders.len(), 1, "{leaders:?}");
+    assert_ne!(
+        leaders[0], 1,
+        "handed over at once (TimeoutNow), no timeout waited for"
+    );
+    assert_eq!(net.node(1).role(), Role::Follower);
+    let new = leaders[0];
+    net.propose(new, "after")
+        .expect("the rest of the cluster goes on");
+    for _ in 0..100 {
+        net.tick_all();
+    }
+    assert_eq!(net.leaders(), vec![new], "node 1 never campaigns again");
+}
+
+// etcd raft testdata/campaign_learner_must_vote.txt: a learner whose configuration is behind
+// still votes for a candidate whose configuration makes it a voter.
+#[test]
+fn a_learner_still_votes() {
+    let mut c = config(4, 3);
+    c.members.add_learner(4);
+    let mut r = core(c, MemLogStore::new(), 1, 0);
+    r.step(Message {
+        from: 2,
+        to: 4,
+        term: 2,
+        body: MessageBody::VoteRequest {
+            pre_vote: false,
+            last_log_index: 5,
+            last_log_term: 1,
+            leader_transfer: false,
+        },
+    })
+    .expect("step");
+    let rd = r.ready().expect("ready");
+    assert_eq!(
+        rd.messages[0].body,
+        MessageBody::VoteResponse {
+            pre_vote: false,
+            granted: true
+        }
+    );
+}
+
+// A configuration entry takes effect on append; when a new leader overwrites it, the
+// configuration before it is back (dissertation 4.1).
+#[test]
+fn a_truncated_configuration_entry_takes_its_configuration_with_it() {
+    let mut r = core(no_pre_vote(2, 3), MemLogStore::new(), 1, 0);
+    let conf = ClusterConfig::with_voters([1, 2, 3])
+        .apply(&add(4))
+        .expect("add");
+    let append = |from, term, entries: Vec<Entry>| Message {
+        from,
+        to: 2,
+        term,
+        body: MessageBody::AppendRequest {
+            prev_log_index: 0,
+            prev_log_term: 0,
+            entries,
+            leader_commit: 0,
+            read_context: 0,
+        },
+    };
+    let conf_entry = Entry {
+        index: 1,
+        term: 1,
+        kind: EntryKind::ConfChange,
+        data: conf.encode(),
+    };
+    r.step(append(1, 1, vec![conf_entry.clone()]))
+        .expect("step");
+    assert!(r.config().contains(4), "in force on append");
+    assert_eq!(r.config_index(), 1);
+    r.ready().expect("ready");
+    r.advance();
+    // A stale copy of the same append changes nothing.
+    r.step(append(1, 1, vec![conf_entry])).expect("step");
+    assert!(r.config().contains(4));
+    r.ready().expect("ready");
+    r.advance();
+    r.step(append(3, 2, vec![entry(1, 2)])).expect("step");
+    assert!(!r.config().contains(4), "the entry was overwritten");
+    assert_eq!(r.config_index(), 0);
+}
+
+#[test]
+fn configuration_entries_not_yet_applied_are_recovered_on_restart() {
+    let conf = ClusterConfig::with_voters([1, 2, 3])
+        .apply(&ConfChange::Remove { id: 3 })
+        .expect("remove");
+    let mut store = MemLogStore::new();
+    store.append(&[
+        entry(1, 1),
+        Entry {
+            index: 2,
+            term: 1,
+            kind: EntryKind::ConfChange,
+            data: conf.encode(),
+        },
+        entry(3, 1),
+    ]);
+    let r = Raft::new(config(1, 3), store.clone(), HardState::default(), 1).expect("new");
+    assert_eq!(r.config(), &conf);
+    assert_eq!(r.config_index(), 2);
+    assert_eq!(r.status().voters, vec![1, 2]);
+    // Applied past it, the state machine's configuration is the base instead.
+    let mut c = config(1, 3);
+    c.members = conf.clone();
+    let r = Raft::new(c, store, HardState::default(), 3).expect("new");
+    assert_eq!(r.config(), &conf);
+    // A corrupt configuration entry is refused, not guessed at.
+    let mut bad = MemLogStore::new();
+    bad.append(&[Entry {
+        index: 1,
+        term: 1,
+        kind: EntryKind::ConfChange,
+        data: Bytes::from_static(b"{"),
+    }]);
+    assert!(matches!(
+        Raft::new(config(1, 3), bad, HardState::default(), 0),
+        Err(Error::Storage(StorageError::Corrupt(_)))
+    ));
+}
+
+// A node that joins after the log was compacted learns the configuration from the snapshot.
+#[test]
+fn a_member_added_after_compaction_gets_the_configuration_with_the_snapshot() {
+    let mut net = Net::new(3);
+    net.elect(1);
+    joiner(&mut net, 4);
+    net.isolate(4);
+    change(&mut net, 1, &add(4));
+    for i in 0..5 {
+        net.propose(1, &format!("w{i}")).expect("propose");
+    }
+    let applied = net.node(1).applied_index();
+    net.node(1).store_mut().compact(applied);
+    net.heal();
+    for _ in 0..10 {
+        net.tick_all();
+    }
+    assert!(net.installed.iter().any(|&(id, _)| id == 4), "by snapshot");
+    assert!(net.node(4).config().contains(4));
+    let leader_config = net.node(1).config().clone();
+    assert_eq!(net.node(4).config(), &leader_config);
+    assert_eq!(net.node(4).commit_index(), net.node(1).commit_index());
+}
+
+// A node told to take over (TimeoutNow) crashes before it does: the transfer is abandoned
+// after an election timeout and the old leader goes on; the target comes back as a follower.
+#[test]
+fn a_transfer_interrupted_by_a_crash_of_the_target_is_abandoned() {
+    let mut net = Net::new(3);
+    net.elect(1);
+    net.propose(1, "a").expect("propose");
+    net.cut.insert((1, 3));
+    net.node(1).transfer_leader(3).expect("transfer");
+    // Node 3 crashes: it restarts from its durable state (nothing volatile survives).
+    let (store, hs, applied) = {
+        let r = net.node(3);
+        (r.store().clone(), r.hard_state(), r.applied_index())
+    };
+    net.nodes.insert(
+        3,
+        Raft::new(config(3, 3), store, hs, applied).expect("restart"),
+    );
+    for _ in 0..10 {
+        net.node(1).tick();
+    }
+    net.settle();
+    assert_eq!(net.node(1).lead_transferee(), 0, "abandoned");
+    assert_eq!(net.leaders(), vec![1]);
+    net.cut.clear();
+    net.propose(1, "b").expect("the old leader goes on");
+    net.tick_all();
+    assert_eq!(net.node(3).leader(), 1);
+    assert_eq!(net.log_of(3), net.log_of(1));
 }

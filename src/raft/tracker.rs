@@ -51,6 +51,9 @@ pub struct ProgressTracker {
     progress: BTreeMap<NodeId, Progress>,
     /// (Pre-)candidate only: the first answer of each node in this campaign.
     votes: BTreeMap<NodeId, bool>,
+    /// Leader only: members the latest (uncommitted) configuration removed. They are still
+    /// replicated to, so that they learn of their removal, but count for nothing.
+    departing: BTreeSet<NodeId>,
 }
 
 impl ProgressTracker {
@@ -59,6 +62,7 @@ impl ProgressTracker {
             membership,
             progress: BTreeMap::new(),
             votes: BTreeMap::new(),
+            departing: BTreeSet::new(),
         }
     }
 
@@ -69,11 +73,18 @@ impl ProgressTracker {
     /// The members other than `me`, in id order: whom a leader replicates to and a candidate
     /// asks (a learner is never asked for a vote: see `voters_except`).
     pub fn peers(&self, me: NodeId) -> Vec<NodeId> {
-        self.membership
-            .members()
-            .into_iter()
-            .filter(|&id| id != me)
-            .collect()
+        self.tracked().into_iter().filter(|&id| id != me).collect()
+    }
+
+    /// Every node a leader tracks: the members and the departing.
+    pub fn tracked(&self) -> BTreeSet<NodeId> {
+        let mut all = self.membership.members();
+        all.extend(&self.departing);
+        all
+    }
+
+    pub fn departing(&self) -> &BTreeSet<NodeId> {
+        &self.departing
     }
 
     /// The voters other than `me`.
@@ -94,7 +105,7 @@ impl ProgressTracker {
     /// the first check-quorum round; its own progress is its durable log (`durable`).
     pub fn reset_progress(&mut self, me: NodeId, next: LogIndex, durable: LogIndex) {
         self.progress.clear();
-        for id in self.membership.members() {
+        for id in self.tracked() {
             let mut pr = Progress::new(next);
             pr.recent_active = true;
             if id == me {
@@ -102,6 +113,38 @@ impl ProgressTracker {
                 pr.next_index = durable + 1;
             }
             self.progress.insert(id, pr);
+        }
+    }
+
+    /// A new configuration. On a leader (`leader`: `(next, durable)` as for
+    /// [`Self::reset_progress`]), new members start being probed at `next` and members that
+    /// left stop being tracked.
+    /// `departing`: members of the configuration before, not in this one, while this one is
+    /// not committed.
+    pub fn set_membership(
+        &mut self,
+        membership: Membership,
+        departing: BTreeSet<NodeId>,
+        me: NodeId,
+        leader: Option<(LogIndex, LogIndex)>,
+    ) {
+        self.membership = membership;
+        self.departing = departing;
+        let Some((next, durable)) = leader else {
+            return;
+        };
+        let members = self.tracked();
+        self.progress.retain(|id, _| members.contains(id));
+        for id in members {
+            self.progress.entry(id).or_insert_with(|| {
+                // A new member has not been heard from (it counts toward no quorum yet).
+                let mut pr = Progress::new(next);
+                if id == me {
+                    pr.match_index = durable;
+                    pr.next_index = durable + 1;
+                }
+                pr
+            });
         }
     }
 

@@ -17,6 +17,9 @@ pub enum EntryKind {
     /// Appended by a new leader when it takes office, so that it can commit entries of earlier
     /// terms by committing one of its own (Raft paper 5.4.2). Applies nothing.
     Noop,
+    /// A configuration change: the data is the whole new [`super::ClusterConfig`], in force
+    /// from the moment the entry is appended (dissertation 4.1), committed or not.
+    ConfChange,
 }
 
 /// One entry of the replicated log.
@@ -134,6 +137,9 @@ pub enum MessageBody {
     /// (see [`Ready::snapshot`]); it is answered with an `AppendResponse`.
     InstallSnapshot {
         snapshot: SnapshotMeta,
+        /// The configuration in force at `snapshot.index` (empty: the snapshot predates
+        /// membership in the log, and the receiver keeps the one it has).
+        config: super::ClusterConfig,
     },
     /// Leadership transfer (dissertation 3.10): the leader tells a caught-up voter to start an
     /// election at once, without waiting for its timeout or a pre-vote.

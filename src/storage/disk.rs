@@ -983,6 +983,7 @@ fn encode_batch(first: LogIndex, entries: &[Entry], checked: bool) -> Vec<u8> {
         v.push(match e.kind {
             EntryKind::Normal => 0,
             EntryKind::Noop => 1,
+            EntryKind::ConfChange => 2,
         });
         v.extend_from_slice(&(e.data.len() as u32).to_le_bytes());
         v.extend_from_slice(&e.data);
@@ -1022,6 +1023,7 @@ fn decode_batch(first: LogIndex, v: &[u8], checked: bool) -> Option<Vec<Entry>> 
         let kind = match v[at + 8] {
             0 => EntryKind::Normal,
             1 => EntryKind::Noop,
+            2 => EntryKind::ConfChange,
             _ => return None,
         };
         let len = u32::from_le_bytes(v[at + 9..at + 13].try_into().ok()?) as usize;

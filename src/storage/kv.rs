@@ -7,7 +7,7 @@ use std::path::Path;
 use bytes::Bytes;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions};
 
-use crate::raft::{Entry, EntryKind, LogIndex, SnapshotMeta, StorageError, Term};
+use crate::raft::{ClusterConfig, Entry, EntryKind, LogIndex, SnapshotMeta, StorageError, Term};
 
 use super::command::{Command, Op};
 use super::disk::{corrupt, encode_meta, io_err, sync_dir, u64_at};
@@ -20,6 +20,9 @@ pub(crate) const KEY_SM_GENERATION: &[u8] = b"sm_generation";
 /// The cluster this node belongs to (u64 LE; absent: not known yet). Set by the first applied
 /// `SetClusterId` entry or by an installed snapshot.
 pub(crate) const KEY_CLUSTER_ID: &[u8] = b"cluster_id";
+/// The configuration in force at the applied index (JSON, as in the log's configuration
+/// entries; absent: none applied yet, the bootstrap configuration of config.json holds).
+pub(crate) const KEY_MEMBERSHIP: &[u8] = b"membership";
 
 /// The names of generation `gen`'s key-value and session keyspaces.
 pub(crate) fn sm_keyspace_names(generation: u64) -> (String, String) {
@@ -150,6 +153,9 @@ pub struct KvStore {
     applied_term: Term,
     /// 0 until known.
     cluster_id: u64,
+    /// The configuration in force at `applied`, once a configuration entry or a snapshot
+    /// carrying one has been applied.
+    config: Option<ClusterConfig>,
 }
 
 /// The session table read from a sessions keyspace: the cache and the record keys.
@@ -181,6 +187,8 @@ pub struct StagedState {
     pub records: u64,
     /// The cluster the snapshot came from (0: not known).
     pub cluster_id: u64,
+    /// The configuration in force at `meta.index` (`None`: the sender did not know one).
+    pub config: Option<ClusterConfig>,
 }
 
 impl KvStore {
@@ -206,7 +214,14 @@ impl KvStore {
             Some(_) => return Err(corrupt("cluster_id")),
             None => 0,
         };
+        let config = match meta.get(KEY_MEMBERSHIP).map_err(io_err)? {
+            Some(v) => {
+                Some(ClusterConfig::decode(&v).map_err(|e| corrupt(format!("membership: {e}")))?)
+            }
+            None => None,
+        };
         Ok(KvStore {
+            config,
             cluster_id,
             db,
             generation,
@@ -228,6 +243,11 @@ impl KvStore {
     /// The cluster this node belongs to, 0 until known.
     pub fn cluster_id(&self) -> u64 {
         self.cluster_id
+    }
+
+    /// The configuration in force at the applied index, if one was ever applied.
+    pub fn config(&self) -> Option<&ClusterConfig> {
+        self.config.as_ref()
     }
 
     /// The index and term of the last entry applied.
@@ -277,6 +297,7 @@ impl KvStore {
             kv: self.kv.clone(),
             sessions: self.sessions.clone(),
             meta: self.applied_meta(),
+            config: self.config.clone(),
         }
     }
 
@@ -309,8 +330,16 @@ impl KvStore {
                 cluster_id.to_le_bytes().to_vec(),
             );
         }
+        // A snapshot without a configuration (its sender predates membership in the log)
+        // leaves this node's as it was.
+        if let Some(c) = &staged.config {
+            b.insert(&self.meta, KEY_MEMBERSHIP, c.encode().to_vec());
+        }
         b.commit().map_err(io_err)?;
         self.cluster_id = cluster_id;
+        if staged.config.is_some() {
+            self.config = staged.config.clone();
+        }
         self.db
             .persist(fjall::PersistMode::SyncAll)
             .map_err(io_err)?;
@@ -362,6 +391,7 @@ impl KvStore {
         let mut applied = self.applied;
         let mut applied_term = self.applied_term;
         let mut new_cluster_id = None;
+        let mut new_config = None;
         for e in entries {
             assert_eq!(e.index, applied + 1, "entries must be applied in order");
             applied = e.index;
@@ -370,6 +400,13 @@ impl KvStore {
                 expired.extend(self.expired_sessions(e.index, &touched));
             }
             if e.kind == EntryKind::Noop {
+                outcomes.push(ApplyOutcome::Noop);
+                continue;
+            }
+            if e.kind == EntryKind::ConfChange {
+                let c = ClusterConfig::decode(&e.data)
+                    .map_err(|err| corrupt(format!("configuration entry {}: {err}", e.index)))?;
+                new_config = Some(c);
                 outcomes.push(ApplyOutcome::Noop);
                 continue;
             }
@@ -444,6 +481,9 @@ impl KvStore {
                 encode_sessions(touched.iter()),
             );
         }
+        if let Some(c) = &new_config {
+            b.insert(&self.meta, KEY_MEMBERSHIP, c.encode().to_vec());
+        }
         b.insert(
             &self.meta,
             KEY_APPLIED,
@@ -453,6 +493,9 @@ impl KvStore {
             }),
         );
         b.commit().map_err(io_err)?;
+        if new_config.is_some() {
+            self.config = new_config;
+        }
         // Out of fjall's userspace buffer into the OS: a kill -9 must not lose this batch
         // while a keyspace's memtable (say meta's, with the new applied index) is flushed to
         // a table without it. (The next log fsync makes it durable against power loss.)

@@ -46,6 +46,8 @@ pub struct SnapshotSource {
     pub(crate) kv: Keyspace,
     pub(crate) sessions: Keyspace,
     pub meta: SnapshotMeta,
+    /// The configuration in force at `meta.index`, if the state machine holds one.
+    pub config: Option<crate::raft::ClusterConfig>,
 }
 
 impl SnapshotSource {
@@ -222,6 +224,7 @@ impl Stager {
                     session_table,
                     records,
                     cluster_id: 0,
+                    config: None,
                 })
             }
             Err(e) => {

@@ -8,7 +8,7 @@ use crate::raft::{Entry, EntryKind, Message, MessageBody, NodeId};
 pub enum ConvertError {
     #[error("message without a body")]
     NoBody,
-    #[error("message from unknown node {0}")]
+    #[error("message from node {0}, which is not a member (removed, or id 0)")]
     UnknownSender(NodeId),
     #[error("message for node {to}, but this is node {me}")]
     WrongRecipient { to: NodeId, me: NodeId },
@@ -79,6 +79,7 @@ fn entry_to_wire(e: Entry) -> proto::Entry {
     let kind = match e.kind {
         EntryKind::Normal => proto::EntryKind::Normal,
         EntryKind::Noop => proto::EntryKind::Noop,
+        EntryKind::ConfChange => proto::EntryKind::ConfChange,
     };
     proto::Entry {
         index: e.index,
@@ -123,6 +124,7 @@ pub fn message_from_wire(
                 let kind = match proto::EntryKind::try_from(e.kind) {
                     Ok(proto::EntryKind::Normal) => EntryKind::Normal,
                     Ok(proto::EntryKind::Noop) => EntryKind::Noop,
+                    Ok(proto::EntryKind::ConfChange) => EntryKind::ConfChange,
                     Err(_) => return Err(ConvertError::UnknownEntryKind(e.kind)),
                 };
                 entries.push(Entry {

@@ -18,6 +18,19 @@ use crate::proto;
 /// transport (which stamps and checks it on every peer message).
 pub type ClusterId = Arc<std::sync::atomic::AtomicU64>;
 
+/// The ids removed from the cluster for good, shared by the core (which learns them from the
+/// log) and the peer service (which refuses them).
+pub type RemovedIds = Arc<std::sync::RwLock<std::collections::BTreeSet<crate::raft::NodeId>>>;
+
+/// Whether a message from `id` may reach the core.
+pub fn is_peer(removed: &RemovedIds, id: crate::raft::NodeId) -> bool {
+    id != 0
+        && !removed
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&id)
+}
+
 /// A new random cluster id (never 0). `salt` tells apart ids made in one process at once.
 pub fn new_cluster_id(salt: &str) -> u64 {
     let nanos = std::time::SystemTime::now()
@@ -57,6 +70,9 @@ pub enum Inbound {
         staged: crate::storage::StagedState,
         reply: oneshot::Sender<(bool, String)>,
     },
+    /// Where members are, as a node that joins learned it from the cluster: until its own
+    /// configuration names them, it needs these to answer the leader.
+    PeerHints(std::collections::BTreeMap<NodeId, String>),
     /// A snapshot transfer this node started to `to` ended.
     SnapshotSent {
         to: NodeId,
@@ -228,6 +244,12 @@ pub enum ClientRequest {
         target: NodeId,
         reply: Reply<(NodeId, NodeId, u64)>,
     },
+    /// A membership change; answered with the entry's index (0: in force already) and the
+    /// configuration after it.
+    ChangeMembership {
+        change: crate::raft::ConfChange,
+        reply: Reply<(LogIndex, crate::raft::ClusterConfig)>,
+    },
 }
 
 /// What a backup streams: the state machine, and whose it is.
@@ -258,6 +280,9 @@ pub enum ServiceError {
     Busy(usize),
     #[error("{0}")]
     InvalidArgument(String),
+    /// Cannot be done now, may be later (a membership change while another is in progress).
+    #[error("{0}")]
+    TryAgain(String),
     #[error("node is shutting down")]
     ShuttingDown,
     #[error("storage failure: {0}")]
@@ -284,6 +309,9 @@ pub struct NodeStatus {
     pub first_log_index: LogIndex,
     pub last_log_index: LogIndex,
     pub voters: Vec<NodeId>,
+    pub config: crate::raft::ClusterConfig,
+    pub config_index: LogIndex,
+    pub config_pending: bool,
     pub progress: Vec<PeerStatus>,
     pub snapshot_index: LogIndex,
     pub snapshot_term: u64,

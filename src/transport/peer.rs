@@ -32,7 +32,8 @@ pub const CONNECTION_WINDOW_BYTES: u32 = 16 << 20;
 type Slot = Arc<Mutex<Option<mpsc::Sender<proto::MessageBatch>>>>;
 
 pub struct Peers {
-    streams: HashMap<NodeId, Slot>,
+    /// Per peer: its address, its stream's sending end, and the task that keeps it open.
+    streams: HashMap<NodeId, (String, Slot, tokio::task::AbortHandle)>,
     /// Stamped on every message.
     cluster: super::ClusterId,
     /// Messages of the current round, by peer (reused between rounds).
@@ -45,16 +46,33 @@ impl Peers {
         peers: impl IntoIterator<Item = (NodeId, String)>,
         cluster: super::ClusterId,
     ) -> Peers {
-        let mut streams = HashMap::new();
-        for (id, addr) in peers {
-            let slot = Slot::default();
-            tokio::spawn(peer_loop(id, addr, slot.clone()));
-            streams.insert(id, slot);
-        }
-        Peers {
-            streams,
+        let mut p = Peers {
+            streams: HashMap::new(),
             cluster,
             pending: HashMap::new(),
+        };
+        p.set(peers);
+        p
+    }
+
+    /// Connects to exactly `peers` (`id -> host:port`): streams to nodes no longer among them
+    /// are closed, new ones opened (the membership changed).
+    pub fn set(&mut self, peers: impl IntoIterator<Item = (NodeId, String)>) {
+        let peers: HashMap<NodeId, String> = peers.into_iter().collect();
+        self.streams.retain(|id, (addr, _, task)| {
+            let keep = peers.get(id) == Some(addr);
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        self.pending.retain(|id, _| peers.contains_key(id));
+        for (id, addr) in peers {
+            self.streams.entry(id).or_insert_with(|| {
+                let slot = Slot::default();
+                let task = tokio::spawn(peer_loop(id, addr.clone(), slot.clone()));
+                (addr, slot, task.abort_handle())
+            });
         }
     }
 
@@ -76,7 +94,10 @@ impl Peers {
             if messages.is_empty() {
                 continue;
             }
-            let slot = &self.streams[id];
+            let Some((_, slot, _)) = self.streams.get(id) else {
+                messages.clear();
+                continue;
+            };
             let tx = slot.lock().unwrap_or_else(|e| e.into_inner()).clone();
             // A follower catching up can be sent hundreds of appends of up to `max_msg_bytes`
             // in one round: together they could exceed the gRPC message limit.

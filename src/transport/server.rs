@@ -37,7 +37,10 @@ pub struct Limits {
 #[derive(Clone)]
 pub struct PeerService {
     pub id: NodeId,
-    pub members: Vec<NodeId>,
+    /// Members removed for good: their messages and snapshots are refused. Any other id is
+    /// taken (the core decides what a message from outside its configuration may do: a node
+    /// must accept a leader added after its own last configuration entry).
+    pub removed: super::RemovedIds,
     pub inbound: mpsc::Sender<Inbound>,
     pub snapshots: super::snapshot::Receiver,
     pub cluster: super::ClusterId,
@@ -74,7 +77,7 @@ impl NodeCommunication for PeerService {
             let messages = batch
                 .messages
                 .into_iter()
-                .map(|m| message_from_wire(m, self.id, |id| self.members.contains(&id)))
+                .map(|m| message_from_wire(m, self.id, |id| super::is_peer(&self.removed, id)))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| {
                     tracing::warn!("dropping a stream with an invalid peer message: {e}");
@@ -92,10 +95,10 @@ impl NodeCommunication for PeerService {
         &self,
         request: Request<Streaming<proto::SnapshotChunk>>,
     ) -> Result<Response<proto::SnapshotReply>, Status> {
-        let members = &self.members;
+        let removed = &self.removed;
         let reply = self
             .snapshots
-            .receive(request.into_inner(), |id| members.contains(&id))
+            .receive(request.into_inner(), |id| super::is_peer(removed, id))
             .await
             .inspect_err(|s| tracing::warn!(node = self.id, "snapshot refused: {}", s.message()))?;
         Ok(Response::new(reply))
@@ -127,6 +130,7 @@ pub fn status_from(e: ServiceError) -> Status {
         ServiceError::LeadershipLost | ServiceError::NotCommitted => Status::aborted(e.to_string()),
         ServiceError::Busy(_) => Status::resource_exhausted(e.to_string()),
         ServiceError::InvalidArgument(_) => Status::invalid_argument(e.to_string()),
+        ServiceError::TryAgain(_) => Status::unavailable(e.to_string()),
         ServiceError::ShuttingDown => Status::unavailable(e.to_string()),
         ServiceError::Storage(_) => Status::internal(e.to_string()),
     }
@@ -398,6 +402,11 @@ impl DataService for ClientService {
             snapshot_term: meta.term,
             format: crate::storage::snapshot::SNAPSHOT_FORMAT,
             cluster_id: b.cluster_id,
+            config: b
+                .source
+                .config
+                .as_ref()
+                .map_or_else(Default::default, crate::raft::ClusterConfig::encode),
         };
         let (rx, reader) = super::snapshot::read_ahead(header, b.source, Ok);
         tokio::spawn(async move {
@@ -425,6 +434,46 @@ impl DataService for ClientService {
             from,
             to,
             term,
+        }))
+    }
+
+    async fn change_membership(
+        &self,
+        req: Request<proto::MembershipRequest>,
+    ) -> Result<Response<proto::MembershipResponse>, Status> {
+        use crate::raft::ConfChange;
+        let r = req.into_inner();
+        if r.id == 0 {
+            return Err(Status::invalid_argument("node id 0 is reserved"));
+        }
+        let change = match proto::MembershipOp::try_from(r.op) {
+            Ok(proto::MembershipOp::AddLearner) => {
+                crate::config::check_address(&r.address).map_err(|e| {
+                    Status::invalid_argument(format!("address {:?}: {e}", r.address))
+                })?;
+                ConfChange::AddLearner {
+                    id: r.id,
+                    address: r.address,
+                }
+            }
+            Ok(proto::MembershipOp::Promote) => ConfChange::Promote { id: r.id },
+            Ok(proto::MembershipOp::Remove) => ConfChange::Remove { id: r.id },
+            Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "unknown membership operation {}",
+                    r.op
+                )));
+            }
+        };
+        let (index, config) = self
+            .call(
+                |reply| Ok(ClientRequest::ChangeMembership { change, reply }),
+                "the membership change",
+            )
+            .await?;
+        Ok(Response::new(proto::MembershipResponse {
+            index,
+            members: member_infos(&config),
         }))
     }
 
@@ -464,6 +513,21 @@ impl DataService for ClientService {
             snapshots_installed: s.snapshots_installed,
             snapshots_sent: s.snapshots_sent,
             cluster_id: s.cluster_id,
+            members: member_infos(&s.config),
+            config_index: s.config_index,
+            config_pending: s.config_pending,
+            removed: s.config.removed.iter().copied().collect(),
         }))
     }
+}
+
+fn member_infos(c: &crate::raft::ClusterConfig) -> Vec<proto::MemberInfo> {
+    c.members
+        .iter()
+        .map(|(&id, m)| proto::MemberInfo {
+            id,
+            address: m.address.clone(),
+            voter: m.voter,
+        })
+        .collect()
 }

@@ -20,7 +20,7 @@ use tonic::{Status, Streaming};
 
 use crate::proto;
 use crate::proto::node_communication_client::NodeCommunicationClient;
-use crate::raft::{Message, MessageBody, NodeId, SnapshotMeta, Term};
+use crate::raft::{ClusterConfig, Message, MessageBody, NodeId, SnapshotMeta, Term};
 use crate::storage::snapshot::{SNAPSHOT_FORMAT, checksum};
 use crate::storage::{SnapshotSource, StagedState, Stager};
 
@@ -75,6 +75,10 @@ pub async fn send(
         snapshot_term: meta.term,
         format: SNAPSHOT_FORMAT,
         cluster_id,
+        config: source
+            .config
+            .as_ref()
+            .map_or_else(Default::default, ClusterConfig::encode),
     };
     let (rx, reader) = read_ahead(header, source, |c| c);
     // A watchdog on progress: the time the stream last took a chunk.
@@ -198,7 +202,7 @@ impl ChunkVerifier {
             return Err(format!("chunk {} fails its checksum", c.seq));
         }
         if c.seq == 0 {
-            let h = c.header.ok_or("the first chunk has no header")?;
+            let h = c.header.clone().ok_or("the first chunk has no header")?;
             if h.format != SNAPSHOT_FORMAT {
                 return Err(format!(
                     "snapshot format {}, this raftkv reads {SNAPSHOT_FORMAT}",
@@ -298,6 +302,13 @@ impl Receiver {
             index: h.index,
             term: h.snapshot_term,
         };
+        let config = if h.config.is_empty() {
+            None
+        } else {
+            Some(ClusterConfig::decode(&h.config).map_err(|e| {
+                Status::invalid_argument(format!("snapshot with a bad configuration: {e}"))
+            })?)
+        };
         let started = Instant::now();
         let (tx, mut rx) = mpsc::channel::<Result<Vec<u8>, String>>(CHUNKS_AHEAD);
         let stager = self.stager.clone();
@@ -321,6 +332,7 @@ impl Receiver {
         let (records, bytes) = fed?;
         let mut staged = staged.map_err(|e| Status::data_loss(format!("snapshot refused: {e}")))?;
         staged.cluster_id = h.cluster_id;
+        staged.config = config.clone();
         if staged.records != records {
             self.stager.discard(staged);
             return Err(Status::data_loss(format!(
@@ -342,7 +354,10 @@ impl Receiver {
             from: h.from,
             to: h.to,
             term: h.term,
-            body: MessageBody::InstallSnapshot { snapshot: meta },
+            body: MessageBody::InstallSnapshot {
+                snapshot: meta,
+                config: config.unwrap_or_default(),
+            },
         };
         // A slot first, then the hand-over without an await: the staged state is never
         // dropped on the way (it would stay on disk until the next restart).

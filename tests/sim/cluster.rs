@@ -423,7 +423,7 @@ impl Sim {
                 };
                 let to = m.to;
                 let delivered = self.up(to) && !self.cut.contains(&(m.from, to));
-                if let MessageBody::InstallSnapshot { snapshot } = m.body {
+                if let MessageBody::InstallSnapshot { snapshot, .. } = m.body {
                     // The transfer ends: the sender's runtime reports it; the receiver's has
                     // staged it.
                     self.report_snapshot(m.from, to, delivered);
@@ -866,13 +866,14 @@ impl Sim {
                 let term = r.term_at(index).expect("the applied entry's term is known");
                 assert_eq!(index, node.applied.len() as u64);
                 let snapshot = SnapshotMeta { index, term };
+                let config = r.config_at(index).cloned().unwrap_or_default();
                 self.snapshot_data
                     .insert((id, to, index), node.applied.clone());
                 snapshot_msgs.push(Message {
                     from: id,
                     to,
                     term: r.term(),
-                    body: MessageBody::InstallSnapshot { snapshot },
+                    body: MessageBody::InstallSnapshot { snapshot, config },
                 });
             }
             for m in snapshot_msgs {
@@ -1016,7 +1017,9 @@ fn start(
     seed: u64,
 ) -> Raft<MemLogStore> {
     let mut cfg = Config::new(id, voters.to_vec(), seed.wrapping_mul(31).wrapping_add(id));
-    cfg.learners = learners.to_vec();
+    for &l in learners {
+        cfg.members.add_learner(l);
+    }
     cfg.max_inflight_msgs = 16;
     cfg.max_inflight_bytes = 2048;
     cfg.max_msg_bytes = 512;
