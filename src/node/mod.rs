@@ -184,12 +184,9 @@ pub async fn run(
     )?;
     let config = raft.config().clone();
     let peers = Peers::start(peer_addrs(&config), cluster.clone());
-    let removed: crate::transport::RemovedIds =
-        Arc::new(std::sync::RwLock::new(config.removed.clone()));
 
     let peer_service = PeerService {
         id,
-        removed: removed.clone(),
         inbound: inbound_tx.clone(),
         snapshots: snapshot_transport::Receiver::new(
             id,
@@ -281,9 +278,9 @@ pub async fn run(
         peers,
         addrs: addresses(&config),
         config,
-        removed,
         removed_since: None,
         hints: BTreeMap::new(),
+        departing: Vec::new(),
         writes: BTreeMap::new(),
         reads: HashMap::new(),
         confirmed_reads: BTreeMap::new(),
@@ -510,8 +507,8 @@ struct Core {
     addrs: BTreeMap<NodeId, String>,
     /// The configuration the transport was last set up for.
     config: crate::raft::ClusterConfig,
-    /// Shared with the peer service, which refuses these ids.
-    removed: crate::transport::RemovedIds,
+    /// What `Raft::departing` said at the last `sync_membership`.
+    departing: Vec<NodeId>,
     /// A joining node's view of the members before its configuration has any.
     hints: BTreeMap<NodeId, String>,
     /// When this node applied its own removal: it stops a moment later (so that its last
@@ -601,11 +598,15 @@ impl Core {
             );
             self.removed_since = Some(std::time::Instant::now());
         }
-        if self.raft.config() == &self.config && !self.config.is_empty() {
+        let departing = self.raft.departing();
+        if self.raft.config() == &self.config
+            && !self.config.is_empty()
+            && departing == self.departing
+        {
             return;
         }
         let c = self.raft.config().clone();
-        if !c.is_empty() {
+        if !c.is_empty() && self.raft.config() != &self.config {
             tracing::info!(
                 node = self.id,
                 index = self.raft.config_index(),
@@ -614,17 +615,22 @@ impl Core {
             );
             self.hints.clear();
         }
+        // A member being removed is still reached until it knows (`Raft::departing`).
+        let keep: BTreeMap<NodeId, String> = departing
+            .iter()
+            .filter_map(|id| self.addrs.get(id).map(|a| (*id, a.clone())))
+            .collect();
         self.addrs = addresses(&c);
-        for (id, a) in &self.hints {
+        for (id, a) in self.hints.iter().chain(&keep) {
             self.addrs.entry(*id).or_insert_with(|| a.clone());
         }
+        self.departing = departing;
         self.peers.set(
             self.addrs
                 .iter()
                 .filter(|(id, _)| **id != self.id)
                 .map(|(&id, a)| (id, a.clone())),
         );
-        *self.removed.write().unwrap_or_else(|e| e.into_inner()) = c.removed.clone();
         self.config = c;
     }
 

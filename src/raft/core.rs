@@ -408,6 +408,20 @@ impl<S: LogStore> Raft<S> {
         self.tracker.membership().is_voter(self.id) && self.may_vote_in(term)
     }
 
+    /// Leader: members being removed that it still replicates to until they know (the
+    /// runtime keeps their connections).
+    pub fn departing(&self) -> Vec<NodeId> {
+        if self.role != Role::Leader {
+            return Vec::new();
+        }
+        self.tracker
+            .departing()
+            .iter()
+            .copied()
+            .filter(|&id| id != self.id)
+            .collect()
+    }
+
     /// The configuration in force: the latest in the log, committed or not.
     pub fn config(&self) -> &ClusterConfig {
         &self.configs.last().expect("one configuration at least").1
@@ -433,10 +447,11 @@ impl<S: LogStore> Raft<S> {
     /// snapshot): the tracker follows; a leader starts or stops replicating to members.
     fn config_changed(&mut self) {
         let membership = self.config().membership();
-        // While a removal is not committed, the removed member is still sent the log: it
-        // learns of its removal (and stops) instead of waiting for a leader forever.
+        // A removed member is still sent the log until it has its removal and knows it is
+        // committed (see `release_departed`): it learns of its removal (and stops) instead of
+        // waiting for a leader forever.
         let departing = match self.configs.as_slice() {
-            [.., (_, before), (index, now)] if *index > self.log.committed => before
+            [.., (_, before), (_, now)] => before
                 .members
                 .keys()
                 .filter(|id| !now.contains(**id))
@@ -1150,6 +1165,10 @@ impl<S: LogStore> Raft<S> {
             if self.maybe_commit() {
                 self.need_bcast = true;
             }
+            self.release_departed();
+            if self.tracker.get(from).is_none() {
+                return Ok(());
+            }
         }
         if from == self.lead_transferee
             && self.tracker.get(from).map(|p| p.match_index) == Some(self.log.last_index())
@@ -1347,16 +1366,7 @@ impl<S: LogStore> Raft<S> {
             return false;
         }
         let committed = self.log.committed;
-        if !self.tracker.departing().is_empty() && self.config_index() <= committed {
-            // A removal committed: the departed get the commit index once more (so that they
-            // apply their removal), and nothing after.
-            for id in self.tracker.departing().clone() {
-                if id != self.id {
-                    self.send_heartbeat(id);
-                }
-            }
-            self.config_changed();
-        }
+        self.release_departed();
         if !self.config().is_voter(self.id) && self.config_index() <= committed {
             // Our own removal is committed (dissertation 4.2.2: a leader that is not in the
             // new configuration leads until then, without counting itself). Hand over to a
@@ -1380,6 +1390,23 @@ impl<S: LogStore> Raft<S> {
             }
         }
         true
+    }
+
+    /// Removed members that have their removal entry, once it is committed, are told the
+    /// commit index one last time (so that they apply it and stop) and then left alone.
+    fn release_departed(&mut self) {
+        let index = self.config_index();
+        if self.tracker.departing().is_empty() || self.log.committed < index {
+            return;
+        }
+        for id in self.tracker.departing().clone() {
+            if id == self.id {
+                self.tracker.release(id);
+            } else if self.tracker.get(id).is_some_and(|p| p.match_index >= index) {
+                self.send_heartbeat(id);
+                self.tracker.release(id);
+            }
+        }
     }
 
     fn step_down_removed(&mut self) {

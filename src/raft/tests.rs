@@ -2263,11 +2263,15 @@ fn changes_the_configuration_rules_out_are_refused_for_good() {
 fn a_removed_follower_is_no_longer_replicated_to_and_never_campaigns() {
     let mut net = Net::new(3);
     net.elect(1);
-    change(&mut net, 1, &ConfChange::Remove { id: 3 });
+    let index = change(&mut net, 1, &ConfChange::Remove { id: 3 });
     assert_eq!(net.node(1).status().voters, vec![1, 2]);
     assert!(
         net.node(3).config().removed.contains(&3),
         "it got its removal"
+    );
+    assert!(
+        net.node(3).commit_index() >= index,
+        "and knows it is committed (so it applies it and stops)"
     );
     let before = net.node(3).last_index();
     net.propose(1, "after").expect("1 and 2 commit alone");

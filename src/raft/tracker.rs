@@ -87,6 +87,12 @@ impl ProgressTracker {
         &self.departing
     }
 
+    /// A departing member has learned of its removal: it is no longer tracked.
+    pub fn release(&mut self, id: NodeId) {
+        self.departing.remove(&id);
+        self.progress.remove(&id);
+    }
+
     /// The voters other than `me`.
     pub fn voters_except(&self, me: NodeId) -> Vec<NodeId> {
         self.membership

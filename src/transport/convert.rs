@@ -8,7 +8,7 @@ use crate::raft::{Entry, EntryKind, Message, MessageBody, NodeId};
 pub enum ConvertError {
     #[error("message without a body")]
     NoBody,
-    #[error("message from node {0}, which is not a member (removed, or id 0)")]
+    #[error("message from node {0}: not a node id")]
     UnknownSender(NodeId),
     #[error("message for node {to}, but this is node {me}")]
     WrongRecipient { to: NodeId, me: NodeId },

@@ -18,17 +18,12 @@ use crate::proto;
 /// transport (which stamps and checks it on every peer message).
 pub type ClusterId = Arc<std::sync::atomic::AtomicU64>;
 
-/// The ids removed from the cluster for good, shared by the core (which learns them from the
-/// log) and the peer service (which refuses them).
-pub type RemovedIds = Arc<std::sync::RwLock<std::collections::BTreeSet<crate::raft::NodeId>>>;
-
-/// Whether a message from `id` may reach the core.
-pub fn is_peer(removed: &RemovedIds, id: crate::raft::NodeId) -> bool {
+/// Whether a message from `id` may reach the core: any id but 0. The core decides what a
+/// message from outside its configuration may do (a node must take the appends of a leader
+/// added after its own last configuration entry, and a leader the answers of a member it is
+/// removing, which must learn of its removal; nobody takes a vote request from a non-member).
+pub fn is_peer(id: crate::raft::NodeId) -> bool {
     id != 0
-        && !removed
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains(&id)
 }
 
 /// A new random cluster id (never 0). `salt` tells apart ids made in one process at once.

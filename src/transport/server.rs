@@ -37,10 +37,6 @@ pub struct Limits {
 #[derive(Clone)]
 pub struct PeerService {
     pub id: NodeId,
-    /// Members removed for good: their messages and snapshots are refused. Any other id is
-    /// taken (the core decides what a message from outside its configuration may do: a node
-    /// must accept a leader added after its own last configuration entry).
-    pub removed: super::RemovedIds,
     pub inbound: mpsc::Sender<Inbound>,
     pub snapshots: super::snapshot::Receiver,
     pub cluster: super::ClusterId,
@@ -77,7 +73,7 @@ impl NodeCommunication for PeerService {
             let messages = batch
                 .messages
                 .into_iter()
-                .map(|m| message_from_wire(m, self.id, |id| super::is_peer(&self.removed, id)))
+                .map(|m| message_from_wire(m, self.id, super::is_peer))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| {
                     tracing::warn!("dropping a stream with an invalid peer message: {e}");
@@ -95,10 +91,9 @@ impl NodeCommunication for PeerService {
         &self,
         request: Request<Streaming<proto::SnapshotChunk>>,
     ) -> Result<Response<proto::SnapshotReply>, Status> {
-        let removed = &self.removed;
         let reply = self
             .snapshots
-            .receive(request.into_inner(), |id| super::is_peer(removed, id))
+            .receive(request.into_inner(), super::is_peer)
             .await
             .inspect_err(|s| tracing::warn!(node = self.id, "snapshot refused: {}", s.message()))?;
         Ok(Response::new(reply))

@@ -22,6 +22,8 @@ pub struct TestCluster {
     pub config: PathBuf,
     pub ports: Vec<u16>,
     pub procs: BTreeMap<NodeId, Child>,
+    /// Nodes started with --join (not in config.json): their ports.
+    pub joined: BTreeMap<NodeId, u16>,
 }
 
 impl TestCluster {
@@ -41,6 +43,7 @@ impl TestCluster {
             config,
             ports,
             procs: BTreeMap::new(),
+            joined: BTreeMap::new(),
         }
     }
 
@@ -158,12 +161,67 @@ impl TestCluster {
         }
     }
 
+    /// Every node's address: config.json's and those that joined.
     pub fn addrs(&self) -> BTreeMap<NodeId, String> {
         self.ports
             .iter()
             .enumerate()
-            .map(|(i, p)| (i as NodeId + 1, format!("127.0.0.1:{p}")))
+            .map(|(i, p)| (i as NodeId + 1, *p))
+            .chain(self.joined.iter().map(|(&id, &p)| (id, p)))
+            .map(|(id, p)| (id, format!("127.0.0.1:{p}")))
             .collect()
+    }
+
+    /// Starts node `id`, not in config.json, on a free port with `--join` (the addresses of
+    /// the running nodes) and, if `voter`, `--voter`. Returns its address.
+    pub fn join(&mut self, id: NodeId, voter: bool) -> String {
+        let port = cluster_config::free_loopback(1)[0].1;
+        let addr = format!("127.0.0.1:{port}");
+        let via: Vec<String> = self
+            .procs
+            .keys()
+            .filter_map(|i| self.addrs().get(i).cloned())
+            .collect();
+        let mut cmd = Command::new(BIN);
+        cmd.args(["node", "--id", &id.to_string(), "--quiet", "--config"])
+            .arg(&self.config)
+            .args(["--join", &via.join(","), "--listen", &addr]);
+        if voter {
+            cmd.arg("--voter");
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn a joining node");
+        self.procs.insert(id, child);
+        self.joined.insert(id, port);
+        addr
+    }
+
+    /// Waits up to `within` for node `id` to exit by itself; returns its exit code.
+    pub fn wait_exit(&mut self, id: NodeId, within: Duration) -> i32 {
+        let mut c = self.procs.remove(&id).expect("node is running");
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(Some(st)) = c.try_wait() {
+                return st.code().unwrap_or(-1);
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                let log =
+                    std::fs::read_to_string(self.dir.path().join(format!("logs/node-{id}.log")))
+                        .unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(30).collect();
+                panic!(
+                    "node {id} did not exit within {within:?}; its log ends:\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub fn client(&self) -> Client {

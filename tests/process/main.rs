@@ -3,6 +3,7 @@
 
 mod damage;
 mod harness;
+mod membership;
 mod powerloss;
 mod snapshots;
 

@@ -10,11 +10,11 @@ use crate::harness::TestCluster;
 use crate::{CATCH_UP, ELECTION};
 
 /// Compaction after 5,000 entries or 32 MiB, keeping 1,000 or 8 MiB (and so a 64 MiB journal).
-const SMALL_SNAPSHOTS: &str = r#""max_value_bytes": 65536, "snapshot": {"log_entries_max": 5000, "keep_entries": 1000, "log_bytes_max": 33554432, "keep_bytes": 8388608}"#;
+pub(crate) const SMALL_SNAPSHOTS: &str = r#""max_value_bytes": 65536, "snapshot": {"log_entries_max": 5000, "keep_entries": 1000, "log_bytes_max": 33554432, "keep_bytes": 8388608}"#;
 
 /// `n` writes from 32 concurrent clients over `keys` keys, value `v<i>` (`width` bytes at
 /// least); returns the highest index acknowledged.
-async fn write_many(client: &Client, n: usize, keys: usize, width: usize) -> u64 {
+pub(crate) async fn write_many(client: &Client, n: usize, keys: usize, width: usize) -> u64 {
     let mut tasks = Vec::new();
     let per = n / 32;
     for t in 0..32 {
