@@ -403,9 +403,21 @@ impl<S: LogStore> Raft<S> {
     }
 
     /// Whether this node may stand for election: a voter that may vote in `term`. A learner
-    /// never campaigns (etcd raft `promotable`).
+    /// never campaigns (etcd raft `promotable`). Nor does a removed node, once its removal is
+    /// committed; until then it may (dissertation 4.2.2: "a server that is not part of its
+    /// own latest configuration should still start new elections, as it might still be
+    /// needed until the C_new entry is committed"), without counting its own vote: it may hold
+    /// entries, the removal among them, that no voter of the new configuration has, and no
+    /// one else could then be elected.
     fn may_campaign_in(&self, term: Term) -> bool {
-        self.tracker.membership().is_voter(self.id) && self.may_vote_in(term)
+        let voter = self.tracker.membership().is_voter(self.id)
+            || match self.configs.as_slice() {
+                [.., (_, before), (index, _)] => {
+                    *index > self.log.committed && before.is_voter(self.id)
+                }
+                _ => false,
+            };
+        voter && self.may_vote_in(term)
     }
 
     /// Leader: members being removed that it still replicates to until they know (the
@@ -1542,6 +1554,29 @@ impl<S: LogStore> Raft<S> {
                     self.cfg.promote_max_lag
                 ));
             }
+        }
+        // etcd's strict reconfiguration check: a change must leave a quorum of voters that
+        // answered recently, or the cluster could be left unable to elect anyone.
+        let new = next.membership();
+        let active = |id: NodeId| {
+            Some(id == self.id || self.tracker.get(id).is_some_and(|p| p.recent_active))
+        };
+        if !matches!(change, ConfChange::AddLearner { .. })
+            && new.voters.vote_result(active) != VoteResult::Won
+        {
+            let up: Vec<String> = new
+                .voters
+                .ids()
+                .into_iter()
+                .filter(|&id| active(id) == Some(true))
+                .map(|id| id.to_string())
+                .collect();
+            return refuse(format!(
+                "after it, too few voters would be up for a quorum ({} of {} answered recently: {}); bring members back first",
+                up.len(),
+                new.voters.ids().len(),
+                up.join(", ")
+            ));
         }
         self.append_proposal(EntryKind::ConfChange, next.encode())
     }

@@ -2506,3 +2506,24 @@ fn a_transfer_interrupted_by_a_crash_of_the_target_is_abandoned() {
     assert_eq!(net.node(3).leader(), 1);
     assert_eq!(net.log_of(3), net.log_of(1));
 }
+
+// etcd's strict reconfiguration check: no change that leaves fewer active voters than a
+// quorum (the cluster could elect no one afterwards).
+#[test]
+fn a_change_that_leaves_no_active_quorum_is_refused() {
+    let mut net = Net::new(3);
+    net.elect(1);
+    net.isolate(3);
+    // A check-quorum round passes without node 3 answering.
+    for _ in 0..12 {
+        net.tick_all();
+    }
+    assert_eq!(net.leaders(), vec![1], "1 and 2 still make a quorum");
+    let (why, retry) = refusal(
+        net.node(1)
+            .propose_conf_change(&ConfChange::Remove { id: 2 }),
+    );
+    assert!(why.contains("too few voters would be up") && retry, "{why}");
+    change(&mut net, 1, &ConfChange::Remove { id: 3 });
+    assert_eq!(net.node(1).status().voters, vec![1, 2]);
+}

@@ -154,8 +154,13 @@ impl Checker {
     /// their state machines (crashed nodes count with what they had on disk). A node that lost
     /// its state and rejoins counts for the entries up to its catch-up index (`covers`): it
     /// votes for no one until it has them.
+    /// `logs` are the voters of the latest committed configuration: each committed entry must
+    /// be on enough of them to meet every quorum of it (a majority when they are odd; with
+    /// single-server changes, an entry committed by a quorum of the next configuration meets
+    /// every quorum of this one).
     pub fn check_durable_majority(&self, logs: &[(&MemLogStore, LogIndex)]) {
-        let majority = logs.len() / 2 + 1;
+        let n = logs.len();
+        let majority = n - (n / 2 + 1) + 1;
         for (&i, &t) in &self.committed {
             let holders = logs
                 .iter()

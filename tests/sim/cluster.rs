@@ -5,8 +5,8 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 
 use bytes::Bytes;
 use raftkv::raft::{
-    Config, Entry, EntryKind, HardState, LogIndex, LogStore, MemLogStore, Message, MessageBody,
-    NodeId, Raft, Role, SnapshotMeta, Term,
+    ClusterConfig, ConfChange, Config, Entry, EntryKind, HardState, LogIndex, LogStore,
+    MemLogStore, Message, MessageBody, NodeId, Raft, Role, SnapshotMeta, Term,
 };
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -34,6 +34,8 @@ pub struct Stats {
     pub damages: u64,
     pub repairs: u64,
     pub transfers: u64,
+    pub conf_changes: u64,
+    pub retired: u64,
 }
 
 impl Stats {
@@ -51,6 +53,8 @@ impl Stats {
         self.damages += o.damages;
         self.repairs += o.repairs;
         self.transfers += o.transfers;
+        self.conf_changes += o.conf_changes;
+        self.retired += o.retired;
     }
 }
 
@@ -58,7 +62,7 @@ impl std::fmt::Display for Stats {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} schedules, {} events, {} elections won, {} crashes, {} partitions, {} entries committed, {} proposals acknowledged, {} reads checked, {} compactions, {} snapshots installed, {} disks damaged, {} repairs, {} leadership transfers started",
+            "{} schedules, {} events, {} elections won, {} crashes, {} partitions, {} entries committed, {} proposals acknowledged, {} reads checked, {} compactions, {} snapshots installed, {} disks damaged, {} repairs, {} leadership transfers started, {} membership changes proposed, {} removed nodes stopped",
             self.schedules,
             self.steps,
             self.elections,
@@ -71,7 +75,9 @@ impl std::fmt::Display for Stats {
             self.snapshots_installed,
             self.damages,
             self.repairs,
-            self.transfers
+            self.transfers,
+            self.conf_changes,
+            self.retired
         )
     }
 }
@@ -92,6 +98,9 @@ enum Event {
     Damage,
     /// The leader is asked to hand leadership to another node (or the most caught-up one).
     Transfer,
+    /// The leader is asked for a membership change: add a new node, promote a learner or
+    /// remove a member (the leader included).
+    Membership,
 }
 
 /// What the node keeps apart from its log to detect damage (`durable.json` in the real store),
@@ -143,6 +152,13 @@ struct Node {
     rejoin: Option<(Term, Option<(LogIndex, Term)>)>,
     /// Damaged while down (the store must detect it at the next start).
     damaged: bool,
+    /// Started empty to join an existing cluster (it knows no configuration until told).
+    joined: bool,
+    /// It applied its own removal and stopped for good (as the runtime exits).
+    retired: bool,
+    /// The configuration its state machine holds (the last configuration entry applied, or a
+    /// snapshot's): every next one must differ by one voter at most.
+    sm_config: Option<ClusterConfig>,
 }
 
 pub struct Sim {
@@ -153,9 +169,16 @@ pub struct Sim {
     events: BinaryHeap<Reverse<(u64, u64, Event)>>,
     in_flight: HashMap<u64, Message>,
     nodes: BTreeMap<NodeId, Node>,
+    /// The nodes that run or may be restarted (not those that stopped after their removal).
     ids: Vec<NodeId>,
-    voters: Vec<NodeId>,
-    learners: Vec<NodeId>,
+    /// The configuration a new cluster starts with.
+    boot: ClusterConfig,
+    /// Membership changes (one schedule in two), chosen by an RNG of their own so that the
+    /// other schedules run exactly as before.
+    membership: Option<SmallRng>,
+    next_id: NodeId,
+    /// Every configuration entry ever made durable somewhere, by (index, term).
+    configs: BTreeMap<(LogIndex, Term), ClusterConfig>,
     cut: BTreeSet<(NodeId, NodeId)>,
     checker: Checker,
     pub stats: Stats,
@@ -186,27 +209,19 @@ impl Sim {
             Vec::new()
         };
         let ids: Vec<NodeId> = voters.iter().chain(&learners).copied().collect();
+        let mut boot = ClusterConfig::with_voters(voters.iter().copied());
+        for &l in &learners {
+            boot.add_learner(l);
+        }
         let mut nodes = BTreeMap::new();
         for &id in &ids {
-            let mut node = Node {
-                raft: None,
-                disk: MemLogStore::new(),
-                hard_state: HardState::default(),
-                applied: Vec::new(),
-                staged: None,
-                recorded_commit: 0,
-                proposals: BTreeMap::new(),
-                reads: HashMap::new(),
-                confirmed_reads: Vec::new(),
-                restarts: 0,
-                watermark: Watermark::default(),
-                sums: HashMap::new(),
-                rejoin: None,
-                damaged: false,
-            };
-            node.raft = Some(start(id, &voters, &learners, &node, seed));
+            let mut node = Node::new(false);
+            node.raft = Some(start(id, &boot, &node, seed));
             nodes.insert(id, node);
         }
+        let membership =
+            ((seed / 12) % 2 == 1).then(|| SmallRng::seed_from_u64(seed ^ 0x6d65_6d62_6572));
+        let next_id = ids.iter().max().copied().unwrap_or(0) + 1;
         let drop_p = rng.random_range(0.0..0.2);
         let dup_p = rng.random_range(0.0..0.1);
         let delay_max = rng.random_range(1..=40);
@@ -228,8 +243,10 @@ impl Sim {
             in_flight: HashMap::new(),
             nodes,
             ids,
-            voters,
-            learners,
+            boot,
+            membership,
+            next_id,
+            configs: BTreeMap::new(),
             cut: BTreeSet::new(),
             checker: Checker::default(),
             stats: Stats {
@@ -267,6 +284,10 @@ impl Sim {
         }
         sim.schedule(50, Event::Propose);
         sim.schedule(60, Event::Read);
+        if let Some(m) = sim.membership.as_mut() {
+            let first = m.random_range(300..2000);
+            sim.schedule(first, Event::Membership);
+        }
         sim
     }
 
@@ -297,9 +318,23 @@ impl Sim {
             }
             assert!(
                 self.now < deadline,
-                "liveness: no leader within {LIVENESS_BOUND} after healing"
+                "liveness: no leader within {LIVENESS_BOUND} after healing: {}",
+                self.describe()
             );
         };
+        // Nodes outside the leader's configuration (removed without learning it, or added by
+        // a change that was lost) are stopped, as an operator would.
+        let members = self.nodes[&leader]
+            .raft
+            .as_ref()
+            .expect("up")
+            .config()
+            .clone();
+        for id in self.ids.clone() {
+            if !members.contains(id) {
+                self.retire(id);
+            }
+        }
         // A last write must commit and reach every node, which then agree on everything.
         let data = Bytes::from(format!("final-{}", self.seed));
         // A transfer begun before the healing may still hold proposals back (at most an
@@ -356,6 +391,7 @@ impl Sim {
         self.stats.committed = self.checker.max_commit;
     }
 
+    /// The leader every member of its configuration that is up follows.
     fn stable_leader(&self) -> Option<NodeId> {
         let leaders: Vec<&Raft<MemLogStore>> = self
             .nodes
@@ -368,8 +404,124 @@ impl Sim {
             .nodes
             .values()
             .filter_map(|n| n.raft.as_ref())
+            .filter(|r| l.config().contains(r.id()))
             .all(|r| r.leader() == l.id() && r.term() == l.term());
         all_follow.then_some(l.id())
+    }
+
+    /// Every node's state, for a failure message.
+    fn describe(&self) -> String {
+        let mut out = String::new();
+        for (id, n) in &self.nodes {
+            let Some(r) = n.raft.as_ref() else {
+                out.push_str(&format!("\n  node {id}: down (retired: {})", n.retired));
+                continue;
+            };
+            out.push_str(&format!(
+                "\n  node {id}: {} term {} leader {} commit {} last {} (term {:?}) config@{} voters {:?} learners {:?} removed {:?} rejoining {}",
+                r.role(),
+                r.term(),
+                r.leader(),
+                r.commit_index(),
+                r.last_index(),
+                r.term_at(r.last_index()),
+                r.config_index(),
+                r.config().voters().collect::<Vec<_>>(),
+                r.config().learners().collect::<Vec<_>>(),
+                r.config().removed,
+                r.rejoining()
+            ));
+        }
+        out
+    }
+
+    /// Stops node `id` for good: it applied its removal (the runtime then exits), or it is
+    /// outside the final configuration.
+    fn retire(&mut self, id: NodeId) {
+        let node = self.nodes.get_mut(&id).expect("node");
+        if let Some(r) = node.raft.take() {
+            node.disk = r.store().clone();
+        }
+        node.retired = true;
+        node.proposals.clear();
+        node.reads.clear();
+        node.confirmed_reads.clear();
+        self.ids.retain(|&i| i != id);
+        self.stats.retired += 1;
+    }
+
+    /// The voters of the latest committed configuration.
+    fn committed_voters(&self) -> BTreeSet<NodeId> {
+        self.configs
+            .iter()
+            .rev()
+            .find(|((i, t), _)| self.checker.committed.get(i) == Some(t))
+            .map_or(&self.boot, |(_, c)| c)
+            .voters()
+            .collect()
+    }
+
+    /// Asks the leader for a random membership change (3 to 5 voters, new nodes get new ids).
+    fn change_membership(&mut self) {
+        let Some(l) = self.leader() else {
+            return;
+        };
+        let c = self.nodes[&l].raft.as_ref().expect("up").config().clone();
+        let m = self.membership.as_mut().expect("membership schedule");
+        let voters: Vec<NodeId> = c.voters().collect();
+        let learners: Vec<NodeId> = c.learners().collect();
+        let add = voters.len() < 5 && m.random_bool(0.5);
+        let change = match learners.first() {
+            Some(&id) if m.random_bool(0.8) => ConfChange::Promote { id },
+            Some(&id) => ConfChange::Remove { id },
+            None if add || voters.len() <= 3 => ConfChange::AddLearner {
+                id: self.next_id,
+                address: format!("sim:{}", self.next_id),
+            },
+            None => ConfChange::Remove {
+                id: voters[m.random_range(0..voters.len())],
+            },
+        };
+        if let ConfChange::Remove { id } = change {
+            // The operator keeps a majority of every configuration on disks it can trust (as
+            // `damage` does): no removal that leaves half the voters damaged or catching up.
+            let untrusted = voters
+                .iter()
+                .filter(|&&v| v != id)
+                .filter(|v| {
+                    let n = &self.nodes[v];
+                    n.damaged || matches!(n.rejoin, Some((_, Some(_))))
+                })
+                .count();
+            let remaining = voters.len() - usize::from(voters.contains(&id));
+            if untrusted * 2 >= remaining {
+                return;
+            }
+        }
+        match self.node_mut(l).propose_conf_change(&change) {
+            Ok(_) => {
+                self.stats.conf_changes += 1;
+                if let ConfChange::AddLearner { id, .. } = change {
+                    // The new node starts empty and waits to be told the configuration.
+                    self.next_id += 1;
+                    let mut node = Node::new(true);
+                    node.raft = Some(start(id, &self.boot, &node, self.seed ^ id));
+                    self.nodes.insert(id, node);
+                    self.ids.push(id);
+                    let offset = self
+                        .membership
+                        .as_mut()
+                        .expect("membership schedule")
+                        .random_range(0..TICK);
+                    self.schedule(offset, Event::Tick(id));
+                }
+            }
+            Err(raftkv::raft::Error::ConfChangeRefused { .. })
+            | Err(raftkv::raft::Error::TransferInProgress { .. })
+            | Err(raftkv::raft::Error::ProposalDropped(_)) => {}
+            Err(e) => panic!("unexpected membership change error {e}"),
+        }
+        self.process(l);
     }
 
     fn run_until(&mut self, until: u64) {
@@ -415,7 +567,18 @@ impl Sim {
                     self.node_mut(id).tick();
                     self.process(id);
                 }
-                self.schedule(TICK, Event::Tick(id));
+                if !self.nodes[&id].retired {
+                    self.schedule(TICK, Event::Tick(id));
+                }
+            }
+            Event::Membership => {
+                if !self.faults {
+                    return;
+                }
+                self.change_membership();
+                let m = self.membership.as_mut().expect("membership schedule");
+                let next = m.random_range(300..2500);
+                self.schedule(next, Event::Membership);
             }
             Event::Deliver(key) => {
                 let Some(m) = self.in_flight.remove(&key) else {
@@ -467,7 +630,7 @@ impl Sim {
                 self.schedule(next, Event::Crash);
             }
             Event::Restart(id) => {
-                if !self.up(id) {
+                if !self.up(id) && !self.nodes[&id].retired {
                     self.restart(id);
                 }
             }
@@ -576,7 +739,15 @@ impl Sim {
             .values()
             .filter(|n| matches!(n.rejoin, Some((_, Some(_)))) || n.damaged)
             .count();
-        if untrusted >= (self.voters.len() - 1) / 2 {
+        // A minority of the smallest voter set a leader may count on (the committed
+        // configuration, or the newest one made durable anywhere: one voter apart).
+        let newest = self
+            .configs
+            .values()
+            .next_back()
+            .map_or(usize::MAX, |c| c.voters().count());
+        let voters = self.committed_voters().len().min(newest);
+        if untrusted >= voters.saturating_sub(1) / 2 {
             return;
         }
         let id = self.ids[self.rng.random_range(0..self.ids.len())];
@@ -678,6 +849,7 @@ impl Sim {
             commit: 0,
         };
         node.applied.clear();
+        node.sm_config = None;
         node.sums.clear();
         node.recorded_commit = 0;
         node.watermark = Watermark {
@@ -743,26 +915,21 @@ impl Sim {
         if found.is_some() {
             self.repair(id);
         }
-        let (voters, learners) = (self.voters.clone(), self.learners.clone());
+        let boot = self.boot.clone();
         let node = self.nodes.get_mut(&id).expect("node");
         node.restarts += 1;
-        let r = start(
-            id,
-            &voters,
-            &learners,
-            node,
-            self.seed ^ (node.restarts << 32),
-        );
+        let r = start(id, &boot, node, self.seed ^ (node.restarts << 32));
         node.recorded_commit = node.recorded_commit.min(r.commit_index());
         node.raft = Some(r);
     }
 
     fn check_durable(&self) {
         // Only voters make a quorum: a learner's copy keeps nothing safe.
+        let voters = self.committed_voters();
         let stores: Vec<(&MemLogStore, LogIndex)> = self
             .nodes
             .iter()
-            .filter(|(id, _)| self.voters.contains(id))
+            .filter(|(id, _)| voters.contains(id))
             .map(|(_, n)| {
                 let store = n.raft.as_ref().map_or(&n.disk, |r| r.store());
                 // A damaged node detects it at start-up and rejoins (see `repair`).
@@ -895,6 +1062,7 @@ impl Sim {
                 self.checker.on_install(id, snap, &data);
                 r.store_mut().install_snapshot(snap);
                 node.applied = data;
+                node.sm_config = sm_config(&node.applied);
                 // Proposals the snapshot covers are never applied here one by one: their
                 // outcome is unknown to this node (the runtime failed them when it lost the
                 // leadership; a client's retry is deduplicated by the sessions in the snapshot).
@@ -913,6 +1081,14 @@ impl Sim {
             let node = self.nodes.get_mut(&id).expect("node");
             let r = node.raft.as_mut().expect("up");
             self.checker.on_persist(id, r.store(), &rd.entries);
+            for e in rd
+                .entries
+                .iter()
+                .filter(|e| e.kind == EntryKind::ConfChange)
+            {
+                let c = ClusterConfig::decode(&e.data).expect("a configuration entry");
+                self.configs.entry((e.index, e.term)).or_insert(c);
+            }
             r.store_mut().append(&rd.entries);
             if let Some(hs) = rd.hard_state {
                 node.hard_state = hs;
@@ -939,6 +1115,20 @@ impl Sim {
                 } else {
                     e.data.clone()
                 };
+                if e.kind == EntryKind::ConfChange {
+                    // Every quorum of a configuration overlaps every quorum of the one before
+                    // (single-server changes): they differ by one voter at most.
+                    let next = ClusterConfig::decode(&e.data).expect("a configuration entry");
+                    let before = node.sm_config.as_ref().unwrap_or(&self.boot);
+                    let (a, b): (BTreeSet<NodeId>, BTreeSet<NodeId>) =
+                        (before.voters().collect(), next.voters().collect());
+                    assert!(
+                        a.symmetric_difference(&b).count() <= 1,
+                        "node {id}: configuration entry {} changes voters {a:?} to {b:?}",
+                        e.index
+                    );
+                    node.sm_config = Some(next);
+                }
                 node.applied.push((e.index, e.term, data));
                 if let Some((term, _)) = node.proposals.remove(&e.index)
                     && term == e.term
@@ -978,6 +1168,15 @@ impl Sim {
                 node.applied.len() as u64,
                 "applied index tracks the state machine"
             );
+            if node
+                .sm_config
+                .as_ref()
+                .is_some_and(|c| c.removed.contains(&id))
+            {
+                // It applied its own removal: the runtime stops the node.
+                self.retire(id);
+                return;
+            }
             // Compaction policy: keep a trailing log behind what is applied.
             let applied = r.applied_index();
             let first = r.store().first_index();
@@ -994,6 +1193,28 @@ impl Sim {
 }
 
 impl Node {
+    fn new(joined: bool) -> Node {
+        Node {
+            raft: None,
+            disk: MemLogStore::new(),
+            hard_state: HardState::default(),
+            applied: Vec::new(),
+            staged: None,
+            recorded_commit: 0,
+            proposals: BTreeMap::new(),
+            reads: HashMap::new(),
+            confirmed_reads: Vec::new(),
+            restarts: 0,
+            watermark: Watermark::default(),
+            sums: HashMap::new(),
+            rejoin: None,
+            damaged: false,
+            joined,
+            retired: false,
+            sm_config: None,
+        }
+    }
+
     /// The watermark follows what was made durable (exactly; see `Watermark`).
     fn mark_durable(&mut self) {
         let store = self.raft.as_ref().map_or(&self.disk, |r| r.store());
@@ -1008,18 +1229,24 @@ impl Node {
     }
 }
 
-/// Starts (or restarts) a core from a node's durable state.
-fn start(
-    id: NodeId,
-    voters: &[NodeId],
-    learners: &[NodeId],
-    node: &Node,
-    seed: u64,
-) -> Raft<MemLogStore> {
-    let mut cfg = Config::new(id, voters.to_vec(), seed.wrapping_mul(31).wrapping_add(id));
-    for &l in learners {
-        cfg.members.add_learner(l);
-    }
+/// The configuration a state machine holds: its last configuration entry's.
+fn sm_config(applied: &StateMachine) -> Option<ClusterConfig> {
+    applied.iter().rev().find_map(|(_, _, data)| {
+        data.starts_with(b"{")
+            .then(|| ClusterConfig::decode(data).ok())
+            .flatten()
+    })
+}
+
+/// Starts (or restarts) a core from a node's durable state: the configuration is its state
+/// machine's, else (nothing applied yet) the bootstrap one, or none for a node that joined.
+fn start(id: NodeId, boot: &ClusterConfig, node: &Node, seed: u64) -> Raft<MemLogStore> {
+    let mut cfg = Config::new(id, Vec::new(), seed.wrapping_mul(31).wrapping_add(id));
+    cfg.members = match &node.sm_config {
+        Some(c) => c.clone(),
+        None if node.joined => ClusterConfig::default(),
+        None => boot.clone(),
+    };
     cfg.max_inflight_msgs = 16;
     cfg.max_inflight_bytes = 2048;
     cfg.max_msg_bytes = 512;

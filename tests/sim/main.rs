@@ -7,7 +7,11 @@
 //! damaged disks: a lost tail of synced entries, a corrupted entry or a rolled-back hard state,
 //! which the node must detect at start-up (checksums and the watermark, as `storage::disk`
 //! does) and then repair and rejoin as `raftkv node --repair` does; in half of them the leader
-//! is asked now and then to hand leadership over (TimeoutNow). Every
+//! is asked now and then to hand leadership over (TimeoutNow); in half of them the leader is
+//! asked for membership changes (new nodes with new ids added as learners, promoted, members
+//! removed, the leader included, between 3 and 5 voters; a removed node stops once it applies
+//! its removal), and every configuration entry applied must differ from the one before by one
+//! voter at most. Every
 //! parameter of a schedule comes from one seed. After every event the checker verifies election
 //! safety, log matching, leader completeness, state machine safety, that no committed entry is
 //! ever lost and that ReadIndex reads are not stale. When the faults stop, the cluster must elect
