@@ -131,29 +131,42 @@ impl Client {
         c
     }
 
-    /// A client of the cluster that the node at one of `addrs` belongs to (a node that joins
-    /// knows only where some members are, not their ids): the first that answers tells the
-    /// members.
+    /// A client of the cluster that the nodes at `addrs` belong to (a node that joins knows
+    /// only where some members are, not their ids): asked all at once, the one with the
+    /// newest configuration (highest term, then configuration entry) tells the members.
     ///
     /// # Errors
-    /// No address answered (each named with what it said).
+    /// No address answered with a membership (each named with what it said).
     pub async fn from_addresses(addrs: &[String], timeout: Duration) -> Result<Client, String> {
-        let mut tried = Vec::new();
-        for addr in addrs {
-            let answer = match endpoint(addr) {
-                None => Err("invalid address".to_string()),
-                Some(e) => {
-                    let mut c = DataServiceClient::new(e.connect_lazy());
-                    match tokio::time::timeout(timeout, c.status(proto::StatusRequest {})).await {
-                        Ok(Ok(r)) => Ok(r.into_inner()),
-                        Ok(Err(s)) => Err(describe(&s)),
-                        Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
+        let mut set = tokio::task::JoinSet::new();
+        for addr in addrs.iter().cloned() {
+            set.spawn(async move {
+                let answer = match endpoint(&addr) {
+                    None => Err("invalid address".to_string()),
+                    Some(e) => {
+                        let mut c = DataServiceClient::new(e.connect_lazy());
+                        match tokio::time::timeout(timeout, c.status(proto::StatusRequest {})).await
+                        {
+                            Ok(Ok(r)) => Ok(r.into_inner()),
+                            Ok(Err(s)) => Err(describe(&s)),
+                            Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
+                        }
                     }
-                }
-            };
+                };
+                (addr, answer)
+            });
+        }
+        let mut tried = Vec::new();
+        let mut best: Option<proto::StatusResponse> = None;
+        for (addr, answer) in set.join_all().await {
             match answer {
                 Ok(s) if !s.members.is_empty() => {
-                    return Ok(Client::new(members_of(&s)).with_timeout(DEFAULT_TIMEOUT));
+                    if best
+                        .as_ref()
+                        .is_none_or(|b| (s.term, s.config_index) > (b.term, b.config_index))
+                    {
+                        best = Some(s);
+                    }
                 }
                 Ok(s) => tried.push(format!(
                     "{addr}: node {} knows no membership yet (it is joining too)",
@@ -162,10 +175,13 @@ impl Client {
                 Err(e) => tried.push(format!("{addr}: {e}")),
             }
         }
-        Err(format!(
-            "cannot reach the cluster (tried {})",
-            tried.join("; ")
-        ))
+        match best {
+            Some(s) => Ok(Client::new(members_of(&s)).with_timeout(DEFAULT_TIMEOUT)),
+            None => Err(format!(
+                "cannot reach the cluster (tried {})",
+                tried.join("; ")
+            )),
+        }
     }
 
     /// Learns the current members from the cluster (the configuration of the node that

@@ -280,6 +280,8 @@ pub async fn run(
         config,
         removed_since: None,
         hints: BTreeMap::new(),
+        hints_dirty: false,
+        hints_asked: None,
         departing: Vec::new(),
         writes: BTreeMap::new(),
         reads: HashMap::new(),
@@ -507,6 +509,9 @@ struct Core {
     addrs: BTreeMap<NodeId, String>,
     /// The configuration the transport was last set up for.
     config: crate::raft::ClusterConfig,
+    /// Hints changed since the last `sync_membership`; when members were last asked for.
+    hints_dirty: bool,
+    hints_asked: Option<std::time::Instant>,
     /// What `Raft::departing` said at the last `sync_membership`.
     departing: Vec<NodeId>,
     /// A joining node's view of the members before its configuration has any.
@@ -582,6 +587,39 @@ impl Core {
         Ok(Stopped::Shutdown)
     }
 
+    /// Asks the members it knows (at most once a second, in the background) where every
+    /// member is, after a message from `from`, a node it has no address for.
+    fn ask_for_members(&mut self, from: NodeId) {
+        if self
+            .hints_asked
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+        {
+            return;
+        }
+        self.hints_asked = Some(std::time::Instant::now());
+        tracing::info!(
+            node = self.id,
+            from,
+            "message from node {from}, whose address this node does not know; asking the members"
+        );
+        let addrs: Vec<String> = self.addrs.values().cloned().collect();
+        let inbound = self.inbound.clone();
+        let me = self.id;
+        tokio::spawn(async move {
+            if let Ok(c) =
+                crate::client::Client::from_addresses(&addrs, Duration::from_secs(1)).await
+            {
+                let hints = c
+                    .nodes()
+                    .iter()
+                    .filter(|(id, _)| **id != me)
+                    .map(|(&id, a)| (id, a.clone()))
+                    .collect();
+                let _ = inbound.send(Inbound::PeerHints(hints)).await;
+            }
+        });
+    }
+
     /// Follows the configuration in force: connections to new members, none to members that
     /// left, removed ids refused by the peer service. Once this node's own removal is applied
     /// it stops (a removed node takes no part in the cluster any more: hashicorp/raft#524).
@@ -599,22 +637,22 @@ impl Core {
             self.removed_since = Some(std::time::Instant::now());
         }
         let departing = self.raft.departing();
-        if self.raft.config() == &self.config
-            && !self.config.is_empty()
-            && departing == self.departing
-        {
+        let changed = self.raft.config() != &self.config;
+        if !changed && departing == self.departing && !self.hints_dirty {
             return;
         }
         let c = self.raft.config().clone();
-        if !c.is_empty() && self.raft.config() != &self.config {
+        if changed && !c.is_empty() {
             tracing::info!(
                 node = self.id,
                 index = self.raft.config_index(),
                 "membership: {}",
                 describe_members(&c)
             );
-            self.hints.clear();
         }
+        // Hints matter only for members the configuration does not name.
+        self.hints.retain(|id, _| !c.contains(*id));
+        self.hints_dirty = false;
         // A member being removed is still reached until it knows (`Raft::departing`).
         let keep: BTreeMap<NodeId, String> = departing
             .iter()
@@ -678,13 +716,18 @@ impl Core {
         match input {
             Inbound::Peers(ms) => {
                 for m in ms {
+                    if !self.addrs.contains_key(&m.from) {
+                        // A member this node has no address for (one added while it was down,
+                        // or after it was repaired): it could not answer it.
+                        self.ask_for_members(m.from);
+                    }
                     self.raft.step(m)?;
                 }
             }
             Inbound::Client(r) => self.handle_client(r),
             Inbound::PeerHints(hints) => {
-                self.hints = hints;
-                self.config = Default::default();
+                self.hints.extend(hints);
+                self.hints_dirty = true;
                 self.sync_membership();
             }
             Inbound::Clients(rs) => {

@@ -228,3 +228,28 @@ async fn leadership_moves_under_write_load_without_losing_an_acknowledged_write(
         acked.len()
     );
 }
+
+// A node that was down while a member was added, and has never applied a membership change,
+// restarts knowing only config.json's nodes; the leader is the new member. It learns where
+// the new member is from the others and catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_missed_a_change_finds_a_leader_it_did_not_know() {
+    let mut c = TestCluster::started(3);
+    c.wait_leader(ELECTION).await;
+    c.stop(3);
+    c.join(4, true);
+    wait_members(&c, &[1, 2, 3, 4], &[], CATCH_UP).await;
+    let client = c.client();
+    let (_, to, _) = client.transfer_leader(4).await.expect("transfer to 4");
+    assert_eq!(to, 4);
+    let mut cl = Client::discover(c.addrs()).await;
+    let index = cl.put("while-3-was-down", "x").await.expect("write");
+    c.start(3);
+    c.wait_applied(3, index, CATCH_UP).await;
+    let st = c.statuses().await;
+    assert!(
+        st[&3].members.iter().any(|m| m.id == 4),
+        "node 3 now knows node 4: {:?}",
+        st[&3].members
+    );
+}
