@@ -3,7 +3,9 @@
 //! Concurrent clients run puts, gets and deletes over a few keys (each put with a unique value)
 //! and record what they asked and what they were told. Meanwhile a nemesis, driven by a printed
 //! seed, kills nodes with SIGKILL and restarts them, pauses them with SIGSTOP/SIGCONT, asks the
-//! leader to transfer its leadership now and then, and cuts
+//! leader to transfer its leadership now and then, replaces a node now and then (removes it
+//! from the membership, then starts a node with a new id in its place that joins with
+//! `--join --voter` and is promoted once caught up), and cuts
 //! the network between groups of nodes (majority/minority splits with the leader on the minority
 //! side, one-way cuts). At the end everything is healed; the cluster must recover and converge,
 //! and the checker must find a linear order that explains every answer.
@@ -47,7 +49,11 @@ struct Cluster {
     _dir: tempfile::TempDir,
     config: PathBuf,
     net: Option<net::Net>,
-    addrs: BTreeMap<NodeId, String>,
+    /// Where each slot (a machine: a namespace and address) listens.
+    hosts: BTreeMap<usize, String>,
+    /// The node id each slot runs now (a replaced node's slot gets a new id).
+    ids: BTreeMap<usize, NodeId>,
+    next_id: NodeId,
     procs: BTreeMap<usize, Child>,
     paused: BTreeSet<usize>,
 }
@@ -69,16 +75,18 @@ impl Cluster {
         // Small compaction thresholds, so that log compaction and snapshot installs happen
         // under the faults (a node down for a second or two needs a snapshot).
         let config = cluster_config::write(dir.path(), &hosts, SNAPSHOTS);
-        let addrs = hosts
+        let hosts: BTreeMap<usize, String> = hosts
             .iter()
             .enumerate()
-            .map(|(i, (h, p))| (i as NodeId + 1, format!("{h}:{p}")))
+            .map(|(i, (h, p))| (i + 1, format!("{h}:{p}")))
             .collect();
         let mut c = Cluster {
             _dir: dir,
             config,
             net,
-            addrs,
+            ids: hosts.keys().map(|&i| (i, i as NodeId)).collect(),
+            hosts,
+            next_id: NODES as NodeId + 1,
             procs: BTreeMap::new(),
             paused: BTreeSet::new(),
         };
@@ -97,9 +105,26 @@ impl Cluster {
             }
             None => Command::new(BIN),
         };
-        cmd.args(["node", "--id", &i.to_string(), "--config"])
+        let id = self.ids[&i];
+        cmd.args(["node", "--id", &id.to_string(), "--config"])
             .arg(&self.config)
             .arg("--quiet");
+        if id > NODES as NodeId {
+            // A replacement, not in config.json: it joins (again, after a restart: harmless).
+            let others: Vec<&str> = self
+                .hosts
+                .iter()
+                .filter(|(s, _)| **s != i)
+                .map(|(_, a)| a.as_str())
+                .collect();
+            cmd.args([
+                "--listen",
+                &self.hosts[&i],
+                "--join",
+                &others.join(","),
+                "--voter",
+            ]);
+        }
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
@@ -133,18 +158,41 @@ impl Cluster {
         }
     }
 
-    fn client(&self) -> Client {
-        Client::new(self.addrs.clone())
+    fn addrs(&self) -> BTreeMap<NodeId, String> {
+        self.ids
+            .iter()
+            .map(|(s, &id)| (id, self.hosts[s].clone()))
+            .collect()
     }
 
-    async fn leader(&self) -> Option<NodeId> {
+    fn client(&self) -> Client {
+        Client::new(self.addrs())
+    }
+
+    /// The slot of the leader.
+    async fn leader(&self) -> Option<usize> {
         let reports = self.client().status_all(Duration::from_millis(300)).await;
-        reports
+        let id = reports
             .iter()
             .filter_map(|r| r.result.as_ref().ok())
             .filter(|s| s.role == "leader")
             .max_by_key(|s| s.term)
-            .map(|s| s.id)
+            .map(|s| s.id)?;
+        self.ids.iter().find(|(_, i)| **i == id).map(|(s, _)| *s)
+    }
+
+    /// Waits up to `within` for slot `i`'s process to exit by itself, then kills it.
+    fn reap(&mut self, i: usize, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        let exited = loop {
+            match self.procs.get_mut(&i).map(|c| c.try_wait()) {
+                None | Some(Ok(Some(_))) => break true,
+                _ if Instant::now() > deadline => break false,
+                _ => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        self.kill9(i);
+        exited
     }
 }
 
@@ -264,7 +312,7 @@ async fn nemesis(
         }
         tokio::time::sleep(wait).await;
         let mut c = cluster.lock().await;
-        let leader = c.leader().await.map(|l| l as usize);
+        let leader = c.leader().await;
         let pick_leader = rng.random_bool(0.5);
         let victim = match leader {
             Some(l) if pick_leader => l,
@@ -293,6 +341,41 @@ async fn nemesis(
                     format!("node {target}")
                 }
             ));
+            continue;
+        }
+        if rng.random_bool(0.15) {
+            // A machine replaced: its node removed from the membership (it stops by itself),
+            // and a node with a new id started in its place that joins and is promoted.
+            let slot = rng.random_range(1..=NODES);
+            let old = c.ids[&slot];
+            let client = raftkv::client::Client::discover(c.addrs()).await;
+            drop(c);
+            let removed = tokio::time::timeout(
+                Duration::from_secs(10),
+                client.change_membership(raftkv::proto::MembershipOp::Remove, old, ""),
+            )
+            .await;
+            let outcome = match removed {
+                Ok(Ok(_)) => {
+                    let mut c = cluster.lock().await;
+                    let stopped = c.reap(slot, Duration::from_secs(3));
+                    let new = c.next_id;
+                    c.next_id += 1;
+                    c.ids.insert(slot, new);
+                    c.start(slot);
+                    format!(
+                        "removed{}; node {new} joins in its place",
+                        if stopped {
+                            " (it stopped by itself)"
+                        } else {
+                            " (killed: it had not stopped)"
+                        }
+                    )
+                }
+                Ok(Err(e)) => format!("refused: {e}"),
+                Err(_) => "no answer within 10 s".to_string(),
+            };
+            log.push(format!("{} replace node {old}: {outcome}", stamp(t0)));
             continue;
         }
         let has_net = c.net.is_some();
@@ -511,7 +594,8 @@ async fn linearizable_under_crashes_pauses_and_partitions() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    for id in 1..=NODES as NodeId {
+    let ids: Vec<NodeId> = c.ids.values().copied().collect();
+    for id in ids {
         for (key, want) in &final_reads {
             let got = final_client
                 .get_from(id, key.clone())
