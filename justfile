@@ -49,6 +49,10 @@ bench-catchup:
 bench-restart WRITES="1000000":
     RAFTKV_RECOVERY=restart RAFTKV_RESTART_WRITES={{WRITES}} cargo bench --bench recovery
 
+# Membership: time to add and promote a member with MIB MiB of state; write unavailability during a leadership transfer beside a kill -9 of the leader.
+bench-membership MIB="1024":
+    RAFTKV_MEMBER_MIB={{MIB}} cargo bench --bench membership
+
 # Memory over a long write run: RSS of every node and the data size, sampled ten times.
 bench-soak SECS="600":
     RAFTKV_BENCH_SOAK={{SECS}} cargo bench --bench table

@@ -223,6 +223,19 @@ pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
                     }
                     continue;
                 }
+                let removed = client
+                    .status_all(Duration::from_millis(500))
+                    .await
+                    .iter()
+                    .filter_map(|r| r.result.as_ref().ok())
+                    .any(|s| s.removed.contains(&id));
+                if removed {
+                    println!("not restarting node {id}: it was removed from the cluster");
+                    if children.values().all(|c| c.pid.is_none()) {
+                        bail!("every node has exited");
+                    }
+                    continue;
+                }
                 if args.no_auto_restart {
                     println!("not restarting node {id} (--no-auto-restart)");
                     if children.values().all(|c| c.pid.is_none()) {

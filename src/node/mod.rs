@@ -249,12 +249,22 @@ pub async fn run(
     }
     if let Some((floor, catch_up)) = rejoin {
         if let Some((c, _)) = catch_up {
-            tracing::warn!(
-                node = id,
-                vote_floor = floor,
-                catch_up_to = c,
-                "this node rejoins without its former state: it neither votes nor campaigns until it has caught up to entry {c}, and never votes in terms up to {floor}"
-            );
+            if joining && recovered.is_new {
+                // A new member (its id is new, so it cannot have voted before; the guard is
+                // kept in case an old member's id was given to an empty directory).
+                tracing::info!(
+                    node = id,
+                    catch_up_to = c,
+                    "a new node: it votes once it has caught up to entry {c}"
+                );
+            } else {
+                tracing::warn!(
+                    node = id,
+                    vote_floor = floor,
+                    catch_up_to = c,
+                    "this node rejoins without its former state: it neither votes nor campaigns until it has caught up to entry {c}, and never votes in terms up to {floor}"
+                );
+            }
         }
         raft.set_rejoin(floor, catch_up);
     }
@@ -1080,6 +1090,9 @@ impl Core {
                     raft::Error::ProposalDropped(bytes) => ServiceError::Busy(bytes),
                     raft::Error::ConfChangeRefused { why, retry: true } => {
                         ServiceError::TryAgain(format!("cannot {change} now: {why}"))
+                    }
+                    raft::Error::ConfChangeRefused { why, .. } => {
+                        ServiceError::InvalidArgument(format!("cannot {change}: {why}"))
                     }
                     other => ServiceError::InvalidArgument(format!("cannot {change}: {other}")),
                 };
