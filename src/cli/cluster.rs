@@ -77,7 +77,7 @@ fn parse_nodes(
         })?;
         if cfg.node(id).is_none() && !members.contains_key(&id) {
             bail!(
-                "--nodes: node {id} is neither in the config (configured ids: {:?}) nor a member any running node knows of; add it first with `raftkv member add {id} HOST:PORT`",
+                "--nodes: node {id} is not in the config (configured ids: {:?}), and no running member knows of it; add it first with `raftkv member add {id} HOST:PORT`",
                 cfg.ids()
             );
         }

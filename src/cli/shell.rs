@@ -180,6 +180,19 @@ pub async fn status_table(client: &Client, timeout: Duration) -> String {
         "{:<4} {:<22} {:<6} {:<13} {:>6} {:>6} {:>8} {:>8} {:>8}",
         "ID", "ADDRESS", "STATE", "ROLE", "TERM", "LEADER", "COMMIT", "APPLIED", "LAST"
     );
+    // Learners as the configuration of the newest answer names them.
+    let learners: Vec<u64> = reports
+        .iter()
+        .filter_map(|r| r.result.as_ref().ok())
+        .max_by_key(|s| (s.term, s.config_index))
+        .map(|s| {
+            s.members
+                .iter()
+                .filter(|m| !m.voter)
+                .map(|m| m.id)
+                .collect()
+        })
+        .unwrap_or_default();
     for r in reports {
         out.push('\n');
         match r.result {
@@ -188,7 +201,11 @@ pub async fn status_table(client: &Client, timeout: Duration) -> String {
                 r.id,
                 r.addr,
                 "up",
-                s.role,
+                if learners.contains(&r.id) {
+                    "learner".to_string()
+                } else {
+                    s.role
+                },
                 s.term,
                 if s.leader_id == 0 {
                     "-".to_string()

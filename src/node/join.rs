@@ -51,6 +51,22 @@ pub async fn join_cluster(
     }
 }
 
+/// Whether the leader, as the nodes at `addrs` know it, reports `me` removed by a committed
+/// configuration.
+pub async fn removal_committed(addrs: &[String], me: NodeId) -> bool {
+    let Ok(client) = Client::from_addresses(addrs, Duration::from_secs(1)).await else {
+        return false;
+    };
+    client
+        .status_all(Duration::from_secs(1))
+        .await
+        .into_iter()
+        .filter_map(|r| r.result.ok())
+        .filter(|s| s.role == "leader")
+        .max_by_key(|s| s.term)
+        .is_some_and(|l| l.removed.contains(&me) && !l.config_pending)
+}
+
 /// Asks until the change is in force (true) or refused for good (false: logged).
 async fn ask(client: &Client, id: NodeId, op: MembershipOp, address: &str) -> bool {
     loop {

@@ -111,6 +111,23 @@ pub async fn run(
             dir.display()
         ));
     }
+    // The membership's address wins over an edited config.json: the peers dial that one.
+    let stored_addr = recovered
+        .kv
+        .config()
+        .and_then(|c| c.address(id))
+        .map(str::to_string);
+    if join.listen.is_none()
+        && let (Some(a), Some(l)) = (&stored_addr, &listen)
+        && a != l
+    {
+        tracing::warn!(
+            node = id,
+            "config.json puts node {id} at {l}, but the cluster's membership has it at {a}: listening at {a}"
+        );
+        drop(listener.take());
+        listener = Some(bind_addr(a).await?);
+    }
     let listener = match listener.take() {
         Some(l) => l,
         None => match members.address(id) {
@@ -292,6 +309,7 @@ pub async fn run(
         hints: BTreeMap::new(),
         hints_dirty: false,
         hints_asked: None,
+        removal_asked: None,
         departing: Vec::new(),
         writes: BTreeMap::new(),
         reads: HashMap::new(),
@@ -522,6 +540,8 @@ struct Core {
     /// Hints changed since the last `sync_membership`; when members were last asked for.
     hints_dirty: bool,
     hints_asked: Option<std::time::Instant>,
+    /// When this node, knowing no leader, last asked whether it was removed.
+    removal_asked: Option<std::time::Instant>,
     /// What `Raft::departing` said at the last `sync_membership`.
     departing: Vec<NodeId>,
     /// A joining node's view of the members before its configuration has any.
@@ -579,6 +599,7 @@ impl Core {
             }
             self.poll_transfer();
             self.sync_membership();
+            self.check_removed();
             self.maybe_compact()?;
             self.maybe_end_repair()?;
             // Pipelined answers of this round go out together, one batch per client call.
@@ -595,6 +616,33 @@ impl Core {
         self.fail_all(|| ServiceError::ShuttingDown);
         crate::transport::flush_replies();
         Ok(Stopped::Shutdown)
+    }
+
+    /// A node that knows no leader asks now and then (every 3 s, in the background) whether
+    /// the leader has it removed: a removed node that missed its removal entry would otherwise
+    /// run, and campaign in vain, forever.
+    fn check_removed(&mut self) {
+        if self.raft.leader() != 0
+            || self.removed_since.is_some()
+            || self
+                .removal_asked
+                .is_some_and(|t| t.elapsed() < Duration::from_secs(3))
+        {
+            return;
+        }
+        self.removal_asked = Some(std::time::Instant::now());
+        let addrs: Vec<String> = self
+            .addrs
+            .iter()
+            .filter(|(id, _)| **id != self.id)
+            .map(|(_, a)| a.clone())
+            .collect();
+        let (inbound, me) = (self.inbound.clone(), self.id);
+        tokio::spawn(async move {
+            if join::removal_committed(&addrs, me).await {
+                let _ = inbound.send(Inbound::RemovedByLeader).await;
+            }
+        });
     }
 
     /// Asks the members it knows (at most once a second, in the background) where every
@@ -735,6 +783,15 @@ impl Core {
                 }
             }
             Inbound::Client(r) => self.handle_client(r),
+            Inbound::RemovedByLeader => {
+                if self.removed_since.is_none() {
+                    tracing::warn!(
+                        node = self.id,
+                        "the leader reports this node removed from the cluster; it stops now and its id is never used again (its data directory can be deleted)"
+                    );
+                    self.removed_since = Some(std::time::Instant::now());
+                }
+            }
             Inbound::PeerHints(hints) => {
                 self.hints.extend(hints);
                 self.hints_dirty = true;
@@ -856,7 +913,10 @@ impl Core {
         if !self.sending_to.insert(to) {
             return;
         }
-        let source = self.kv.snapshot_source();
+        let mut source = self.kv.snapshot_source();
+        // The configuration in force at the snapshot's index (config.json's for a cluster that
+        // never changed): the receiver must not keep one from the log it drops.
+        source.config = self.raft.config_at(source.meta.index).cloned();
         let inbound = self.inbound.clone();
         let (from, term) = (self.id, self.raft.term());
         let addr = self.addrs.get(&to).cloned().unwrap_or_default();
@@ -1037,8 +1097,10 @@ impl Core {
                     let _ = reply.send(Err(self.not_leader()));
                     return;
                 }
+                let mut source = self.kv.snapshot_source();
+                source.config = self.raft.config_at(source.meta.index).cloned();
                 let _ = reply.send(Ok(crate::transport::BackupSource {
-                    source: self.kv.snapshot_source(),
+                    source,
                     from: self.id,
                     term: self.raft.term(),
                     cluster_id: self.kv.cluster_id(),
@@ -1290,8 +1352,8 @@ impl Core {
                         let _ = r.send(Err(ServiceError::NotCommitted));
                     }
                     (PendingWrite::Member(r), _) => {
-                        let _ = r.send(match self.kv.config() {
-                            Some(c) if ok => Ok((e.index, c.clone())),
+                        let _ = r.send(match crate::raft::ClusterConfig::decode(&e.data) {
+                            Ok(c) if ok => Ok((e.index, c)),
                             _ => Err(ServiceError::NotCommitted),
                         });
                     }

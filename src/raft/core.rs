@@ -420,18 +420,30 @@ impl<S: LogStore> Raft<S> {
         voter && self.may_vote_in(term)
     }
 
-    /// Leader: members being removed that it still replicates to until they know (the
-    /// runtime keeps their connections).
+    /// Members being removed whose connections the runtime keeps: on a leader those it still
+    /// replicates to until they know; on a follower those its uncommitted configuration
+    /// removed (a leader removing itself among them).
     pub fn departing(&self) -> Vec<NodeId> {
-        if self.role != Role::Leader {
-            return Vec::new();
+        if self.role == Role::Leader {
+            return self
+                .tracker
+                .departing()
+                .iter()
+                .copied()
+                .filter(|&id| id != self.id)
+                .collect();
         }
-        self.tracker
-            .departing()
-            .iter()
-            .copied()
-            .filter(|&id| id != self.id)
-            .collect()
+        // A follower keeps answering members its uncommitted configuration removed (a leader
+        // removing itself must still hear the acknowledgements that commit its removal).
+        match self.configs.as_slice() {
+            [.., (_, before), (index, now)] if *index > self.log.committed => before
+                .members
+                .keys()
+                .filter(|&&id| id != self.id && !now.contains(id))
+                .copied()
+                .collect(),
+            _ => Vec::new(),
+        }
     }
 
     /// The configuration in force: the latest in the log, committed or not.
@@ -871,11 +883,12 @@ impl<S: LogStore> Raft<S> {
             return Ok(());
         }
         if let MessageBody::VoteRequest { pre_vote, .. } = m.body
-            && !self.config().is_empty()
-            && !self.config().contains(m.from)
+            && self.config().removed.contains(&m.from)
         {
-            // A node removed (or never added) asks for votes: it must not make anyone change
-            // term, let alone win (hashicorp/raft#524). It learns our term from the refusal.
+            // A removed node asks for votes: it must not make anyone change term, let alone
+            // win (hashicorp/raft#524). It learns our term from the refusal. (An id this node
+            // does not know may be a member added after its last configuration entry, whose
+            // vote request it must answer: only removed ids, never reused, are refused.)
             self.send(
                 m.from,
                 self.term,
@@ -1103,9 +1116,12 @@ impl<S: LogStore> Raft<S> {
         // whole log is dropped, not only what follows the snapshot (hashicorp/raft#697).
         self.log.restore(snap);
         let config = if config.is_empty() {
-            // A snapshot from before membership was in the log: the configuration is the one
-            // this node had.
-            self.config().clone()
+            // A sender from before membership was in the log (no change was ever made): the
+            // configuration is the one this node had at its commit index, never one of the
+            // uncommitted entries just dropped.
+            self.config_at(self.log.committed)
+                .unwrap_or_else(|| self.config())
+                .clone()
         } else {
             config
         };

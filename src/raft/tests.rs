@@ -248,9 +248,8 @@ fn higher_term_deposes_and_stale_term_is_rejected() {
 }
 
 // Messages addressed to another node, or claiming to come from this node or from nobody, change
-// nothing (the transport checks too; the core does not rely on it). A vote request from a node
-// outside the configuration (a removed one) is refused in this node's term, which it keeps
-// (hashicorp/raft#524).
+// nothing (the transport checks too; the core does not rely on it). A vote request from a
+// removed node is refused in this node's term, which it keeps (hashicorp/raft#524).
 #[test]
 fn misaddressed_and_foreign_messages_are_ignored() {
     let vote = |from, to| Message {
@@ -273,9 +272,11 @@ fn misaddressed_and_foreign_messages_are_ignored() {
             "from {from} to {to}: no answer, no state change"
         );
     }
-    let mut r = core(no_pre_vote(1, 3), MemLogStore::new(), 2, 0);
+    let mut c = no_pre_vote(1, 3);
+    c.members.removed.insert(7);
+    let mut r = core(c, MemLogStore::new(), 2, 0);
     r.step(vote(7, 1)).expect("step");
-    assert_eq!(r.term(), 2, "a non-member does not change the term");
+    assert_eq!(r.term(), 2, "a removed node does not change the term");
     let rd = r.ready().expect("ready");
     assert_eq!(rd.hard_state, None, "nor the vote");
     assert_eq!(
@@ -2526,4 +2527,32 @@ fn a_change_that_leaves_no_active_quorum_is_refused() {
     assert!(why.contains("too few voters would be up") && retry, "{why}");
     change(&mut net, 1, &ConfChange::Remove { id: 3 });
     assert_eq!(net.node(1).status().voters, vec![1, 2]);
+}
+
+// A voter whose configuration is behind (it missed the addition of node 4) still answers node
+// 4's vote request: only removed ids are refused, else a majority of the new configuration
+// could be unable to elect anyone.
+#[test]
+fn a_member_this_node_does_not_know_yet_gets_its_vote() {
+    let mut r = core(no_pre_vote(3, 3), MemLogStore::new(), 1, 0);
+    r.step(Message {
+        from: 4,
+        to: 3,
+        term: 2,
+        body: MessageBody::VoteRequest {
+            pre_vote: false,
+            last_log_index: 9,
+            last_log_term: 1,
+            leader_transfer: false,
+        },
+    })
+    .expect("step");
+    let rd = r.ready().expect("ready");
+    assert_eq!(
+        rd.messages[0].body,
+        MessageBody::VoteResponse {
+            pre_vote: false,
+            granted: true
+        }
+    );
 }

@@ -68,6 +68,9 @@ pub enum Inbound {
     /// Where members are, as a node that joins learned it from the cluster: until its own
     /// configuration names them, it needs these to answer the leader.
     PeerHints(std::collections::BTreeMap<NodeId, String>),
+    /// The current leader reports this node's removal as committed (a removed node that
+    /// missed the entry learns it this way, and stops).
+    RemovedByLeader,
     /// A snapshot transfer this node started to `to` ended.
     SnapshotSent {
         to: NodeId,

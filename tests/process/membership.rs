@@ -253,3 +253,32 @@ async fn a_node_that_missed_a_change_finds_a_leader_it_did_not_know() {
         st[&3].members
     );
 }
+
+// A removed node that missed its removal (paused meanwhile, and the leaders that could have
+// told it restarted) learns it from the leader it asks, and stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_node_that_missed_its_removal_stops_once_it_asks() {
+    use nix::sys::signal::Signal;
+    let mut c = TestCluster::started(3);
+    let leader = c.wait_leader(ELECTION).await;
+    let victim = c.follower_other_than(leader);
+    c.signal(victim, Signal::SIGSTOP);
+    // Its removal commits on the other two (it has not answered for an election timeout).
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let (code, out, err) = cli(&c, &["member", "remove", &victim.to_string()]);
+    assert_eq!(code, 0, "{out}{err}");
+    for id in c.ids().into_iter().filter(|&id| id != victim) {
+        c.kill9(id);
+        c.start(id);
+    }
+    c.signal(victim, Signal::SIGCONT);
+    assert_eq!(c.wait_exit(victim, CATCH_UP), 0, "it stopped cleanly");
+    let log = std::fs::read_to_string(c.dir.path().join(format!("logs/node-{victim}.log")))
+        .expect("the node's log");
+    assert!(
+        log.contains("the leader reports this node removed"),
+        "it learned from the leader it asked: {log}"
+    );
+    c.wait_leader(ELECTION).await;
+    c.client().put("after", "1").await.expect("write");
+}
