@@ -696,12 +696,15 @@ impl<S: LogStore> Raft<S> {
     }
 
     fn tick_election(&mut self) {
-        self.election_elapsed += 1;
-        if self.election_elapsed >= self.randomized_election_timeout {
+        self.election_elapsed = self.election_elapsed.saturating_add(1);
+        // A node that may not campaign (a learner, a rejoining node) lets the count grow, as
+        // etcd raft does: were it reset every timeout, the node would keep believing in a
+        // leader lease it no longer has, and refuse every vote a new leader needs.
+        if self.election_elapsed >= self.randomized_election_timeout
+            && self.may_campaign_in(self.term + 1)
+        {
             self.election_elapsed = 0;
-            if self.may_campaign_in(self.term + 1) {
-                self.campaign(self.cfg.pre_vote);
-            }
+            self.campaign(self.cfg.pre_vote);
         }
     }
 
@@ -883,12 +886,17 @@ impl<S: LogStore> Raft<S> {
             return Ok(());
         }
         if let MessageBody::VoteRequest { pre_vote, .. } = m.body
-            && self.config().removed.contains(&m.from)
+            && self
+                .config_at(self.log.committed)
+                .is_some_and(|c| c.removed.contains(&m.from))
         {
-            // A removed node asks for votes: it must not make anyone change term, let alone
-            // win (hashicorp/raft#524). It learns our term from the refusal. (An id this node
-            // does not know may be a member added after its last configuration entry, whose
-            // vote request it must answer: only removed ids, never reused, are refused.)
+            // A node whose removal this node knows to be committed asks for votes: it must
+            // not make anyone change term, let alone win (hashicorp/raft#524); a quorum of the
+            // new configuration holds the removal and can elect a leader without it. It
+            // learns our term from the refusal. Not refused: an id this node does not know (a
+            // member added after its last configuration entry), nor one removed by an entry
+            // not known to be committed (it may be truncated; refusing could leave no
+            // electable candidate).
             self.send(
                 m.from,
                 self.term,

@@ -313,7 +313,7 @@ impl Sim {
         let deadline = self.now + LIVENESS_BOUND;
         let leader = loop {
             self.run_until(self.now + 100);
-            if let Some(l) = self.stable_leader() {
+            if let Some(l) = self.settled_leader() {
                 break l;
             }
             assert!(
@@ -349,7 +349,7 @@ impl Sim {
             assert!(self.now < deadline, "liveness: a transfer never ended");
             self.run_until(self.now + 100);
             leader = loop {
-                if let Some(l) = self.stable_leader() {
+                if let Some(l) = self.settled_leader() {
                     break l;
                 }
                 assert!(self.now < deadline, "liveness: no leader after a transfer");
@@ -389,6 +389,14 @@ impl Sim {
         }
         self.check_durable();
         self.stats.committed = self.checker.max_commit;
+    }
+
+    /// A stable leader whose configuration is committed and makes it a voter (a change in
+    /// progress when the faults stopped, its own removal say, has finished).
+    fn settled_leader(&self) -> Option<NodeId> {
+        let l = self.stable_leader()?;
+        let r = self.nodes[&l].raft.as_ref()?;
+        (r.config_index() <= r.commit_index() && r.config().is_voter(l)).then_some(l)
     }
 
     /// The leader every member of its configuration that is up follows.
