@@ -286,6 +286,15 @@ impl Client {
         &self.nodes
     }
 
+    /// Every known node but `me`, with its address.
+    pub fn nodes_except(&self, me: NodeId) -> BTreeMap<NodeId, String> {
+        self.nodes
+            .iter()
+            .filter(|(id, _)| **id != me)
+            .map(|(&id, a)| (id, a.clone()))
+            .collect()
+    }
+
     /// The node believed to lead, if any.
     pub fn leader(&self) -> Option<NodeId> {
         self.leader

@@ -31,12 +31,7 @@ pub async fn join_cluster(
         }
     };
     // Until the leader's log tells this node the members, it answers them at these addresses.
-    let hints = client
-        .nodes()
-        .iter()
-        .filter(|(m, _)| **m != id)
-        .map(|(&m, a)| (m, a.clone()))
-        .collect();
+    let hints = client.nodes_except(id);
     let _ = core.send(crate::transport::Inbound::PeerHints(hints)).await;
     if !ask(&client, id, MembershipOp::AddLearner, &listen).await {
         return;

@@ -667,13 +667,7 @@ impl Core {
             if let Ok(c) =
                 crate::client::Client::from_addresses(&addrs, Duration::from_secs(1)).await
             {
-                let hints = c
-                    .nodes()
-                    .iter()
-                    .filter(|(id, _)| **id != me)
-                    .map(|(&id, a)| (id, a.clone()))
-                    .collect();
-                let _ = inbound.send(Inbound::PeerHints(hints)).await;
+                let _ = inbound.send(Inbound::PeerHints(c.nodes_except(me))).await;
             }
         });
     }

@@ -829,15 +829,20 @@ impl<S: LogStore> Raft<S> {
                 self.vote = m.from;
             }
         } else {
-            self.send(
-                m.from,
-                self.term,
-                MessageBody::VoteResponse {
-                    pre_vote,
-                    granted: false,
-                },
-            );
+            self.refuse_vote(m.from, pre_vote);
         }
+    }
+
+    /// A refusal, in our term (a candidate behind us learns it from the answer).
+    fn refuse_vote(&mut self, to: NodeId, pre_vote: bool) {
+        self.send(
+            to,
+            self.term,
+            MessageBody::VoteResponse {
+                pre_vote,
+                granted: false,
+            },
+        );
     }
 
     fn on_vote_response(&mut self, m: &Message, pre_vote: bool, granted: bool) {
@@ -897,14 +902,7 @@ impl<S: LogStore> Raft<S> {
             // member added after its last configuration entry), nor one removed by an entry
             // not known to be committed (it may be truncated; refusing could leave no
             // electable candidate).
-            self.send(
-                m.from,
-                self.term,
-                MessageBody::VoteResponse {
-                    pre_vote,
-                    granted: false,
-                },
-            );
+            self.refuse_vote(m.from, pre_vote);
             return Ok(());
         }
         if m.term > self.term {
@@ -957,14 +955,7 @@ impl<S: LogStore> Raft<S> {
                 MessageBody::VoteRequest { pre_vote: true, .. } => {
                     // Tell a pre-candidate behind us at once, rather than let it wait out its
                     // timeout: it learns our term from the refusal and follows.
-                    self.send(
-                        m.from,
-                        self.term,
-                        MessageBody::VoteResponse {
-                            pre_vote: true,
-                            granted: false,
-                        },
-                    );
+                    self.refuse_vote(m.from, true);
                 }
                 _ => {}
             }
