@@ -131,7 +131,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     );
     let report = bench(&cfg, &args).await?;
     if args.json {
-        println!("{}", serde_json::to_string(&report)?);
+        outln!("{}", serde_json::to_string(&report)?);
     } else {
         print_report(&report);
     }
@@ -337,7 +337,7 @@ fn progress_bar(ops: Option<u64>, duration: Option<Duration>) -> ProgressBar {
 }
 
 pub fn print_report(r: &Report) {
-    println!(
+    outln!(
         "raftkv bench: {:?} workload{}, {} clients, {}-byte values, {} keys, {} nodes",
         r.workload,
         if r.stale_reads { " (stale reads)" } else { "" },
@@ -346,21 +346,27 @@ pub fn print_report(r: &Report) {
         r.keys,
         r.nodes
     );
-    println!(
+    outln!(
         "  operations      {} ok, {} failed in {:.2} s",
-        r.ops, r.errors, r.seconds
+        r.ops,
+        r.errors,
+        r.seconds
     );
-    println!("  throughput      {:.0} ops/s", r.ops_per_sec);
-    println!(
+    outln!("  throughput      {:.0} ops/s", r.ops_per_sec);
+    outln!(
         "  latency (ms)    p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}",
-        r.p50_ms, r.p90_ms, r.p99_ms, r.p999_ms, r.max_ms
+        r.p50_ms,
+        r.p90_ms,
+        r.p99_ms,
+        r.p999_ms,
+        r.max_ms
     );
     if r.errors_by_kind.is_empty() {
-        println!("  errors          none");
+        outln!("  errors          none");
     } else {
         for (k, v) in &r.errors_by_kind {
-            println!("  errors          {v} {k}");
+            outln!("  errors          {v} {k}");
         }
     }
-    println!("  leader changes  {}", r.leader_changes);
+    outln!("  leader changes  {}", r.leader_changes);
 }

@@ -173,7 +173,7 @@ pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
     };
 
     let mut children: BTreeMap<NodeId, Child> = BTreeMap::new();
-    println!("{:<4} {:<8} {:<22} LOG", "ID", "PID", "ADDRESS");
+    outln!("{:<4} {:<8} {:<22} LOG", "ID", "PID", "ADDRESS");
     for &id in &ids {
         let pid = spawn(id, 0)?;
         let addr = cfg
@@ -182,7 +182,7 @@ pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
             .or_else(|| extra.get(&id).cloned())
             .unwrap_or_default();
         let log: PathBuf = cfg.log_dir().join(format!("node-{id}.log"));
-        println!("{:<4} {:<8} {:<22} {}", id, pid, addr, log.display());
+        outln!("{:<4} {:<8} {:<22} {}", id, pid, addr, log.display());
         children.insert(
             id,
             Child {
@@ -213,11 +213,11 @@ pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
                 }
                 let pid = c.pid.take().map_or(0, |p| p.as_raw());
                 let ran = c.started.elapsed();
-                println!("node {id} (pid {pid}) exited after {:.1}s: {}", ran.as_secs_f64(), describe_exit(&status));
+                outln!("node {id} (pid {pid}) exited after {:.1}s: {}", ran.as_secs_f64(), describe_exit(&status));
                 if status.as_ref().is_ok_and(|s| s.success()) {
                     // Not a crash: a node removed from the cluster stops this way (or someone
                     // stopped it on purpose).
-                    println!("not restarting node {id}: it stopped cleanly (see {})", cfg.log_dir().join(format!("node-{id}.log")).display());
+                    outln!("not restarting node {id}: it stopped cleanly (see {})", cfg.log_dir().join(format!("node-{id}.log")).display());
                     if children.values().all(|c| c.pid.is_none()) {
                         bail!("every node has exited");
                     }
@@ -230,14 +230,14 @@ pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
                     .filter_map(|r| r.result.as_ref().ok())
                     .any(|s| s.removed.contains(&id));
                 if removed {
-                    println!("not restarting node {id}: it was removed from the cluster");
+                    outln!("not restarting node {id}: it was removed from the cluster");
                     if children.values().all(|c| c.pid.is_none()) {
                         bail!("every node has exited");
                     }
                     continue;
                 }
                 if args.no_auto_restart {
-                    println!("not restarting node {id} (--no-auto-restart)");
+                    outln!("not restarting node {id} (--no-auto-restart)");
                     if children.values().all(|c| c.pid.is_none()) {
                         bail!("every node has exited");
                     }
@@ -248,7 +248,7 @@ pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
                 }
                 let delay = c.backoff;
                 c.backoff = (c.backoff * 2).min(RESTART_BACKOFF_MAX);
-                println!("restarting node {id} in {}s", delay.as_secs());
+                outln!("restarting node {id} in {}s", delay.as_secs());
                 let tx = restart_tx.clone();
                 tokio::spawn(async move {
                     tokio::time::sleep(delay).await;
@@ -265,28 +265,28 @@ pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
                     Ok(pid) => {
                         c.pid = Some(pid);
                         c.started = Instant::now();
-                        println!("node {id} restarted (pid {pid})");
+                        outln!("node {id} restarted (pid {pid})");
                     }
-                    Err(e) => println!("cannot restart node {id}: {e:#}"),
+                    Err(e) => outln!("cannot restart node {id}: {e:#}"),
                 }
             }
             _ = leader_poll.tick(), if !leader_reported => {
                 let reports = client.status_all(Duration::from_millis(200)).await;
                 let leader = reports.iter().filter_map(|r| r.result.as_ref().ok()).find(|s| s.role == "leader");
                 if let Some(l) = leader {
-                    println!("leader: node {} ({}), term {}", l.id, client.nodes().get(&l.id).cloned().or_else(|| cfg.node(l.id).map(|n| n.addr())).unwrap_or_default(), l.term);
-                    println!("connect with: raftkv shell --config {config_arg}");
+                    outln!("leader: node {} ({}), term {}", l.id, client.nodes().get(&l.id).cloned().or_else(|| cfg.node(l.id).map(|n| n.addr())).unwrap_or_default(), l.term);
+                    outln!("connect with: raftkv shell --config {config_arg}");
                     leader_reported = true;
                 } else if started.elapsed() > Duration::from_secs(10) {
                     let majority = cfg.nodes.len() / 2 + 1;
-                    println!("no leader yet after 10s ({} of {} nodes running; a leader needs {majority})", ids.len(), cfg.nodes.len());
+                    outln!("no leader yet after 10s ({} of {} nodes running; a leader needs {majority})", ids.len(), cfg.nodes.len());
                     leader_reported = true;
                 }
             }
         }
     }
 
-    println!(
+    outln!(
         "stopping {} node(s)...",
         children.values().filter(|c| c.pid.is_some()).count()
     );
@@ -303,14 +303,14 @@ pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
                     && c.generation == generation
                 {
                     c.pid = None;
-                    println!("node {id} stopped ({})", describe_exit(&status));
+                    outln!("node {id} stopped ({})", describe_exit(&status));
                 }
             }
             Ok(None) => break,
             Err(_) => {
                 for (id, c) in &children {
                     if let Some(pid) = c.pid {
-                        println!(
+                        outln!(
                             "node {id} did not stop within {}s: SIGKILL",
                             args.grace.as_secs()
                         );

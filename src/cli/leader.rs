@@ -58,7 +58,7 @@ pub async fn run(args: LeaderArgs) -> anyhow::Result<()> {
             let cfg = Config::load(&config.config)?;
             let client = Client::discover(cfg.addrs()).await;
             let msg = transfer(&client, id).await.map_err(|e| anyhow!(e))?;
-            println!("{msg}");
+            outln!("{msg}");
             Ok(())
         }
     }

@@ -245,7 +245,7 @@ pub async fn run(args: MemberArgs) -> anyhow::Result<()> {
         MemberCommand::Promote { id, .. } => promote(&client, id).await,
         MemberCommand::Remove { id, .. } => remove(&client, id).await,
     };
-    println!("{}", out.map_err(|e| anyhow!(e))?);
+    outln!("{}", out.map_err(|e| anyhow!(e))?);
     Ok(())
 }
 

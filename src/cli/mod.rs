@@ -1,5 +1,16 @@
 //! The `raftkv` command line: one enum, a file per subcommand.
 
+/// `println!` that survives a closed pipe (`raftkv monitor --json | head -c 300`, or
+/// `raftkv cluster | tee f` and Ctrl-C): output nobody reads any more is dropped, instead of
+/// panicking the command ("failed printing to stdout: Broken pipe") and skipping what it still
+/// has to do, such as stopping its nodes.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
 pub mod bench;
 pub mod cluster;
 pub mod leader;

@@ -433,9 +433,9 @@ pub async fn run(args: MonitorArgs) -> anyhow::Result<()> {
         explain_down(&mut reports, &cfg);
         let (view, _) = build_view(&reports, sample, Instant::now());
         if args.json {
-            println!("{}", serde_json::to_string(&view)?);
+            outln!("{}", serde_json::to_string(&view)?);
         } else {
-            println!("{}", plain(&view));
+            outln!("{}", plain(&view));
         }
         if !view.quorum {
             anyhow::bail!(

@@ -232,7 +232,7 @@ pub async fn run(args: ShellArgs) -> anyhow::Result<()> {
         let lines: Vec<String> = std::io::stdin().lock().lines().collect::<Result<_, _>>()?;
         for line in lines {
             match execute(&mut client, &line, args.timeout).await {
-                Ok(Some(out)) => println!("{out}"),
+                Ok(Some(out)) => outln!("{out}"),
                 Ok(None) => {}
                 Err(e) => {
                     if matches!(line.trim(), "exit" | "quit") {
@@ -259,7 +259,7 @@ pub async fn run(args: ShellArgs) -> anyhow::Result<()> {
     if let Some(h) = &history {
         let _ = rl.load_history(h);
     }
-    println!(
+    outln!(
         "raftkv shell: {} nodes in {}. Type `help` for commands.",
         cfg.nodes.len(),
         args.config.config.display()
@@ -277,9 +277,9 @@ pub async fn run(args: ShellArgs) -> anyhow::Result<()> {
                     break;
                 }
                 match execute(&mut client, trimmed, args.timeout).await {
-                    Ok(Some(out)) => println!("{out}"),
+                    Ok(Some(out)) => outln!("{out}"),
                     Ok(None) => {}
-                    Err(e) => println!("error: {e}"),
+                    Err(e) => outln!("error: {e}"),
                 }
             }
             Err(ReadlineError::Interrupted) => continue,

@@ -111,7 +111,7 @@ async fn save(file: &Path, config: &Path) -> anyhow::Result<()> {
     };
     std::fs::rename(&tmp, file).with_context(|| format!("renaming to {}", file.display()))?;
     let h = header.unwrap_or_default();
-    println!(
+    outln!(
         "saved {}: index {} (term {}) of cluster {}, from node {leader}: {records} records, {:.1} MiB",
         file.display(),
         h.index,
@@ -193,19 +193,22 @@ fn status(file: &Path) -> anyhow::Result<()> {
         );
     }
     let size = std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
-    println!(
+    outln!(
         "snapshot {}: verified (every chunk's checksum, order and the totals)",
         file.display()
     );
-    println!("  cluster:  {}", cluster_id_str(h.cluster_id));
-    println!(
+    outln!("  cluster:  {}", cluster_id_str(h.cluster_id));
+    outln!(
         "  index:    {} (term {}), saved from node {} in term {}",
-        h.index, h.snapshot_term, h.from, h.term
+        h.index,
+        h.snapshot_term,
+        h.from,
+        h.term
     );
-    println!("  format:   {}", h.format);
-    println!("  keys:     {kv}");
-    println!("  sessions: {sessions} records");
-    println!(
+    outln!("  format:   {}", h.format);
+    outln!("  keys:     {kv}");
+    outln!("  sessions: {sessions} records");
+    outln!(
         "  size:     {:.1} MiB of records, {:.1} MiB file",
         bytes as f64 / (1 << 20) as f64,
         size as f64 / (1 << 20) as f64
@@ -269,7 +272,7 @@ fn restore(file: &Path, config: &Path) -> anyhow::Result<()> {
         }
         done.push(dir);
     }
-    println!(
+    outln!(
         "restored {} (index {}, term {}, {records} records) into {} data directories of a new cluster {}:",
         file.display(),
         h.index,
@@ -278,9 +281,9 @@ fn restore(file: &Path, config: &Path) -> anyhow::Result<()> {
         cluster_id_str(cluster_id)
     );
     for d in &done {
-        println!("  {}", d.display());
+        outln!("  {}", d.display());
     }
-    println!(
+    outln!(
         "start it with: raftkv cluster --config {}",
         config.display()
     );

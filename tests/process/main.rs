@@ -1031,3 +1031,31 @@ async fn leadership_is_transferred_on_request() {
     assert!(out.contains('2'), "the write survived the transfers: {out}");
     assert_eq!(c.wait_leader(ELECTION).await, back);
 }
+
+// #12: a command whose output goes into a pipe that closes early (`| head`) neither panics nor
+// fails: what nobody reads is dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_survive_a_closed_pipe() {
+    let c = TestCluster::started(3);
+    c.wait_leader(ELECTION).await;
+    let cfg = c.config.to_str().expect("utf-8 path");
+    let bin = harness::BIN;
+    for cmd in [
+        format!("{bin} monitor --json --config {cfg} | head -c 20"),
+        format!("{bin} monitor --once --config {cfg} | head -1"),
+        format!("{bin} bench --config {cfg} --ops 500 --clients 4 | head -1"),
+        format!("{bin} member list --config {cfg} | head -1"),
+    ] {
+        let out = std::process::Command::new("bash")
+            .args(["-c", &format!("set -o pipefail; {cmd}")])
+            .current_dir(c.dir.path())
+            .output()
+            .expect("bash");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{cmd}: {:?} {err}", out.status);
+        assert!(
+            !err.contains("panicked") && !err.contains("Broken pipe"),
+            "{cmd}: {err}"
+        );
+    }
+}
