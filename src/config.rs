@@ -22,6 +22,10 @@ use crate::raft::NodeId;
 
 pub const DEFAULT_MAX_KEY_BYTES: usize = 4096;
 pub const DEFAULT_MAX_VALUE_BYTES: usize = 1 << 20;
+/// Timeouts and intervals above an hour are refused (they would not fit the core's ticks long
+/// before they stopped making sense).
+pub const ELECTION_TIMEOUT_MS_MAX: u64 = 3_600_000;
+
 /// Hard ceiling for values: one value must fit into one Raft message and one gRPC message.
 pub const MAX_VALUE_BYTES_LIMIT: usize = 8 << 20;
 
@@ -256,6 +260,22 @@ impl Config {
             }
         }
         let e = &self.election_timeout_ms;
+        // Timeouts become ticks (u32) in the core: far beyond any sensible value, but checked
+        // here rather than truncated there.
+        for (field, v) in [
+            ("election_timeout_ms.min", e.min),
+            ("election_timeout_ms.max", e.max),
+            ("heartbeat_interval_ms", self.heartbeat_interval_ms),
+        ] {
+            if v > ELECTION_TIMEOUT_MS_MAX {
+                return err(
+                    field,
+                    format!(
+                        "{v} ms is more than the maximum of {ELECTION_TIMEOUT_MS_MAX} ms (one hour)"
+                    ),
+                );
+            }
+        }
         if e.min == 0 {
             return err("election_timeout_ms.min", "must be at least 1".into());
         }
@@ -285,6 +305,9 @@ impl Config {
         }
         if self.max_key_bytes == Some(0) {
             return err("max_key_bytes", "must be at least 1".into());
+        }
+        if self.max_value_bytes == Some(0) {
+            return err("max_value_bytes", "must be at least 1".into());
         }
         if let Some(v) = self.max_value_bytes
             && v > MAX_VALUE_BYTES_LIMIT
@@ -393,6 +416,21 @@ impl Config {
     /// The runtime's tick: a fifth of the heartbeat interval, so timeouts keep their precision.
     pub fn tick_ms(&self) -> u64 {
         (self.heartbeat_interval_ms / 5).max(1)
+    }
+
+    /// What is allowed but probably not meant, for the user to read once.
+    pub fn warnings(&self) -> Vec<String> {
+        let n = self.nodes.len();
+        let mut w = Vec::new();
+        if n > 1 && n.is_multiple_of(2) {
+            w.push(format!(
+                "config has {n} nodes: an even number tolerates no more failures than {} nodes do ({} may fail), and needs {} for a quorum",
+                n - 1,
+                (n - 1) / 2,
+                n / 2 + 1
+            ));
+        }
+        w
     }
 
     /// The membership a new cluster starts with: every node of the file, voting.
@@ -580,9 +618,21 @@ mod tests {
                 ),
                 "nodes[2].host",
             ),
+            // #12: an election maximum that would overflow the core's u32 ticks.
+            (
+                SEED.replace("\"max\": 300", "\"max\": 42949672960"),
+                "election_timeout_ms.max",
+            ),
+            (
+                SEED.replace(
+                    "\"data_directory\"",
+                    "\"max_value_bytes\": 0, \"data_directory\"",
+                ),
+                "max_value_bytes",
+            ),
         ];
         for (text, field) in cases {
-            assert_eq!(field_of(load_text(&text)), field);
+            assert_eq!(field_of(load_text(&text)), field, "{text}");
         }
     }
 

@@ -118,6 +118,22 @@ fn error_kind(e: &ClientError) -> &'static str {
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let cfg = Config::load(&args.config.config)?;
     anyhow::ensure!(args.clients > 0, "--clients must be at least 1");
+    anyhow::ensure!(
+        args.conns > 0,
+        "--conns must be at least 1 (connections shared by the clients)"
+    );
+    anyhow::ensure!(
+        args.ops != Some(0),
+        "--ops must be at least 1 (or leave it out and give --duration)"
+    );
+    anyhow::ensure!(
+        args.duration.is_none_or(|d| !d.is_zero()),
+        "--duration must be longer than 0s"
+    );
+    anyhow::ensure!(
+        !args.timeout.is_zero(),
+        "--timeout must be longer than 0s (how long one request may take)"
+    );
     anyhow::ensure!(args.keys > 0, "--keys must be at least 1");
     anyhow::ensure!(
         (0.0..=1.0).contains(&args.read_ratio),

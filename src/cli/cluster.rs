@@ -108,6 +108,9 @@ fn describe_exit(status: &std::io::Result<ExitStatus>) -> String {
 
 pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
     let cfg = Config::load(&args.config.config)?;
+    for w in cfg.warnings() {
+        eprintln!("warning: {w}");
+    }
     // Members added since config.json was written, if some node already runs.
     let client = Client::discover(cfg.addrs()).await;
     let members = client.nodes().clone();

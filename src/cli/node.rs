@@ -133,6 +133,9 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
         default_hook(info);
     }));
 
+    for w in cfg.warnings() {
+        tracing::warn!("{w}");
+    }
     if args.repair {
         let dir = cfg.node_data_dir(args.id);
         let peers = cfg

@@ -109,9 +109,15 @@ pub async fn execute(
             Ok(Some("OK".into()))
         }
         "get" => {
-            let (stale, key) = match rest.strip_prefix("--stale") {
-                Some(k) => (true, k.trim()),
-                None => (false, rest),
+            // Flags are whole words: `get --staleUpper` is an unknown flag, not key `Upper`.
+            let (stale, key) = match rest.split_once(char::is_whitespace) {
+                Some(("--stale", k)) => (true, k.trim()),
+                _ if rest == "--stale" => (true, ""),
+                _ if rest.starts_with("--") => {
+                    let flag = rest.split_whitespace().next().unwrap_or(rest);
+                    return Err(format!("unknown flag {flag:?}; usage: get [--stale] KEY"));
+                }
+                _ => (false, rest),
             };
             if key.is_empty() || key.contains(char::is_whitespace) {
                 return Err("usage: get [--stale] KEY".into());

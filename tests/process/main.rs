@@ -1059,3 +1059,34 @@ async fn commands_survive_a_closed_pipe() {
         );
     }
 }
+
+// #12: bench arguments without a meaning are refused with what to give instead, before anything
+// is sent; the shell's flags are whole words.
+#[test]
+fn bench_and_shell_arguments_are_checked() {
+    let c = TestCluster::new(3);
+    let cfg = c.config.to_str().expect("utf-8 path");
+    for (args, want) in [
+        (vec!["--ops", "0"], "--ops must be at least 1"),
+        (vec!["--conns", "0"], "--conns must be at least 1"),
+        (vec!["--timeout", "0s"], "--timeout must be longer than 0s"),
+        (
+            vec!["--duration", "0s"],
+            "--duration must be longer than 0s",
+        ),
+        (vec!["--clients", "-3"], "unexpected argument '-3'"),
+    ] {
+        let mut all = vec!["bench", "--config", cfg];
+        all.extend(&args);
+        let (code, _, err) = run_cli(&all, "", c.dir.path());
+        assert_ne!(code, 0, "{args:?}");
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+    let (code, out, err) = run_cli(
+        &["shell", "--config", cfg],
+        "get --staleUpper\n",
+        c.dir.path(),
+    );
+    assert_ne!(code, 0, "{out}");
+    assert!(err.contains("unknown flag \"--staleUpper\""), "{err}");
+}
