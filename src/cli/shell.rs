@@ -234,9 +234,24 @@ pub async fn run(args: ShellArgs) -> anyhow::Result<()> {
         .await
         .with_timeout(args.timeout);
     if !std::io::stdin().is_terminal() {
+        // Each line runs as it arrives (a script fed by a slow producer, or a pipe kept open,
+        // is not held back until end of input); a line that is not UTF-8 fails alone.
         let mut failed = 0usize;
-        let lines: Vec<String> = std::io::stdin().lock().lines().collect::<Result<_, _>>()?;
-        for line in lines {
+        let mut stdin = std::io::BufReader::new(std::io::stdin());
+        let mut raw = Vec::new();
+        let mut number = 0usize;
+        loop {
+            raw.clear();
+            if tokio::task::block_in_place(|| stdin.read_until(b'\n', &mut raw))? == 0 {
+                break;
+            }
+            number += 1;
+            let Ok(line) = std::str::from_utf8(&raw) else {
+                failed += 1;
+                eprintln!("error: line {number} is not UTF-8; skipped");
+                continue;
+            };
+            let line = line.trim_end_matches(['\n', '\r']).to_string();
             match execute(&mut client, &line, args.timeout).await {
                 Ok(Some(out)) => outln!("{out}"),
                 Ok(None) => {}

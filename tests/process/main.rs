@@ -1090,3 +1090,51 @@ fn bench_and_shell_arguments_are_checked() {
     assert_ne!(code, 0, "{out}");
     assert!(err.contains("unknown flag \"--staleUpper\""), "{err}");
 }
+
+// #12: the shell in script mode runs each line as it arrives (stdin still open), and a line
+// that is not UTF-8 fails alone, with its number.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shell_scripts_run_line_by_line() {
+    use std::io::{BufRead, Write};
+    let c = TestCluster::started(3);
+    c.wait_leader(ELECTION).await;
+    let mut child = std::process::Command::new(harness::BIN)
+        .args(["shell", "--config"])
+        .arg(&c.config)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn shell");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin.write_all(b"set k first\nget k\n").expect("write");
+    stdin.flush().expect("flush");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().expect("stdout");
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    // The answer comes while the shell's input is still open.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut seen = Vec::new();
+    while !seen.iter().any(|l: &String| l == "first") {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) => seen.push(l),
+            Err(_) => panic!("no answer before end of input: {seen:?}"),
+        }
+    }
+    stdin.write_all(b"\xff\xfe\nget k\n").expect("write");
+    drop(stdin);
+    let out = child.wait_with_output().expect("wait");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "one line failed: {err}");
+    assert!(err.contains("line 3 is not UTF-8"), "{err}");
+    let second = rx.recv_timeout(Duration::from_secs(5));
+    assert_eq!(second.as_deref(), Ok("first"), "the line after it ran");
+}
