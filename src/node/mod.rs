@@ -1122,7 +1122,7 @@ impl Core {
             ConfChange::Promote { id } => c.is_voter(*id),
             ConfChange::Remove { id } => c.removed.contains(id),
         };
-        if done && !self.raft.status().config_pending {
+        if done && self.raft.config_index() <= self.raft.commit_index() {
             let _ = reply.send(Ok((0, c.clone())));
             return;
         }

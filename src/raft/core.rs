@@ -1056,12 +1056,11 @@ impl<S: LogStore> Raft<S> {
             self.send(m.from, self.term, reply(true, committed, 0, 0));
             return Ok(());
         }
-        let conflict = self.log.find_conflict(&entries);
         match self
             .log
             .maybe_append(prev_log_index, prev_log_term, leader_commit, &entries)
         {
-            Some(last_new) => {
+            Some((last_new, conflict)) => {
                 if conflict != 0 {
                     self.configs_appended(conflict, &entries)?;
                 }

@@ -129,15 +129,16 @@ impl<S: LogStore> RaftLog<S> {
         self.last_index()
     }
 
-    /// The follower side of AppendEntries. Returns the index of the last new entry if the log
-    /// matched at `prev_index`/`prev_term` (Raft paper 5.3), `None` if it did not.
+    /// The follower side of AppendEntries. If the log matched at `prev_index`/`prev_term`
+    /// (Raft paper 5.3), returns the index of the last new entry and the first index the
+    /// entries replaced or added (0: the log had them all); `None` if it did not match.
     pub fn maybe_append(
         &mut self,
         prev_index: LogIndex,
         prev_term: Term,
         leader_commit: LogIndex,
         entries: &[Entry],
-    ) -> Option<LogIndex> {
+    ) -> Option<(LogIndex, LogIndex)> {
         if !self.match_term(prev_index, prev_term) {
             return None;
         }
@@ -154,11 +155,11 @@ impl<S: LogStore> RaftLog<S> {
         }
         // Only up to what this message proved matches the leader (not our whole log).
         self.commit_to(leader_commit.min(last_new));
-        Some(last_new)
+        Some((last_new, conflict))
     }
 
     /// The index of the first entry that is not in the log with the same term, or 0.
-    pub(crate) fn find_conflict(&self, entries: &[Entry]) -> LogIndex {
+    fn find_conflict(&self, entries: &[Entry]) -> LogIndex {
         entries
             .iter()
             .find(|e| !self.match_term(e.index, e.term))
