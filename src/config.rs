@@ -35,6 +35,10 @@ pub struct NodeAddr {
     pub id: NodeId,
     pub host: String,
     pub port: u16,
+    /// Where the node serves `/metrics` (Prometheus), `/livez` and `/readyz` over HTTP, on
+    /// the same host; none when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_port: Option<u16>,
 }
 
 impl NodeAddr {
@@ -248,15 +252,41 @@ impl Config {
                     ),
                 );
             }
+            if n.http_port == Some(0) {
+                return err(
+                    &format!("nodes[{i}].http_port"),
+                    "must be between 1 and 65535 (leave it out for no HTTP endpoint)".into(),
+                );
+            }
+            if n.http_port == Some(n.port) {
+                return err(
+                    &format!("nodes[{i}].http_port"),
+                    format!(
+                        "{} is the node's gRPC port too; give it a port of its own",
+                        n.port
+                    ),
+                );
+            }
+            if let Some(h) = n.http_port
+                && let Some(other) = addrs.insert((n.host.clone(), h), n.id)
+            {
+                return err(
+                    &format!("nodes[{i}].http_port"),
+                    format!("duplicate address {}:{h} (also node {other})", n.host),
+                );
+            }
             // Different spellings of one machine (localhost, 127.0.0.1) cannot share a port.
             if is_local(&n.host) {
-                if let Some(&other) = ports.get(&n.port) {
-                    return err(
-                        &format!("nodes[{i}].port"),
-                        format!("duplicate port {} (also node {other})", n.port),
-                    );
+                for (field, port) in [("port", Some(n.port)), ("http_port", n.http_port)] {
+                    let Some(port) = port else { continue };
+                    if let Some(&other) = ports.get(&port) {
+                        return err(
+                            &format!("nodes[{i}].{field}"),
+                            format!("duplicate port {port} (also node {other})"),
+                        );
+                    }
+                    ports.insert(port, n.id);
                 }
-                ports.insert(n.port, n.id);
             }
         }
         let e = &self.election_timeout_ms;

@@ -9,8 +9,10 @@
 //! - [`storage`] — the durable log, hard state and key-value state machine on fjall.
 //! - [`raft`] — the consensus core; pure and deterministic.
 //! - [`config`](mod@config) — `config.json`.
+//! - [`metrics`] — a node's Prometheus metrics (served by `node` over HTTP).
 
 pub mod config;
+pub mod metrics;
 pub mod raft;
 pub mod storage;
 

@@ -32,6 +32,9 @@ pub struct ClusterArgs {
     /// How long stopping nodes may take before they are killed with SIGKILL.
     #[arg(long, default_value = "10s", value_parser = super::parse_duration)]
     pub grace: Duration,
+    /// The nodes' log format (their log files under the config's log directory): text or json.
+    #[arg(long, value_enum, default_value_t = super::node::LogFormat::Text)]
+    pub log_format: super::node::LogFormat,
 }
 
 const RESTART_BACKOFF_MIN: Duration = Duration::from_secs(1);
@@ -142,6 +145,9 @@ pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
             .arg("--config")
             .arg(&config_path)
             .arg("--quiet");
+        if args.log_format == super::node::LogFormat::Json {
+            cmd.arg("--log-format").arg("json");
+        }
         if let Some(addr) = extra.get(&id) {
             // Not in config.json: where it listens, and whom to ask if its directory is empty.
             cmd.arg("--listen").arg(addr);

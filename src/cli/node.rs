@@ -45,6 +45,21 @@ pub struct NodeArgs {
     /// node's log is within 1000 entries of its own; the node asks again every second).
     #[arg(long, requires = "join")]
     pub voter: bool,
+    /// Serve /metrics (Prometheus), /livez and /readyz over HTTP on this port, on the node's
+    /// host. Default: the node's "http_port" in the config; none if it has none.
+    #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    pub http_port: Option<u16>,
+    /// The log's format: text (one line per event) or json (one JSON object per line, for log
+    /// collectors). Both the log file and stderr use it.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 fn parse_addr(s: &str) -> Result<String, String> {
@@ -79,10 +94,11 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
                 .join(", ")
         );
     }
-    let join = crate::node::JoinOptions {
+    let join = crate::node::NodeOptions {
         join: args.join.clone(),
         listen: args.listen.clone(),
         voter: args.voter,
+        http_port: args.http_port,
     };
     let log_dir = cfg.log_dir();
     std::fs::create_dir_all(&log_dir)
@@ -96,19 +112,28 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
         Ok(d) => filter().add_directive(d),
         Err(_) => filter(),
     };
-    let stderr_layer = (!args.quiet).then(|| {
-        tracing_subscriber::fmt::layer()
-            .with_writer(std::io::stderr)
-            .with_filter(stderr_filter())
-    });
     use tracing_subscriber::Layer;
+    let json = args.log_format == LogFormat::Json;
+    let stderr_layer = (!args.quiet).then(|| {
+        let l = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+        if json {
+            l.json().with_filter(stderr_filter()).boxed()
+        } else {
+            l.with_filter(stderr_filter()).boxed()
+        }
+    });
+    let file_layer = {
+        let l = tracing_subscriber::fmt::layer()
+            .with_ansi(false)
+            .with_writer(file);
+        if json {
+            l.json().with_filter(filter()).boxed()
+        } else {
+            l.with_filter(filter()).boxed()
+        }
+    };
     tracing_subscriber::registry()
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_ansi(false)
-                .with_writer(file)
-                .with_filter(filter()),
-        )
+        .with(file_layer)
         .with(stderr_layer)
         .try_init()
         .ok();

@@ -23,6 +23,8 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tonic::transport::server::TcpIncoming;
 
+pub mod health;
+mod http;
 mod join;
 
 use crate::config::{Config, SnapshotPolicy};
@@ -45,9 +47,10 @@ const INBOUND_QUEUE: usize = 16 * 1024;
 /// Inputs taken in one round before the core produces a `Ready`.
 const ROUND_INPUTS_MAX: usize = 8192;
 
-/// How a node that is not (yet) a member joins a running cluster (`raftkv node --join`).
+/// How a node starts beyond its config entry: joining a running cluster (`raftkv node
+/// --join`), and where it serves HTTP.
 #[derive(Clone, Debug, Default)]
-pub struct JoinOptions {
+pub struct NodeOptions {
     /// Members to ask (`host:port`); empty: the node does not join.
     pub join: Vec<String>,
     /// Where this node listens (and what the others are told); default: its entry in the
@@ -55,6 +58,9 @@ pub struct JoinOptions {
     pub listen: Option<String>,
     /// Ask for promotion to voter once caught up.
     pub voter: bool,
+    /// The HTTP port for `/metrics`, `/livez` and `/readyz` (on the node's host); default:
+    /// the config entry's `http_port`. None: no HTTP endpoint, and no metrics are recorded.
+    pub http_port: Option<u16>,
 }
 
 /// How a node stopped without an error.
@@ -74,7 +80,7 @@ pub enum Stopped {
 pub async fn run(
     cfg: Config,
     id: NodeId,
-    join: JoinOptions,
+    join: NodeOptions,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<Stopped> {
     let listen = join
@@ -146,6 +152,24 @@ pub async fn run(
         },
     };
     let local = listener.local_addr().context("reading the bound address")?;
+    let http_port = join
+        .http_port
+        .or_else(|| cfg.node(id).and_then(|n| n.http_port));
+    let http_listener = match http_port {
+        Some(port) => {
+            let host = match &listen {
+                Some(a) => crate::config::parse_address(a)
+                    .map_or_else(|_| local.ip().to_string(), |(h, _)| h),
+                None => local.ip().to_string(),
+            };
+            Some(
+                bind(&host, port)
+                    .await
+                    .with_context(|| format!("the HTTP endpoint (http_port {port})"))?,
+            )
+        }
+        None => None,
+    };
     tracing::info!(
         node = id,
         %local,
@@ -201,6 +225,13 @@ pub async fn run(
     )?;
     let config = raft.config().clone();
     let peers = Peers::start(peer_addrs(&config), cluster.clone());
+    let health = Arc::new(health::Health::new(Duration::from_millis(
+        cfg.election_timeout_ms.max,
+    )));
+    let metrics = http_listener
+        .as_ref()
+        .map(|_| crate::metrics::Metrics::new(id));
+    let (peer_addrs_tx, peer_addrs_rx) = watch::channel(addresses(&config));
 
     let peer_service = PeerService {
         id,
@@ -219,7 +250,11 @@ pub async fn run(
             max_key_bytes: cfg.max_key_bytes(),
             max_value_bytes: cfg.max_value_bytes(),
         },
+        metrics: metrics.clone(),
     };
+    // The standard gRPC health service: "" is SERVING while the node is live, and
+    // "raftkv.DataService" while it is ready (see `health`).
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
     // Stops the server and the core: on a signal, or when the core stops by itself (a fatal
     // storage error), so that the process exits instead of serving without a core.
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -233,6 +268,7 @@ pub async fn run(
         .tcp_nodelay(true)
         .initial_stream_window_size(STREAM_WINDOW_BYTES)
         .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
+        .add_service(health_service)
         .add_service(
             NodeCommunicationServer::new(peer_service)
                 .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
@@ -249,6 +285,22 @@ pub async fn run(
             server_shutdown,
         );
     let server = tokio::spawn(server);
+    let health_task = tokio::spawn(report_health(health.clone(), health_reporter));
+    let http_server = match (http_listener, &metrics) {
+        (Some(l), Some(m)) => {
+            let http_local = l.local_addr().ok();
+            tracing::info!(node = id, addr = ?http_local, "serving /metrics, /livez and /readyz over HTTP");
+            let mut s = stop_rx.clone();
+            let prober = tokio::spawn(probe_peers(id, peer_addrs_rx, m.clone()));
+            Some((
+                tokio::spawn(http::serve(l, m.clone(), health.clone(), async move {
+                    let _ = s.wait_for(|v| *v).await;
+                })),
+                prober,
+            ))
+        }
+        _ => None,
+    };
 
     let mut rejoin = recovered.rejoin;
     if recovered.is_new
@@ -318,6 +370,12 @@ pub async fn run(
         role: Role::Follower,
         leader: 0,
         transfer: None,
+        health: health.clone(),
+        metrics,
+        leader_commit: (0, 0),
+        leader_heard: false,
+        peer_addrs: peer_addrs_tx,
+        snapshot_started: BTreeMap::new(),
     };
     let tick = Duration::from_millis(cfg.tick_ms());
     let handle = tokio::runtime::Handle::current();
@@ -353,12 +411,18 @@ pub async fn run(
     if let Some(j) = joiner {
         j.abort();
     }
+    health.stopping();
+    health_task.abort();
     let _ = stop_tx.send(true);
     let core_result = tokio::task::spawn_blocking(move || core_thread.join())
         .await
         .context("joining the core thread")?
         .map_err(|p| anyhow!("the core thread panicked: {}", panic_message(p.as_ref())))?;
     let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
+    if let Some((http, prober)) = http_server {
+        prober.abort();
+        let _ = tokio::time::timeout(Duration::from_secs(2), http).await;
+    }
     core_result
 }
 
@@ -397,6 +461,74 @@ async fn bind_addr(addr: &str) -> anyhow::Result<TcpListener> {
     let (host, port) =
         crate::config::parse_address(addr).map_err(|e| anyhow!("listen address {addr:?}: {e}"))?;
     bind(&host, port).await
+}
+
+/// Keeps the gRPC health service in step with [`health::Health`] (checked four times a
+/// second; only changes are reported).
+async fn report_health(h: Arc<health::Health>, reporter: tonic_health::server::HealthReporter) {
+    use tonic_health::ServingStatus::{NotServing, Serving};
+    let mut last = None;
+    let mut every = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        every.tick().await;
+        let now = (health::passed(&h.live()), health::passed(&h.ready()));
+        if last == Some(now) {
+            continue;
+        }
+        last = Some(now);
+        let status = |ok| if ok { Serving } else { NotServing };
+        reporter.set_service_status("", status(now.0)).await;
+        reporter
+            .set_service_status("raftkv.DataService", status(now.1))
+            .await;
+    }
+}
+
+/// Measures the round trip to every peer once a second with a gRPC health check (as etcd's
+/// prober does), for `raftkv_network_peer_round_trip_time_seconds`. A connection's first check
+/// (which includes connecting) is not counted.
+async fn probe_peers(
+    me: NodeId,
+    mut addrs: watch::Receiver<BTreeMap<NodeId, String>>,
+    metrics: Arc<crate::metrics::Metrics>,
+) {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    let mut channels: BTreeMap<NodeId, (String, HealthClient<tonic::transport::Channel>, bool)> =
+        BTreeMap::new();
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        every.tick().await;
+        let current = addrs.borrow_and_update().clone();
+        channels.retain(|id, (a, _, _)| current.get(id) == Some(a));
+        for (&id, a) in current.iter().filter(|(id, _)| **id != me) {
+            if channels.contains_key(&id) {
+                continue;
+            }
+            if let Ok(e) = tonic::transport::Endpoint::from_shared(format!("http://{a}")) {
+                let ch = e
+                    .connect_timeout(Duration::from_secs(1))
+                    .tcp_nodelay(true)
+                    .connect_lazy();
+                channels.insert(id, (a.clone(), HealthClient::new(ch), false));
+            }
+        }
+        for (&id, (_, client, warm)) in channels.iter_mut() {
+            let started = std::time::Instant::now();
+            let check = client.check(HealthCheckRequest {
+                service: String::new(),
+            });
+            match tokio::time::timeout(Duration::from_secs(1), check).await {
+                Ok(Ok(_)) => {
+                    if *warm {
+                        metrics.peer_round_trip(id, started.elapsed());
+                    }
+                    *warm = true;
+                }
+                _ => *warm = false,
+            }
+        }
+    }
 }
 
 /// The message a panic was raised with.
@@ -560,6 +692,19 @@ struct Core {
     leader: NodeId,
     /// A leadership transfer this leader started for a client, answered once it ends.
     transfer: Option<PendingTransfer>,
+    /// What `/livez`, `/readyz` and the gRPC health service report, set every round.
+    health: Arc<health::Health>,
+    /// Recorded only when the node serves HTTP.
+    metrics: Option<Arc<crate::metrics::Metrics>>,
+    /// The highest commit index the leader of that term has told this node (its own on a
+    /// leader): readiness compares the applied index with it.
+    leader_commit: (Term, LogIndex),
+    /// A message from the leader arrived in this round.
+    leader_heard: bool,
+    /// Every member's address, for the peer round-trip prober.
+    peer_addrs: watch::Sender<BTreeMap<NodeId, String>>,
+    /// When each snapshot transfer in progress started.
+    snapshot_started: BTreeMap<NodeId, std::time::Instant>,
 }
 
 struct PendingTransfer {
@@ -604,6 +749,7 @@ impl Core {
             self.maybe_end_repair()?;
             // Pipelined answers of this round go out together, one batch per client call.
             crate::transport::flush_replies();
+            self.record_round();
             if self
                 .removed_since
                 .is_some_and(|t| t.elapsed() > Duration::from_secs(1))
@@ -616,6 +762,43 @@ impl Core {
         self.fail_all(|| ServiceError::ShuttingDown);
         crate::transport::flush_replies();
         Ok(Stopped::Shutdown)
+    }
+
+    /// Health and metrics at the end of a round: a few atomic stores.
+    fn record_round(&mut self) {
+        let (term, leader) = (self.raft.term(), self.raft.leader());
+        if self.role == Role::Leader {
+            self.leader_commit = (term, self.raft.commit_index());
+        } else if self.leader_commit.0 != term {
+            self.leader_commit = (term, 0);
+        }
+        let applied = self.kv.applied();
+        let heard = std::mem::take(&mut self.leader_heard) || self.role == Role::Leader;
+        self.health
+            .round(leader, heard, applied, self.leader_commit.1);
+        if let Some(m) = &self.metrics {
+            use crate::metrics::set;
+            set(&m.has_leader, u64::from(leader != 0));
+            set(&m.is_leader, u64::from(self.role == Role::Leader));
+            set(&m.term, term);
+            set(&m.proposals_committed, self.raft.commit_index());
+            set(&m.proposals_applied, applied);
+            set(&m.proposals_pending, self.writes.len() as u64);
+            let store = self.raft.store();
+            set(&m.log_bytes, store.log_bytes());
+            set(
+                &m.log_entries,
+                store.last_index().saturating_sub(store.start().index),
+            );
+            set(&m.snapshot_index, store.start().index);
+        }
+    }
+
+    /// Counts writes this node proposed that failed.
+    fn count_failed(&self, n: usize) {
+        if let Some(m) = &self.metrics {
+            m.proposals_failed.inc_by(n as u64);
+        }
     }
 
     /// A node that knows no leader asks now and then (every 3 s, in the background) whether
@@ -715,6 +898,13 @@ impl Core {
             self.addrs.entry(*id).or_insert_with(|| a.clone());
         }
         self.departing = departing;
+        self.peer_addrs.send_if_modified(|a| {
+            let changed = *a != self.addrs;
+            if changed {
+                a.clone_from(&self.addrs);
+            }
+            changed
+        });
         self.peers.set(
             self.addrs
                 .iter()
@@ -773,7 +963,25 @@ impl Core {
                         // or after it was repaired): it could not answer it.
                         self.ask_for_members(m.from);
                     }
+                    let heard = match &m.body {
+                        raft::MessageBody::AppendRequest { leader_commit, .. } => {
+                            Some((m.term, m.from, *leader_commit))
+                        }
+                        _ => None,
+                    };
                     self.raft.step(m)?;
+                    if let Some((term, from, commit)) = heard
+                        && term == self.raft.term()
+                        && from == self.raft.leader()
+                    {
+                        let c = if self.leader_commit.0 == term {
+                            self.leader_commit.1.max(commit)
+                        } else {
+                            commit
+                        };
+                        self.leader_commit = (term, c);
+                        self.leader_heard = true;
+                    }
                 }
             }
             Inbound::Client(r) => self.handle_client(r),
@@ -810,12 +1018,18 @@ impl Core {
                         .pending_install
                         .replace(PendingInstall { staged, reply })
                     {
+                        if let Some(m) = &self.metrics {
+                            m.snapshot_receive_failures.inc();
+                        }
                         self.stager.discard(old.staged);
                         let _ = old
                             .reply
                             .send((false, "superseded by a newer snapshot".into()));
                     }
                 } else {
+                    if let Some(m) = &self.metrics {
+                        m.snapshot_receive_failures.inc();
+                    }
                     self.stager.discard(staged);
                     let why = if sender_term < self.raft.term() {
                         format!(
@@ -835,6 +1049,16 @@ impl Core {
             Inbound::SnapshotSent { to, result } => {
                 self.snapshot_sends -= 1;
                 self.sending_to.remove(&to);
+                let started = self.snapshot_started.remove(&to);
+                if let Some(m) = &self.metrics {
+                    match &result {
+                        Ok(o) if o.installed => m.snapshot_send_success.inc(),
+                        _ => m.snapshot_send_failures.inc(),
+                    };
+                    if let Some(t) = started {
+                        m.snapshot_send_duration.observe(t.elapsed().as_secs_f64());
+                    }
+                }
                 match &result {
                     Ok(o) => tracing::info!(
                         node = self.id,
@@ -918,6 +1142,7 @@ impl Core {
         let cluster_id = self.kv.cluster_id();
         self.snapshot_sends += 1;
         self.snapshots_sent += 1;
+        self.snapshot_started.insert(to, std::time::Instant::now());
         self.snapshot_floors
             .insert(to, (meta.index, std::time::Instant::now()));
         self.last_snapshot = Some((meta, SystemTime::now()));
@@ -1164,6 +1389,7 @@ impl Core {
                 self.writes.insert(index, (term, pending));
             }
             Err(e) => {
+                self.count_failed(1);
                 let err = match e {
                     raft::Error::ProposalDropped(bytes) => ServiceError::Busy(bytes),
                     // Refused while leadership moves: the hint points at the new leader.
@@ -1229,6 +1455,7 @@ impl Core {
     /// are answered when they apply here, as on a leader.
     fn fail_uncommitted(&mut self, err: impl Fn() -> ServiceError) {
         let uncommitted = self.writes.split_off(&(self.raft.commit_index() + 1));
+        self.count_failed(uncommitted.len());
         for (_, (_, w)) in uncommitted {
             w.fail(err());
         }
@@ -1251,6 +1478,12 @@ impl Core {
         if let Some(ss) = rd.soft_state {
             if ss.role != self.role || ss.leader != self.leader {
                 tracing::info!(node = self.id, role = %ss.role, leader = ss.leader, term = self.raft.term(), "role changed");
+            }
+            if ss.leader != self.leader
+                && ss.leader != 0
+                && let Some(m) = &self.metrics
+            {
+                m.leader_changes.inc();
             }
             if self.role == Role::Leader && ss.role != Role::Leader {
                 // Writes in flight may still commit under the next leader, or be replaced.
@@ -1292,9 +1525,13 @@ impl Core {
             );
             self.last_snapshot = Some((snap, SystemTime::now()));
             self.snapshots_installed += 1;
+            if let Some(m) = &self.metrics {
+                m.snapshot_receive_success.inc();
+            }
             // Writes this node proposed as leader that the snapshot covers are not applied
             // one by one here: their outcome is not known to it.
             let after = self.writes.split_off(&(snap.index + 1));
+            self.count_failed(self.writes.len());
             for (_, (_, w)) in std::mem::replace(&mut self.writes, after) {
                 w.fail(ServiceError::LeadershipLost);
             }
@@ -1306,6 +1543,11 @@ impl Core {
                 .store_mut()
                 .append(&rd.entries, rd.hard_state, rd.must_sync)
                 .context("persisting the Raft log")?;
+            if let Some(took) = self.raft.store_mut().take_fsync_time()
+                && let Some(m) = &self.metrics
+            {
+                m.wal_fsync.observe(took.as_secs_f64());
+            }
         }
         // 3. Responses promise durable state; it is durable now.
         for m in responses {
@@ -1314,16 +1556,23 @@ impl Core {
         self.peers.flush();
         // 4. Apply committed entries and answer their clients.
         if !rd.committed_entries.is_empty() {
+            let started = self.metrics.as_ref().map(|_| std::time::Instant::now());
             let outcomes = self
                 .kv
                 .apply(&rd.committed_entries)
                 .context("applying committed entries")?;
+            if let (Some(m), Some(t)) = (&self.metrics, started) {
+                m.backend_commit.observe(t.elapsed().as_secs_f64());
+            }
             self.sync_cluster_id();
             for (e, outcome) in rd.committed_entries.iter().zip(outcomes) {
                 let Some((term, w)) = self.writes.remove(&e.index) else {
                     continue;
                 };
                 let ok = term == e.term;
+                if !ok {
+                    self.count_failed(1);
+                }
                 match (w, outcome) {
                     (PendingWrite::Put(r), _) => {
                         let _ = r.send(if ok {

@@ -438,6 +438,7 @@ pub fn open_with_journal(
             durable_hard_state: hard_state,
             tail: VecDeque::new(),
             tail_bytes: 0,
+            last_fsync: None,
         },
         kv,
         hard_state,
@@ -593,6 +594,8 @@ pub struct DiskLog {
     /// read them back from fjall. Invariant: contiguous and ending at `last` (or empty).
     tail: VecDeque<Entry>,
     tail_bytes: usize,
+    /// How long the last append's fsync took, until the runtime takes it.
+    last_fsync: Option<std::time::Duration>,
 }
 
 /// Bytes of recent entries kept in memory.
@@ -662,7 +665,9 @@ impl DiskLog {
         }
         b.commit().map_err(io_err)?;
         if sync {
+            let started = std::time::Instant::now();
             self.db.persist(PersistMode::SyncData).map_err(io_err)?;
+            self.last_fsync = Some(started.elapsed());
             if let Some(hs) = hard_state {
                 self.durable_hard_state = hs;
             }
@@ -759,6 +764,11 @@ impl DiskLog {
     }
 
     /// Encoded bytes of the stored log (an estimate: whole batches).
+    /// How long the last fsync of an append took, once (for the fsync latency metric).
+    pub fn take_fsync_time(&mut self) -> Option<std::time::Duration> {
+        self.last_fsync.take()
+    }
+
     pub fn log_bytes(&self) -> u64 {
         self.log_bytes
     }

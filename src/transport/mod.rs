@@ -89,15 +89,25 @@ pub struct Tagged<T> {
     tag: u64,
     sink: ReplySink,
     encode: fn(T) -> proto::tagged_reply::Reply,
+    /// For the request metrics: the operation and when it arrived (when they are recorded).
+    op: crate::metrics::Op,
+    started: Option<std::time::Instant>,
 }
 
 impl<T> Reply<T> {
     /// An answer for request `tag` of a pipeline call, encoded by `encode` when it succeeds.
-    pub fn tagged(tag: u64, sink: &ReplySink, encode: fn(T) -> proto::tagged_reply::Reply) -> Self {
+    pub fn tagged(
+        tag: u64,
+        sink: &ReplySink,
+        op: crate::metrics::Op,
+        encode: fn(T) -> proto::tagged_reply::Reply,
+    ) -> Self {
         Reply::Tagged(Tagged {
             tag,
             sink: sink.clone(),
             encode,
+            op,
+            started: sink.0.metrics.as_ref().map(|_| std::time::Instant::now()),
         })
     }
 
@@ -106,12 +116,19 @@ impl<T> Reply<T> {
         match self {
             Reply::Once(tx) => tx.send(result).is_ok(),
             Reply::Tagged(t) => {
-                let reply = match result {
-                    Ok(v) => (t.encode)(v),
-                    Err(e) => proto::tagged_reply::Reply::Error(server::request_error(
-                        &server::status_from(e),
-                    )),
+                let (reply, code) = match result {
+                    Ok(v) => ((t.encode)(v), tonic::Code::Ok),
+                    Err(e) => {
+                        let status = server::status_from(e);
+                        (
+                            proto::tagged_reply::Reply::Error(server::request_error(&status)),
+                            status.code(),
+                        )
+                    }
                 };
+                if let (Some(m), Some(started)) = (&t.sink.0.metrics, t.started) {
+                    m.request(t.op, code, started.elapsed());
+                }
                 t.sink.push(proto::TaggedReply {
                     tag: t.tag,
                     reply: Some(reply),
@@ -129,6 +146,7 @@ pub struct ReplySink(Arc<SinkInner>);
 
 struct SinkInner {
     buffered: Mutex<Vec<proto::TaggedReply>>,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
     out: mpsc::UnboundedSender<Result<proto::ReplyBatch, tonic::Status>>,
     /// Requests the call may still have in flight; returned as answers go out.
     credit: Arc<Semaphore>,
@@ -143,9 +161,11 @@ impl ReplySink {
     pub fn new(
         out: mpsc::UnboundedSender<Result<proto::ReplyBatch, tonic::Status>>,
         credit: Arc<Semaphore>,
+        metrics: Option<Arc<crate::metrics::Metrics>>,
     ) -> ReplySink {
         ReplySink(Arc::new(SinkInner {
             buffered: Mutex::new(Vec::new()),
+            metrics,
             out,
             credit,
         }))

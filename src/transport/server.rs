@@ -11,6 +11,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::metrics::Op;
 use crate::proto;
 use crate::proto::data_service_server::DataService;
 use crate::proto::node_communication_server::NodeCommunication;
@@ -104,6 +105,8 @@ impl NodeCommunication for PeerService {
 pub struct ClientService {
     pub inbound: mpsc::Sender<Inbound>,
     pub limits: Limits,
+    /// Counts and times requests, when the node records metrics.
+    pub metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 pub fn status_from(e: ServiceError) -> Status {
@@ -132,7 +135,24 @@ pub fn status_from(e: ServiceError) -> Status {
 }
 
 impl ClientService {
+    /// Hands one request to the core and waits for its answer (counted and timed as `op`).
     async fn call<T>(
+        &self,
+        op: crate::metrics::Op,
+        make: impl FnOnce(Reply<T>) -> Result<ClientRequest, Status>,
+        what: &str,
+    ) -> Result<T, Status> {
+        let Some(m) = &self.metrics else {
+            return self.call_core(make, what).await;
+        };
+        let started = std::time::Instant::now();
+        let r = self.call_core(make, what).await;
+        let code = r.as_ref().map_or_else(Status::code, |_| tonic::Code::Ok);
+        m.request(op, code, started.elapsed());
+        r
+    }
+
+    async fn call_core<T>(
         &self,
         make: impl FnOnce(Reply<T>) -> Result<ClientRequest, Status>,
         what: &str,
@@ -231,19 +251,33 @@ impl ClientService {
         use proto::tagged_reply::Reply as Out;
         use proto::tagged_request::Request as In;
         let tag = r.tag;
-        match r.request {
-            Some(In::Put(p)) => {
-                self.put_request(p, Reply::tagged(tag, sink, |i| Out::Put(put_response(i))))
-            }
-            Some(In::Get(g)) => {
-                self.get_request(g, Reply::tagged(tag, sink, |v| Out::Get(get_response(v))))
-            }
+        let op = match &r.request {
+            Some(In::Put(_)) => Op::Put,
+            Some(In::Get(g)) if g.stale => Op::GetStale,
+            Some(In::Get(_)) => Op::Get,
+            Some(In::Delete(_)) => Op::Delete,
+            None => return Err(Status::invalid_argument("empty request")),
+        };
+        let r = match r.request {
+            Some(In::Put(p)) => self.put_request(
+                p,
+                Reply::tagged(tag, sink, op, |i| Out::Put(put_response(i))),
+            ),
+            Some(In::Get(g)) => self.get_request(
+                g,
+                Reply::tagged(tag, sink, op, |v| Out::Get(get_response(v))),
+            ),
             Some(In::Delete(d)) => self.delete_request(
                 d,
-                Reply::tagged(tag, sink, |r| Out::Delete(delete_response(r))),
+                Reply::tagged(tag, sink, op, |r| Out::Delete(delete_response(r))),
             ),
             None => Err(Status::invalid_argument("empty request")),
+        };
+        // Refused here, before the core: counted here (the core's answers count themselves).
+        if let (Err(s), Some(m)) = (&r, &self.metrics) {
+            m.request(op, s.code(), Duration::ZERO);
         }
+        r
     }
 
     /// Serves one `Pipeline` call: takes request batches and hands each batch's valid requests
@@ -255,7 +289,7 @@ impl ClientService {
         out: mpsc::UnboundedSender<Result<proto::ReplyBatch, Status>>,
     ) {
         let credit = Arc::new(Semaphore::new(PIPELINE_IN_FLIGHT_MAX));
-        let sink = ReplySink::new(out.clone(), credit.clone());
+        let sink = ReplySink::new(out.clone(), credit.clone(), self.metrics.clone());
         while let Ok(Some(batch)) = incoming.message().await {
             let mut to_core = Vec::with_capacity(batch.requests.len());
             let mut refused = Vec::new();
@@ -340,7 +374,7 @@ impl DataService for ClientService {
     ) -> Result<Response<proto::PutResponse>, Status> {
         let r = request.into_inner();
         let index = self
-            .call(|reply| self.put_request(r, reply), "write")
+            .call(Op::Put, |reply| self.put_request(r, reply), "write")
             .await?;
         Ok(Response::new(put_response(index)))
     }
@@ -350,8 +384,9 @@ impl DataService for ClientService {
         request: Request<proto::GetRequest>,
     ) -> Result<Response<proto::GetResponse>, Status> {
         let r = request.into_inner();
+        let op = if r.stale { Op::GetStale } else { Op::Get };
         let value = self
-            .call(|reply| self.get_request(r, reply), "read")
+            .call(op, |reply| self.get_request(r, reply), "read")
             .await?;
         Ok(Response::new(get_response(value)))
     }
@@ -362,7 +397,7 @@ impl DataService for ClientService {
     ) -> Result<Response<proto::DeleteResponse>, Status> {
         let r = request.into_inner();
         let answer = self
-            .call(|reply| self.delete_request(r, reply), "write")
+            .call(Op::Delete, |reply| self.delete_request(r, reply), "write")
             .await?;
         Ok(Response::new(delete_response(answer)))
     }
@@ -386,7 +421,11 @@ impl DataService for ClientService {
         _: Request<proto::SaveSnapshotRequest>,
     ) -> Result<Response<Self::SaveSnapshotStream>, Status> {
         let b: super::BackupSource = self
-            .call(|reply| Ok(ClientRequest::Snapshot { reply }), "snapshot")
+            .call(
+                Op::Snapshot,
+                |reply| Ok(ClientRequest::Snapshot { reply }),
+                "snapshot",
+            )
             .await?;
         let meta = b.source.meta;
         let header = proto::SnapshotHeader {
@@ -421,6 +460,7 @@ impl DataService for ClientService {
         let target = req.into_inner().target;
         let (from, to, term) = self
             .call(
+                Op::TransferLeader,
                 |reply| Ok(ClientRequest::TransferLeader { target, reply }),
                 "leadership transfer",
             )
@@ -462,6 +502,7 @@ impl DataService for ClientService {
         };
         let (index, config) = self
             .call(
+                Op::ChangeMembership,
                 |reply| Ok(ClientRequest::ChangeMembership { change, reply }),
                 "the membership change",
             )
@@ -477,7 +518,11 @@ impl DataService for ClientService {
         _: Request<proto::StatusRequest>,
     ) -> Result<Response<proto::StatusResponse>, Status> {
         let s: NodeStatus = self
-            .call(|reply| Ok(ClientRequest::Status { reply }), "status")
+            .call(
+                Op::Status,
+                |reply| Ok(ClientRequest::Status { reply }),
+                "status",
+            )
             .await?;
         Ok(Response::new(proto::StatusResponse {
             id: s.id,

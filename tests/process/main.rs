@@ -4,6 +4,7 @@
 mod damage;
 mod harness;
 mod membership;
+mod observability;
 mod powerloss;
 mod snapshots;
 
