@@ -9,7 +9,7 @@ use ratatui::crossterm::event::{self, Event, KeyCode, KeyEventKind, KeyModifiers
 use ratatui::layout::{Constraint, Layout};
 use ratatui::style::{Color, Modifier, Style, Stylize};
 use ratatui::text::{Line, Span};
-use ratatui::widgets::{Block, Paragraph, Row, Table};
+use ratatui::widgets::{Block, Cell, Paragraph, Row, Table};
 use serde::Serialize;
 
 use crate::client::{Client, StatusReport};
@@ -202,7 +202,8 @@ fn opt<T: ToString>(v: Option<T>) -> String {
     v.map_or("-".to_string(), |v| v.to_string())
 }
 
-pub fn summary(v: &ClusterView) -> String {
+/// The summary line's parts; a narrow terminal wraps the line between them, never inside one.
+fn summary_parts(v: &ClusterView) -> Vec<String> {
     let health = if v.quorum {
         "quorum ok"
     } else if v.up > v.total / 2 {
@@ -210,30 +211,66 @@ pub fn summary(v: &ClusterView) -> String {
     } else {
         "NO QUORUM"
     };
-    let mut s = format!(
-        "leader: {}   term: {}   {}/{} voters up, {}   writes/s: {}",
-        v.leader.map_or("none".to_string(), |l| format!("node {l}")),
-        opt(v.term),
-        v.up,
-        v.total,
-        health,
-        v.writes_per_sec
-            .map_or("-".to_string(), |w| format!("{w:.0}"))
-    );
+    let mut parts = vec![
+        format!(
+            "leader: {}",
+            v.leader.map_or("none".to_string(), |l| format!("node {l}"))
+        ),
+        format!("term: {}", opt(v.term)),
+        format!("{}/{} voters up, {health}", v.up, v.total),
+        format!(
+            "writes/s: {}",
+            v.writes_per_sec
+                .map_or("-".to_string(), |w| format!("{w:.0}"))
+        ),
+    ];
     if !v.learners.is_empty() {
         let ids: Vec<String> = v.learners.iter().map(u64::to_string).collect();
-        s.push_str(&format!("   learners: {}", ids.join(",")));
+        parts.push(format!("learners: {}", ids.join(",")));
     }
     if let Some(i) = v.change_pending {
-        s.push_str(&format!("   membership change pending (entry {i})"));
+        parts.push(format!("membership change pending (entry {i})"));
     }
-    s
+    parts
 }
 
+const SUMMARY_GAP: &str = "   ";
+
+/// The summary as one line (`plain`'s first).
+pub fn summary(v: &ClusterView) -> String {
+    summary_parts(v).join(SUMMARY_GAP)
+}
+
+/// The table's columns, in the order they are shown.
 const HEADERS: [&str; 12] = [
     "ID", "ADDRESS", "STATE", "ROLE", "TERM", "LEADER", "COMMIT", "APPLIED", "LAST LOG", "LAG",
     "LOG FROM", "DISK",
 ];
+
+/// The columns of numbers (and sizes): right-aligned, and never cut.
+const NUMERIC: [bool; 12] = [
+    false, false, false, false, true, true, true, true, true, true, true, true,
+];
+
+/// The columns (indices into `HEADERS`) from the one a narrow terminal keeps longest to the one
+/// it hides first, for an operator watching a cluster in trouble:
+/// - ID: which node a row is about; nothing else in the row means anything without it.
+/// - STATE: up or down, the first question.
+/// - ROLE: who leads, a candidate (an election under way), a learner.
+/// - TERM: terms climbing, or one node's term ahead of the others: elections, a cut-off node.
+/// - COMMIT, APPLIED: progress; a commit index that stands still means writes do not get through.
+/// - LAG: how far a node applies behind the leader's commit index (the two above, subtracted).
+/// - LEADER: the leader each node believes in; the summary line already names the real one, so
+///   this only tells a node that disagrees (partitioned, or not yet told).
+/// - LAST LOG: entries a node holds beyond the commit index.
+/// - DISK: the size of its data directory (a full disk stops a node: the unreachable list says).
+/// - LOG FROM: where its log starts after the last snapshot (compaction).
+/// - ADDRESS: fixed by the configuration file, and a down node's is in the unreachable list.
+const PRIORITY: [usize; 12] = [0, 2, 3, 4, 6, 7, 9, 5, 8, 11, 10, 1];
+
+/// The spaces between two columns: ratatui's `Table` default, which `render` keeps; `plain`
+/// uses the same.
+const COLUMN_SPACING: u16 = 1;
 
 /// Bytes as MiB or GiB, short.
 fn size(b: Option<u64>) -> String {
@@ -267,20 +304,108 @@ fn cells(n: &NodeView) -> [String; 12] {
     ]
 }
 
-/// The view as plain text (for `--once`).
+/// Terminal cells `s` takes.
+fn text_width(s: &str) -> usize {
+    Span::raw(s).width()
+}
+
+/// `s` cut to `max` terminal cells, the cut marked with an ellipsis.
+fn ellipsize(s: &str, max: usize) -> String {
+    if text_width(s) <= max {
+        return s.to_string();
+    }
+    let mut out = String::new();
+    let mut used = 0;
+    for c in s.chars() {
+        let w = text_width(c.encode_utf8(&mut [0; 4]));
+        if used + w + 1 > max {
+            break;
+        }
+        out.push(c);
+        used += w;
+    }
+    if max > 0 {
+        out.push('…');
+    }
+    out
+}
+
+/// `parts` on as few lines of `width` cells as they go on whole, `SUMMARY_GAP` between two on
+/// a line (a part wider than a whole line is cut with an ellipsis).
+fn wrap_parts(parts: &[String], width: usize) -> Vec<String> {
+    let mut lines: Vec<String> = Vec::new();
+    for p in parts {
+        match lines.last_mut() {
+            Some(l) if text_width(l) + SUMMARY_GAP.len() + text_width(p) <= width => {
+                l.push_str(SUMMARY_GAP);
+                l.push_str(p);
+            }
+            _ => lines.push(ellipsize(p, width)),
+        }
+    }
+    lines
+}
+
+/// Each column's width: its header's or its widest cell's, whichever is wider.
+fn column_widths(rows: &[[String; 12]]) -> [usize; 12] {
+    std::array::from_fn(|c| {
+        rows.iter()
+            .fold(text_width(HEADERS[c]), |w, r| w.max(text_width(&r[c])))
+    })
+}
+
+/// Which columns go whole into `width` cells with `COLUMN_SPACING` between them, the least
+/// important (`PRIORITY`) left out first: those shown, in table order, and those hidden, most
+/// important first.
+fn fit_columns(widths: &[usize; 12], width: usize) -> (Vec<usize>, Vec<usize>) {
+    let mut used = 0;
+    let mut kept = 0;
+    for (k, &c) in PRIORITY.iter().enumerate() {
+        let need = widths[c]
+            + if k == 0 {
+                0
+            } else {
+                usize::from(COLUMN_SPACING)
+            };
+        if used + need > width {
+            break;
+        }
+        used += need;
+        kept = k + 1;
+    }
+    let mut shown = PRIORITY[..kept].to_vec();
+    shown.sort_unstable();
+    (shown, PRIORITY[kept..].to_vec())
+}
+
+/// The view as plain text (for `--once`): every column, each as wide as its widest cell.
 pub fn plain(v: &ClusterView) -> String {
+    let rows: Vec<[String; 12]> = v.nodes.iter().map(cells).collect();
+    let widths = column_widths(&rows);
+    let gap = " ".repeat(usize::from(COLUMN_SPACING));
+    let line = |c: &[String; 12]| {
+        let mut s = String::new();
+        for (i, cell) in c.iter().enumerate() {
+            if i > 0 {
+                s.push_str(&gap);
+            }
+            let pad = " ".repeat(widths[i].saturating_sub(text_width(cell)));
+            if NUMERIC[i] {
+                s.push_str(&pad);
+                s.push_str(cell);
+            } else {
+                s.push_str(cell);
+                s.push_str(&pad);
+            }
+        }
+        s.trim_end().to_string()
+    };
     let mut out = summary(v);
     out.push('\n');
-    let row = |c: &[String]| {
-        format!(
-            "{:<4} {:<22} {:<5} {:<13} {:>6} {:>6} {:>9} {:>9} {:>9} {:>6} {:>9} {:>6}",
-            c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8], c[9], c[10], c[11]
-        )
-    };
-    out.push_str(&row(&HEADERS.map(String::from)));
-    for n in &v.nodes {
+    out.push_str(&line(&HEADERS.map(String::from)));
+    for (n, c) in v.nodes.iter().zip(&rows) {
         out.push('\n');
-        out.push_str(row(&cells(n)).trim_end());
+        out.push_str(&line(c));
         if let Some(e) = &n.error {
             out.push_str(&format!("  ({e})"));
         }
@@ -288,78 +413,160 @@ pub fn plain(v: &ClusterView) -> String {
     out
 }
 
-/// Draws the dashboard.
+fn row_style(n: &NodeView) -> Style {
+    if !n.up {
+        Style::new().fg(Color::Red)
+    } else if n.role.as_deref() == Some("leader") {
+        Style::new().fg(Color::Green).add_modifier(Modifier::BOLD)
+    } else if n.lag.is_some_and(|l| l > LAG_WARN_ENTRIES) || n.leader.is_none() {
+        Style::new().fg(Color::Yellow)
+    } else {
+        Style::new()
+    }
+}
+
+fn to_u16(n: usize) -> u16 {
+    u16::try_from(n).unwrap_or(u16::MAX)
+}
+
+/// Draws the dashboard. A terminal too narrow for every column hides whole columns, the least
+/// important first (`PRIORITY`), and one too short for every node hides the last rows: the
+/// table's bottom border says which. Numbers are never cut; a down node's error may be, with
+/// an ellipsis.
 pub fn render(f: &mut Frame, v: &ClusterView, title: &str) {
-    let errors: Vec<Line> = v
+    let area = f.area();
+    let summary_lines = wrap_parts(&summary_parts(v), usize::from(area.width.saturating_sub(2)));
+    let top_height = to_u16(summary_lines.len()).saturating_add(2);
+    let down: Vec<(&NodeView, &String)> = v
         .nodes
         .iter()
-        .filter_map(|n| {
-            n.error
-                .as_ref()
-                .map(|e| Line::from(format!("node {} ({}): {e}", n.id, n.addr)).red())
-        })
+        .filter_map(|n| n.error.as_ref().map(|e| (n, e)))
         .collect();
-    let error_rows = if errors.is_empty() {
+    // Between the summary and the footer line: the table (borders, header, a row per node) and
+    // the unreachable list (borders, a line per down node). When both do not fit, the list
+    // gives way first, down to one line (the table shows those nodes down too), then the table.
+    let room = area.height.saturating_sub(top_height.saturating_add(1));
+    let table_wants = to_u16(v.nodes.len()).saturating_add(3);
+    let errors_want = if down.is_empty() {
         0
     } else {
-        errors.len() as u16 + 2
+        to_u16(down.len()).saturating_add(2)
+    };
+    let errors_height = if table_wants.saturating_add(errors_want) <= room {
+        errors_want
+    } else if down.is_empty() || room < 4 + 3 {
+        // No room for the list and a table of at least one row.
+        0
+    } else {
+        room.saturating_sub(table_wants).clamp(3, errors_want)
     };
     let [top, table, problems, bottom] = Layout::vertical([
-        Constraint::Length(3),
-        Constraint::Min(3),
-        Constraint::Length(error_rows),
+        Constraint::Length(top_height),
+        Constraint::Length(room - errors_height),
+        Constraint::Length(errors_height),
         Constraint::Length(1),
     ])
-    .areas(f.area());
+    .areas(area);
+
     let health_style = if v.quorum {
         Style::new().fg(Color::Green)
     } else {
         Style::new().fg(Color::Red).add_modifier(Modifier::BOLD)
     };
+    let summary: Vec<Line> = summary_lines
+        .into_iter()
+        .map(|l| Line::from(Span::styled(l, health_style)))
+        .collect();
     f.render_widget(
-        Paragraph::new(Line::from(Span::styled(summary(v), health_style)))
+        Paragraph::new(summary)
             .block(Block::bordered().title(format!(" raftkv monitor: {title} "))),
         top,
     );
-    // The log and disk columns only when there is room for every column.
-    let columns = if table.width >= 126 { 12 } else { 10 };
-    let rows = v.nodes.iter().map(|n| {
-        let mut cells: Vec<String> = cells(n).into();
-        cells.truncate(columns);
-        let style = if !n.up {
-            Style::new().fg(Color::Red)
-        } else if n.role.as_deref() == Some("leader") {
-            Style::new().fg(Color::Green).add_modifier(Modifier::BOLD)
-        } else if n.lag.is_some_and(|l| l > LAG_WARN_ENTRIES) || n.leader.is_none() {
-            Style::new().fg(Color::Yellow)
+
+    let shown_rows = usize::from(table.height.saturating_sub(3)).min(v.nodes.len());
+    let (shown_nodes, hidden_nodes) = v.nodes.split_at(shown_rows);
+    let rows: Vec<[String; 12]> = shown_nodes.iter().map(cells).collect();
+    let widths = column_widths(&rows);
+    let (columns, hidden_columns) =
+        fit_columns(&widths, usize::from(table.width.saturating_sub(2)));
+    let cell = |i: usize, s: String| {
+        let line = Line::from(s);
+        Cell::from(if NUMERIC[i] {
+            line.right_aligned()
         } else {
-            Style::new()
-        };
-        Row::new(cells).style(style)
-    });
-    let widths = [
-        Constraint::Length(4),
-        Constraint::Length(22),
-        Constraint::Length(6),
-        Constraint::Min(13),
-        Constraint::Length(6),
-        Constraint::Length(7),
-        Constraint::Length(9),
-        Constraint::Length(9),
-        Constraint::Length(9),
-        Constraint::Length(7),
-        Constraint::Length(9),
-        Constraint::Length(6),
-    ];
+            line
+        })
+    };
+    let header = Row::new(columns.iter().map(|&i| cell(i, HEADERS[i].to_string())))
+        .add_modifier(Modifier::BOLD);
+    let table_rows = shown_nodes
+        .iter()
+        .zip(rows)
+        .map(|(n, r)| Row::new(columns.iter().map(|&i| cell(i, r[i].clone()))).style(row_style(n)));
+    let constraints: Vec<Constraint> = columns
+        .iter()
+        .map(|&i| Constraint::Length(to_u16(widths[i])))
+        .collect();
+
+    let mut notices = Vec::new();
+    match hidden_nodes {
+        [] => {}
+        [n] => notices.push(format!("1 node not shown: {}", n.id)),
+        ns => {
+            let ids: Vec<String> = ns.iter().map(|n| n.id.to_string()).collect();
+            notices.push(format!("{} nodes not shown: {}", ns.len(), ids.join(", ")));
+        }
+    }
+    if !hidden_columns.is_empty() {
+        let names: Vec<&str> = hidden_columns.iter().map(|&i| HEADERS[i]).collect();
+        notices.push(format!(
+            "{} column{} hidden (widen the terminal): {}",
+            names.len(),
+            if names.len() == 1 { "" } else { "s" },
+            names.join(", ")
+        ));
+    }
+    if errors_height == 0 && !down.is_empty() {
+        notices.push(match down.len() {
+            1 => "no room for why a node is down".to_string(),
+            n => format!("no room for why {n} nodes are down"),
+        });
+    }
+    let mut block = Block::bordered().title(" nodes ");
+    if !notices.is_empty() {
+        let notice = ellipsize(
+            &notices.join(" · "),
+            usize::from(table.width.saturating_sub(4)),
+        );
+        block = block.title_bottom(Line::from(format!(" {notice} ")).yellow());
+    }
     f.render_widget(
-        Table::new(rows, &widths[..columns])
-            .header(Row::new(HEADERS[..columns].iter().copied()).add_modifier(Modifier::BOLD))
-            .block(Block::bordered().title(" nodes ")),
+        Table::new(table_rows, constraints)
+            .column_spacing(COLUMN_SPACING)
+            .header(header)
+            .block(block),
         table,
     );
-    if !errors.is_empty() {
+
+    if errors_height > 0 {
+        let width = usize::from(problems.width.saturating_sub(2));
+        let lines: Vec<Line> = down
+            .iter()
+            .take(usize::from(problems.height.saturating_sub(2)))
+            .map(|(n, e)| {
+                Line::from(ellipsize(
+                    &format!("node {} ({}): {e}", n.id, n.addr),
+                    width,
+                ))
+                .red()
+            })
+            .collect();
+        let title = match down.len() - lines.len() {
+            0 => " unreachable ".to_string(),
+            more => format!(" unreachable, {more} not shown "),
+        };
         f.render_widget(
-            Paragraph::new(errors).block(Block::bordered().title(" unreachable ")),
+            Paragraph::new(lines).block(Block::bordered().title(title)),
             problems,
         );
     }
@@ -677,5 +884,144 @@ mod tests {
         let json = serde_json::to_value(&v).expect("json");
         assert_eq!(json["quorum"], false);
         assert_eq!(json["nodes"][1]["up"], false);
+    }
+
+    fn screen_at(v: &ClusterView, width: u16, height: u16) -> String {
+        let mut t = Terminal::new(TestBackend::new(width, height)).expect("terminal");
+        t.draw(|f| render(f, v, "config.json")).expect("draw");
+        let buf = t.backend().buffer().clone();
+        let mut s = String::new();
+        for y in 0..buf.area.height {
+            for x in 0..buf.area.width {
+                s.push_str(buf[(x, y)].symbol());
+            }
+            s.push('\n');
+        }
+        s
+    }
+
+    /// Five nodes at commit index 776240; the followers have applied 776238.
+    fn busy_cluster(nodes: NodeId) -> ClusterView {
+        let r: Vec<StatusReport> = (1..=nodes)
+            .map(|id| {
+                if id == 1 {
+                    up(1, "leader", 1, 776240, 776240)
+                } else {
+                    up(id, "follower", 1, 776240, 776238)
+                }
+            })
+            .collect();
+        build_view(&r, None, Instant::now()).0
+    }
+
+    /// The table's header line.
+    fn header(text: &str) -> &str {
+        text.lines()
+            .find(|l| l.starts_with("│ID "))
+            .unwrap_or_else(|| panic!("no header: {text}"))
+    }
+
+    #[test]
+    fn a_narrow_terminal_hides_whole_columns_by_priority_and_says_so() {
+        let v = busy_cluster(5);
+        let rows_with = |text: &str, s: &str| text.lines().filter(|l| l.contains(s)).count();
+
+        let text = screen_at(&v, 60, 15);
+        // Every node's commit index in full (it used to show as 7762).
+        assert_eq!(rows_with(&text, "776240"), 5, "{text}");
+        assert_eq!(rows_with(&text, "776238"), 4, "{text}");
+        let shown = [
+            "ID", "STATE", "ROLE", "TERM", "COMMIT", "APPLIED", "LAG", "LEADER", "LAST LOG",
+        ];
+        for h in shown {
+            assert!(header(&text).contains(h), "{h}: {text}");
+        }
+        for h in ["DISK", "LOG FROM", "ADDRESS"] {
+            assert!(!header(&text).contains(h), "{h}: {text}");
+        }
+        assert!(!text.contains("127.0.0.1"), "{text}");
+        assert!(
+            text.contains("3 columns hidden (widen the terminal): DISK, LOG FROM"),
+            "{text}"
+        );
+
+        let text = screen_at(&v, 40, 15);
+        assert_eq!(rows_with(&text, "776240"), 5, "{text}");
+        assert_eq!(rows_with(&text, "776238"), 4, "{text}");
+        for h in ["ID", "STATE", "ROLE", "TERM", "COMMIT", "APPLIED"] {
+            assert!(header(&text).contains(h), "{h}: {text}");
+        }
+        for h in ["LAG", "LAST LOG", "ADDRESS", "DISK"] {
+            assert!(!header(&text).contains(h), "{h}: {text}");
+        }
+        assert!(text.contains("6 columns hidden"), "{text}");
+        assert!(!text.contains("not shown"), "all five nodes fit: {text}");
+
+        let text = screen_at(&v, 200, 40);
+        for h in HEADERS {
+            assert!(header(&text).contains(h), "{h}: {text}");
+        }
+        assert_eq!(rows_with(&text, "127.0.0.1:500"), 5, "{text}");
+        assert!(!text.contains("hidden"), "{text}");
+        assert!(!text.contains("not shown"), "{text}");
+    }
+
+    #[test]
+    fn a_short_terminal_says_which_nodes_are_not_shown() {
+        let v = busy_cluster(9);
+        let text = screen_at(&v, 60, 15);
+        assert!(text.contains("2 nodes not shown: 8, 9"), "{text}");
+        let rows: Vec<&str> = text.lines().filter(|l| l.contains("776240")).collect();
+        assert_eq!(rows.len(), 7, "{text}");
+        for (id, row) in (1..=7).zip(&rows) {
+            assert!(row.starts_with(&format!("│{id} ")), "{text}");
+        }
+
+        let text = screen_at(&v, 200, 40);
+        assert_eq!(
+            text.lines().filter(|l| l.contains("776240")).count(),
+            9,
+            "{text}"
+        );
+        assert!(!text.contains("not shown"), "{text}");
+    }
+
+    #[test]
+    fn a_long_down_reason_is_cut_with_an_ellipsis_but_no_number_is() {
+        let long = |id: NodeId| StatusReport {
+            id,
+            addr: format!("127.0.0.1:{}", 5000 + id),
+            result: Err(format!(
+                "unreachable (connection refused); disk full: stopped at 2026-12-01T10:05:00.000002Z with: persisting the Raft log: data directory data/node-{id}: writing the log: No space left on device (os error 28) (see logs/node-{id}.log)"
+            )),
+        };
+        let r = [
+            up(1, "leader", 1, 776240, 776240),
+            long(2),
+            up(3, "follower", 1, 776240, 776240),
+            long(4),
+            up(5, "follower", 1, 776240, 776240),
+        ];
+        let (v, _) = build_view(&r, None, Instant::now());
+        let text = screen_at(&v, 60, 15);
+        let line = text
+            .lines()
+            .find(|l| l.contains("node 2 (127.0.0.1:5002): unreachable"))
+            .unwrap_or_else(|| panic!("node 2's error: {text}"));
+        assert!(line.ends_with("…│"), "{text}");
+        // No room for node 4's error: said so.
+        assert!(!text.contains("node 4 (127.0.0.1:5004)"), "{text}");
+        assert!(text.contains("unreachable, 1 not shown"), "{text}");
+        // The table keeps its numbers whole.
+        assert!(
+            text.lines().filter(|l| l.contains("776240")).count() >= 2,
+            "{text}"
+        );
+        assert!(
+            !text
+                .lines()
+                .any(|l| l.contains("7762") && !l.contains("776240")),
+            "{text}"
+        );
     }
 }
