@@ -6,6 +6,7 @@ mod harness;
 mod membership;
 mod observability;
 mod powerloss;
+mod shell;
 mod snapshots;
 
 use std::time::{Duration, Instant};
