@@ -159,10 +159,11 @@ pub struct Config {
 /// A config file that cannot be used, with what is wrong and where.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
+    /// The cause is in the message, not the error chain: said once.
+    #[error("{}", read_error(.path, .error))]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("config file {path} is not valid: {message} (line {line}, column {column})")]
     Parse {
@@ -179,15 +180,26 @@ pub enum ConfigError {
     },
 }
 
+fn read_error(path: &Path, e: &std::io::Error) -> String {
+    if e.kind() == std::io::ErrorKind::NotFound {
+        format!(
+            "config file {} not found (give its path with --config PATH; the repository's config.json is an example)",
+            path.display()
+        )
+    } else {
+        format!("cannot read config file {}: {e}", path.display())
+    }
+}
+
 impl Config {
     /// Reads, parses and validates a config file.
     ///
     /// # Errors
     /// A [`ConfigError`] naming the file and the offending field.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
         let mut cfg = Config::parse(&text).map_err(|e| ConfigError::Parse {
             path: path.to_path_buf(),

@@ -162,7 +162,11 @@ pub async fn bench(cfg: &Config, args: &BenchArgs) -> anyhow::Result<Report> {
     // The members, as the cluster knows them (config.json may list only the original nodes).
     let members = Client::discover(cfg.addrs()).await.nodes().clone();
     let conns: Vec<Client> = (0..args.conns.max(1))
-        .map(|_| Client::new(members.clone()).with_timeout(args.timeout))
+        .map(|_| {
+            Client::new(members.clone())
+                .with_timeout(args.timeout)
+                .fail_fast()
+        })
         .collect();
     let mut rng = SmallRng::seed_from_u64(0x5eed);
     let value = Bytes::from(
@@ -173,10 +177,12 @@ pub async fn bench(cfg: &Config, args: &BenchArgs) -> anyhow::Result<Report> {
 
     // Make sure the cluster answers before starting the clock.
     let mut probe = conns[0].fork();
-    probe
-        .get(key(0), false)
-        .await
-        .map_err(|e| anyhow::anyhow!("the cluster is not serving: {e}"))?;
+    probe.get(key(0), false).await.map_err(|e| match e {
+        e @ crate::client::ClientError::Unreachable { .. } => {
+            anyhow::anyhow!("{e}; nothing was measured")
+        }
+        e => anyhow::anyhow!("the cluster is not serving: {e}"),
+    })?;
 
     if args.workload != Workload::Put {
         preload(&conns, args, &value).await?;
@@ -380,8 +386,10 @@ pub fn print_report(r: &Report) {
     if r.errors_by_kind.is_empty() {
         outln!("  errors          none");
     } else {
-        for (k, v) in &r.errors_by_kind {
-            outln!("  errors          {v} {k}");
+        // The label once; each further kind on its own line under the first.
+        for (i, (k, v)) in r.errors_by_kind.iter().enumerate() {
+            let label = if i == 0 { "errors" } else { "" };
+            outln!("  {label:<15} {v} {k}");
         }
     }
     outln!("  leader changes  {}", r.leader_changes);

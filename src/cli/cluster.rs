@@ -205,7 +205,23 @@ pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
 
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let config_arg = args.config.config.display().to_string();
+    // The command as the user can type it from here: the executable as they started it
+    // (`raftkv` on the PATH, else its path, e.g. target/release/raftkv under cargo run).
+    let connect_with = {
+        let exe_arg = std::env::args().next().unwrap_or_else(|| "raftkv".into());
+        let exe_arg = if exe_arg.contains('/') {
+            exe_arg
+        } else {
+            "raftkv".into()
+        };
+        let quote =
+            |s: &str| shlex::try_quote(s).map_or_else(|_| s.to_string(), |q| q.into_owned());
+        format!(
+            "{} shell --config {}",
+            quote(&exe_arg),
+            quote(&args.config.config.display().to_string())
+        )
+    };
     let mut leader_reported = false;
     let mut leader_poll = tokio::time::interval(Duration::from_millis(250));
     let (restart_tx, mut restart_rx) = mpsc::unbounded_channel::<NodeId>();
@@ -284,7 +300,7 @@ pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
                 let leader = reports.iter().filter_map(|r| r.result.as_ref().ok()).find(|s| s.role == "leader");
                 if let Some(l) = leader {
                     outln!("leader: node {} ({}), term {}", l.id, client.nodes().get(&l.id).cloned().or_else(|| cfg.node(l.id).map(|n| n.addr())).unwrap_or_default(), l.term);
-                    outln!("connect with: raftkv shell --config {config_arg}");
+                    outln!("connect with: {connect_with}");
                     leader_reported = true;
                 } else if started.elapsed() > Duration::from_secs(10) {
                     let majority = cfg.nodes.len() / 2 + 1;

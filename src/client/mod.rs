@@ -91,6 +91,8 @@ pub struct Client {
     /// that the client reads its own writes on any node.
     last_write: u64,
     timeout: Duration,
+    /// Give up as soon as every node has refused the connection (see [`Client::fail_fast`]).
+    fail_fast: bool,
 }
 
 pub struct StatusReport {
@@ -120,6 +122,7 @@ impl Client {
             seq: 0,
             last_write: 0,
             timeout: DEFAULT_TIMEOUT,
+            fail_fast: false,
         }
     }
 
@@ -277,6 +280,15 @@ impl Client {
         }
     }
 
+    /// A request fails with [`ClientError::Unreachable`] as soon as every node has refused the
+    /// connection, instead of retrying until the timeout: for commands a person waits on (the
+    /// shell, bench), where no node running at all is a mistake to report at once. Without
+    /// it (the default) a client rides out a whole-cluster restart within its timeout.
+    pub fn fail_fast(mut self) -> Client {
+        self.fail_fast = true;
+        self
+    }
+
     pub fn with_timeout(mut self, timeout: Duration) -> Client {
         self.timeout = timeout;
         self
@@ -314,9 +326,11 @@ impl Client {
         key: impl Into<Bytes>,
         value: impl Into<Bytes>,
     ) -> Result<u64, ClientError> {
+        let (key, value) = (key.into(), value.into());
+        check_sizes(&key, Some(&value), true)?;
         let req = proto::PutRequest {
-            key: key.into(),
-            value: value.into(),
+            key,
+            value,
             id: Some(self.next_id()),
         };
         match self.call(Request::Put(req), true, false).await? {
@@ -334,8 +348,10 @@ impl Client {
         key: impl Into<Bytes>,
         stale: bool,
     ) -> Result<Option<Bytes>, ClientError> {
+        let key = key.into();
+        check_sizes(&key, None, false)?;
         let req = proto::GetRequest {
-            key: key.into(),
+            key,
             stale,
             min_index: if stale { self.last_write } else { 0 },
         };
@@ -374,8 +390,10 @@ impl Client {
 
     /// Deletes `key`. Returns whether it existed.
     pub async fn delete(&mut self, key: impl Into<Bytes>) -> Result<bool, ClientError> {
+        let key = key.into();
+        check_sizes(&key, None, true)?;
         let req = proto::DeleteRequest {
-            key: key.into(),
+            key,
             id: Some(self.next_id()),
         };
         match self.call(Request::Delete(req), true, false).await? {
@@ -519,6 +537,7 @@ impl Client {
             self.leader.unwrap_or(ids[0])
         };
         let mut hops_without_progress = 0usize;
+        let mut refused_connection: std::collections::BTreeSet<NodeId> = Default::default();
         loop {
             let now = Instant::now();
             if now >= deadline {
@@ -552,6 +571,8 @@ impl Client {
                 };
             if !refused {
                 reached_any = true;
+            } else if is_connect_error(&status) {
+                refused_connection.insert(target);
             }
             tried.insert(
                 target,
@@ -564,6 +585,10 @@ impl Client {
                     },
                 ),
             );
+            if self.fail_fast && !reached_any && ids.iter().all(|i| refused_connection.contains(i))
+            {
+                return Err(ClientError::Unreachable { tried });
+            }
             match status.code() {
                 Code::InvalidArgument | Code::OutOfRange => {
                     return Err(ClientError::Rejected(status.message().to_string()));
@@ -646,6 +671,29 @@ fn members_of(s: &proto::StatusResponse) -> BTreeMap<NodeId, String> {
         .filter(|m| !m.address.is_empty())
         .map(|m| (m.id, m.address.clone()))
         .collect()
+}
+
+/// Refuses, before sending, what no node can accept: a value over the ceiling of
+/// `max_value_bytes`, or a request over the gRPC message limit (which a node would refuse by
+/// closing the whole connection, the other requests on it with an unknown outcome).
+fn check_sizes(key: &[u8], value: Option<&[u8]>, write: bool) -> Result<(), ClientError> {
+    use crate::config::MAX_VALUE_BYTES_LIMIT;
+    use crate::transport::peer::GRPC_MESSAGE_BYTES_MAX;
+    let v = value.map_or(0, <[u8]>::len);
+    if v > MAX_VALUE_BYTES_LIMIT {
+        return Err(ClientError::Rejected(format!(
+            "value of {v} bytes exceeds the largest value a node accepts ({MAX_VALUE_BYTES_LIMIT} bytes, the ceiling of max_value_bytes); nothing was written"
+        )));
+    }
+    // Room for the rest of the request (ids, tags, framing).
+    if key.len() + v + 1024 > GRPC_MESSAGE_BYTES_MAX {
+        return Err(ClientError::Rejected(format!(
+            "key of {} bytes exceeds the gRPC message limit of {GRPC_MESSAGE_BYTES_MAX} bytes (and every node's max_key_bytes){}",
+            key.len(),
+            if write { "; nothing was written" } else { "" }
+        )));
+    }
+    Ok(())
 }
 
 /// A pipelined request's error as the status the unary call would have returned.

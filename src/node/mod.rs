@@ -418,6 +418,7 @@ pub async fn run(
         .await
         .context("joining the core thread")?
         .map_err(|p| anyhow!("the core thread panicked: {}", panic_message(p.as_ref())))?;
+    let core_result = core_result.map_err(|e| storage_failure(e, &dir));
     let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
     if let Some((http, prober)) = http_server {
         prober.abort();
@@ -461,6 +462,25 @@ async fn bind_addr(addr: &str) -> anyhow::Result<TcpListener> {
     let (host, port) =
         crate::config::parse_address(addr).map_err(|e| anyhow!("listen address {addr:?}: {e}"))?;
     bind(&host, port).await
+}
+
+/// A failure of the running core (a storage error, typically): names the data directory, and
+/// says what to do when its disk is full.
+fn storage_failure(e: anyhow::Error, dir: &Path) -> anyhow::Error {
+    let full = e.chain().any(|c| {
+        c.to_string().contains("No space left on device")
+            || c.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::StorageFull)
+    });
+    let e = e.context(format!("data directory {}", dir.display()));
+    if full {
+        e.context(format!(
+            "the disk holding {} is full: free space on it, then restart the node (it recovers from its log)",
+            dir.display()
+        ))
+    } else {
+        e
+    }
 }
 
 /// Keeps the gRPC health service in step with [`health::Health`] (checked four times a
@@ -1629,5 +1649,34 @@ impl Core {
         }
         self.raft.advance();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_storage_failure_names_the_data_directory_once_and_a_full_disk_says_what_to_do() {
+        let full = crate::storage::disk::io_err(fjall::Error::Io(std::io::Error::new(
+            std::io::ErrorKind::StorageFull,
+            "No space left on device (os error 28)",
+        )));
+        let e = storage_failure(
+            anyhow::Error::new(full).context("persisting the Raft log"),
+            Path::new("data/node-2"),
+        );
+        let text = format!("{e:#}");
+        assert_eq!(
+            text,
+            "the disk holding data/node-2 is full: free space on it, then restart the node (it recovers from its log): data directory data/node-2: persisting the Raft log: I/O error: No space left on device (os error 28)"
+        );
+        assert_eq!(text.matches("No space left").count(), 1, "{text}");
+
+        let other = storage_failure(anyhow!("applying committed entries"), Path::new("d"));
+        assert_eq!(
+            format!("{other:#}"),
+            "data directory d: applying committed entries"
+        );
     }
 }

@@ -86,8 +86,13 @@ impl std::fmt::Display for FjallError {
 
 impl std::error::Error for FjallError {}
 
+/// A fjall error as a storage error: its readable message, said once (no cause in the chain
+/// that repeats it).
 pub fn io_err(e: fjall::Error) -> StorageError {
-    StorageError::io("database error", FjallError(e))
+    StorageError::Io {
+        what: FjallError(e).to_string(),
+        source: None,
+    }
 }
 
 pub(crate) fn corrupt(what: impl Into<String>) -> StorageError {

@@ -177,13 +177,17 @@ impl ClientService {
         }
     }
 
-    fn check_key(&self, key: &[u8]) -> Result<(), Status> {
+    /// Checks a key; for a write (`write`), the error says that nothing was written.
+    fn check_key(&self, key: &[u8], write: bool) -> Result<(), Status> {
+        let nothing = if write { "; nothing was written" } else { "" };
         if key.is_empty() {
-            return Err(Status::invalid_argument("the key must not be empty"));
+            return Err(Status::invalid_argument(format!(
+                "the key must not be empty{nothing}"
+            )));
         }
         if key.len() > self.limits.max_key_bytes {
             return Err(Status::invalid_argument(format!(
-                "key of {} bytes exceeds the limit of {} bytes (max_key_bytes)",
+                "key of {} bytes exceeds the limit of {} bytes (max_key_bytes){nothing}",
                 key.len(),
                 self.limits.max_key_bytes
             )));
@@ -208,7 +212,7 @@ impl ClientService {
         p: proto::PutRequest,
         reply: Reply<LogIndex>,
     ) -> Result<ClientRequest, Status> {
-        self.check_key(&p.key)?;
+        self.check_key(&p.key, true)?;
         self.check_value(&p.value)?;
         Ok(ClientRequest::Put {
             key: p.key,
@@ -223,7 +227,7 @@ impl ClientService {
         g: proto::GetRequest,
         reply: Reply<Option<Bytes>>,
     ) -> Result<ClientRequest, Status> {
-        self.check_key(&g.key)?;
+        self.check_key(&g.key, false)?;
         Ok(ClientRequest::Get {
             key: g.key,
             stale: g.stale,
@@ -237,7 +241,7 @@ impl ClientService {
         d: proto::DeleteRequest,
         reply: Reply<(bool, LogIndex)>,
     ) -> Result<ClientRequest, Status> {
-        self.check_key(&d.key)?;
+        self.check_key(&d.key, true)?;
         Ok(ClientRequest::Delete {
             key: d.key,
             id: request_id(d.id),

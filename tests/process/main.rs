@@ -365,6 +365,59 @@ fn shell_against_an_unreachable_cluster_names_the_nodes_tried() {
     }
 }
 
+/// With no node running, the shell and bench say so as soon as every node has refused the
+/// connection, not after their timeout (30 s here).
+#[test]
+fn with_no_node_running_shell_and_bench_fail_at_once() {
+    let c = TestCluster::new(3);
+    let cfg = c.config.to_str().expect("utf-8 path");
+    for (args, stdin) in [
+        (
+            vec!["shell", "--config", cfg, "--timeout", "30s"],
+            "get x\n",
+        ),
+        (
+            vec!["bench", "--config", cfg, "--timeout", "30s", "--ops", "10"],
+            "",
+        ),
+    ] {
+        let started = Instant::now();
+        let (code, _, err) = run_cli(&args, stdin, c.dir.path());
+        let took = started.elapsed();
+        assert_eq!(code, 1, "{err}");
+        assert!(err.contains("cannot reach the cluster"), "{err}");
+        assert_eq!(err.matches("cannot reach").count(), 1, "said once: {err}");
+        for p in &c.ports {
+            assert!(err.contains(&format!("127.0.0.1:{p}")), "{err}");
+        }
+        // Well under the 30 s timeout (the bound is loose: a loaded machine is slow).
+        assert!(took < Duration::from_secs(15), "{args:?} took {took:?}");
+    }
+}
+
+/// A config file that does not exist is said once, with what to do.
+#[test]
+fn a_missing_config_file_is_said_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for cmd in ["shell", "node", "bench", "cluster", "monitor"] {
+        let mut args = vec![cmd, "--config", "nope.json"];
+        if cmd == "node" {
+            args.extend(["--id", "1"]);
+        }
+        let (code, _, err) = run_cli(&args, "", dir.path());
+        assert_eq!(code, 1, "{cmd}: {err}");
+        assert!(
+            err.contains("config file nope.json not found"),
+            "{cmd}: {err}"
+        );
+        assert!(
+            !err.contains("os error"),
+            "{cmd}: the cause said twice: {err}"
+        );
+        assert_eq!(err.lines().count(), 1, "{cmd}: {err}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_keys_and_values_are_refused_with_the_limit() {
     let c = TestCluster::started(3);
@@ -387,6 +440,31 @@ async fn oversized_keys_and_values_are_refused_with_the_limit() {
         client.get("big", false).await.expect("read"),
         None,
         "nothing half-written"
+    );
+    assert!(err.to_string().contains("nothing was written"), "{err}");
+    // Over the gRPC message limit: refused before it is sent, naming the limit (a node would
+    // close the connection, and the client would report an unknown outcome after its timeout).
+    let started = Instant::now();
+    let err = client
+        .put("huge", vec![b'x'; 70 << 20])
+        .await
+        .expect_err("over the gRPC limit");
+    assert!(
+        err.to_string()
+            .contains("exceeds the largest value a node accepts (8388608 bytes")
+            && err.to_string().contains("nothing was written"),
+        "{err}"
+    );
+    assert!(!err.outcome_unknown());
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let err = client
+        .put(vec![b'k'; 70 << 20], "v")
+        .await
+        .expect_err("a key over the gRPC limit");
+    assert!(
+        err.to_string().contains("gRPC message limit")
+            && err.to_string().contains("nothing was written"),
+        "{err}"
     );
     client
         .put("big", vec![b'x'; 65536])
