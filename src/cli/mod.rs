@@ -17,6 +17,7 @@ pub mod leader;
 pub mod member;
 pub mod monitor;
 pub mod node;
+pub mod scrape;
 pub mod shell;
 pub mod snapshot;
 

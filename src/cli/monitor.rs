@@ -64,6 +64,10 @@ pub struct NodeView {
     pub last_snapshot_unix_ms: Option<u64>,
     pub snapshots_installed: Option<u64>,
     pub snapshots_sent: Option<u64>,
+    /// From the node's /metrics (when its config entry has an http_port): p99 of its log
+    /// fsyncs and of its round trips to its peers, over the last poll interval.
+    pub fsync_p99_ms: Option<f64>,
+    pub peer_rtt_p99_ms: Option<f64>,
     pub error: Option<String>,
 }
 
@@ -138,6 +142,8 @@ pub fn build_view(
                     .then_some(s.last_snapshot_unix_ms),
                 snapshots_installed: Some(s.snapshots_installed),
                 snapshots_sent: Some(s.snapshots_sent),
+                fsync_p99_ms: None,
+                peer_rtt_p99_ms: None,
                 error: None,
             },
             Err(e) => NodeView {
@@ -160,6 +166,8 @@ pub fn build_view(
                 last_snapshot_unix_ms: None,
                 snapshots_installed: None,
                 snapshots_sent: None,
+                fsync_p99_ms: None,
+                peer_rtt_p99_ms: None,
                 error: Some(e.clone()),
             },
         })
@@ -242,14 +250,30 @@ pub fn summary(v: &ClusterView) -> String {
 }
 
 /// The table's columns, in the order they are shown.
-const HEADERS: [&str; 12] = [
-    "ID", "ADDRESS", "STATE", "ROLE", "TERM", "LEADER", "COMMIT", "APPLIED", "LAST LOG", "LAG",
-    "LOG FROM", "DISK",
+const HEADERS: [&str; NCOLS] = [
+    "ID",
+    "ADDRESS",
+    "STATE",
+    "ROLE",
+    "TERM",
+    "LEADER",
+    "COMMIT",
+    "APPLIED",
+    "LAST LOG",
+    "LAG",
+    "LOG FROM",
+    "DISK",
+    "FSYNC P99",
+    "RTT P99",
 ];
+const NCOLS: usize = 14;
+/// The columns read from the nodes' `/metrics` (config `http_port`): left out when no node
+/// shown has them.
+const METRIC_COLUMNS: [usize; 2] = [12, 13];
 
 /// The columns of numbers (and sizes): right-aligned, and never cut.
-const NUMERIC: [bool; 12] = [
-    false, false, false, false, true, true, true, true, true, true, true, true,
+const NUMERIC: [bool; NCOLS] = [
+    false, false, false, false, true, true, true, true, true, true, true, true, true, true,
 ];
 
 /// The columns (indices into `HEADERS`) from the one a narrow terminal keeps longest to the one
@@ -260,13 +284,15 @@ const NUMERIC: [bool; 12] = [
 /// - TERM: terms climbing, or one node's term ahead of the others: elections, a cut-off node.
 /// - COMMIT, APPLIED: progress; a commit index that stands still means writes do not get through.
 /// - LAG: how far a node applies behind the leader's commit index (the two above, subtracted).
+/// - FSYNC P99, RTT P99 (from the node's /metrics, over the last poll): a slow disk or network
+///   shows here before it costs elections.
 /// - LEADER: the leader each node believes in; the summary line already names the real one, so
 ///   this only tells a node that disagrees (partitioned, or not yet told).
 /// - LAST LOG: entries a node holds beyond the commit index.
 /// - DISK: the size of its data directory (a full disk stops a node: the unreachable list says).
 /// - LOG FROM: where its log starts after the last snapshot (compaction).
 /// - ADDRESS: fixed by the configuration file, and a down node's is in the unreachable list.
-const PRIORITY: [usize; 12] = [0, 2, 3, 4, 6, 7, 9, 5, 8, 11, 10, 1];
+const PRIORITY: [usize; NCOLS] = [0, 2, 3, 4, 6, 7, 9, 12, 13, 5, 8, 11, 10, 1];
 
 /// The spaces between two columns: ratatui's `Table` default, which `render` keeps; `plain`
 /// uses the same.
@@ -282,7 +308,7 @@ fn size(b: Option<u64>) -> String {
     }
 }
 
-fn cells(n: &NodeView) -> [String; 12] {
+fn cells(n: &NodeView) -> [String; NCOLS] {
     [
         n.id.to_string(),
         n.addr.clone(),
@@ -301,7 +327,27 @@ fn cells(n: &NodeView) -> [String; 12] {
         opt(n.lag),
         opt(n.first_log_index),
         size(n.data_bytes),
+        millis(n.fsync_p99_ms),
+        millis(n.peer_rtt_p99_ms),
     ]
+}
+
+/// Milliseconds, short.
+fn millis(ms: Option<f64>) -> String {
+    match ms {
+        None => "-".into(),
+        Some(ms) if ms >= 100.0 => format!("{ms:.0}ms"),
+        Some(ms) if ms >= 10.0 => format!("{ms:.1}ms"),
+        Some(ms) => format!("{ms:.2}ms"),
+    }
+}
+
+/// The metric columns no row has a value in.
+fn absent_columns(rows: &[[String; NCOLS]]) -> Vec<usize> {
+    METRIC_COLUMNS
+        .into_iter()
+        .filter(|&c| rows.iter().all(|r| r[c] == "-"))
+        .collect()
 }
 
 /// Terminal cells `s` takes.
@@ -347,7 +393,7 @@ fn wrap_parts(parts: &[String], width: usize) -> Vec<String> {
 }
 
 /// Each column's width: its header's or its widest cell's, whichever is wider.
-fn column_widths(rows: &[[String; 12]]) -> [usize; 12] {
+fn column_widths(rows: &[[String; NCOLS]]) -> [usize; NCOLS] {
     std::array::from_fn(|c| {
         rows.iter()
             .fold(text_width(HEADERS[c]), |w, r| w.max(text_width(&r[c])))
@@ -357,10 +403,18 @@ fn column_widths(rows: &[[String; 12]]) -> [usize; 12] {
 /// Which columns go whole into `width` cells with `COLUMN_SPACING` between them, the least
 /// important (`PRIORITY`) left out first: those shown, in table order, and those hidden, most
 /// important first.
-fn fit_columns(widths: &[usize; 12], width: usize) -> (Vec<usize>, Vec<usize>) {
+fn fit_columns(
+    widths: &[usize; NCOLS],
+    width: usize,
+    absent: &[usize],
+) -> (Vec<usize>, Vec<usize>) {
+    let order: Vec<usize> = PRIORITY
+        .into_iter()
+        .filter(|c| !absent.contains(c))
+        .collect();
     let mut used = 0;
     let mut kept = 0;
-    for (k, &c) in PRIORITY.iter().enumerate() {
+    for (k, &c) in order.iter().enumerate() {
         let need = widths[c]
             + if k == 0 {
                 0
@@ -373,19 +427,23 @@ fn fit_columns(widths: &[usize; 12], width: usize) -> (Vec<usize>, Vec<usize>) {
         used += need;
         kept = k + 1;
     }
-    let mut shown = PRIORITY[..kept].to_vec();
+    let mut shown = order[..kept].to_vec();
     shown.sort_unstable();
-    (shown, PRIORITY[kept..].to_vec())
+    (shown, order[kept..].to_vec())
 }
 
 /// The view as plain text (for `--once`): every column, each as wide as its widest cell.
 pub fn plain(v: &ClusterView) -> String {
-    let rows: Vec<[String; 12]> = v.nodes.iter().map(cells).collect();
+    let rows: Vec<[String; NCOLS]> = v.nodes.iter().map(cells).collect();
     let widths = column_widths(&rows);
+    let absent = absent_columns(&rows);
     let gap = " ".repeat(usize::from(COLUMN_SPACING));
-    let line = |c: &[String; 12]| {
+    let line = |c: &[String; NCOLS]| {
         let mut s = String::new();
         for (i, cell) in c.iter().enumerate() {
+            if absent.contains(&i) {
+                continue;
+            }
             if i > 0 {
                 s.push_str(&gap);
             }
@@ -485,10 +543,13 @@ pub fn render(f: &mut Frame, v: &ClusterView, title: &str) {
 
     let shown_rows = usize::from(table.height.saturating_sub(3)).min(v.nodes.len());
     let (shown_nodes, hidden_nodes) = v.nodes.split_at(shown_rows);
-    let rows: Vec<[String; 12]> = shown_nodes.iter().map(cells).collect();
+    let rows: Vec<[String; NCOLS]> = shown_nodes.iter().map(cells).collect();
     let widths = column_widths(&rows);
-    let (columns, hidden_columns) =
-        fit_columns(&widths, usize::from(table.width.saturating_sub(2)));
+    let (columns, hidden_columns) = fit_columns(
+        &widths,
+        usize::from(table.width.saturating_sub(2)),
+        &absent_columns(&rows),
+    );
     let cell = |i: usize, s: String| {
         let line = Line::from(s);
         Cell::from(if NUMERIC[i] {
@@ -627,18 +688,69 @@ fn explain_down(reports: &mut [StatusReport], cfg: &Config) {
     }
 }
 
+/// Reads the key metrics of every node that serves them, and keeps each node's last
+/// histograms so that the p99s cover the last poll interval.
+#[derive(Default)]
+struct MetricsPoller {
+    last: std::collections::BTreeMap<NodeId, super::scrape::KeyMetrics>,
+}
+
+impl MetricsPoller {
+    /// Scrapes (concurrently) the nodes whose config entry has an `http_port`, and fills in
+    /// their p99s in `view`.
+    async fn poll(&mut self, cfg: &Config, timeout: Duration, view: &mut ClusterView) {
+        use super::scrape;
+        let targets: Vec<(NodeId, String, u16)> = cfg
+            .nodes
+            .iter()
+            .filter_map(|n| n.http_port.map(|p| (n.id, n.host.clone(), p)))
+            .collect();
+        if targets.is_empty() {
+            return;
+        }
+        let tasks: Vec<_> = targets
+            .into_iter()
+            .map(|(id, host, port)| {
+                tokio::spawn(async move { (id, scrape::fetch(&host, port, timeout).await) })
+            })
+            .collect();
+        for t in tasks {
+            let Ok((id, Ok(now))) = t.await else {
+                continue;
+            };
+            let before = self.last.get(&id);
+            let p99 = |now: &scrape::Buckets, before: Option<&scrape::Buckets>| {
+                // Over the last interval if anything happened in it, else since the start.
+                scrape::quantile(&scrape::since(now, before), 0.99)
+                    .or_else(|| scrape::quantile(now, 0.99))
+                    .map(|s| s * 1000.0)
+            };
+            let fsync = p99(&now.fsync, before.map(|b| &b.fsync));
+            let rtt = p99(&now.peer_rtt, before.map(|b| &b.peer_rtt));
+            if let Some(n) = view.nodes.iter_mut().find(|n| n.id == id && n.up) {
+                n.fsync_p99_ms = fsync;
+                n.peer_rtt_p99_ms = rtt;
+            }
+            self.last.insert(id, now);
+        }
+    }
+}
+
 pub async fn run(args: MonitorArgs) -> anyhow::Result<()> {
     let cfg = Config::load(&args.config.config)?;
     let mut client = Client::discover(cfg.addrs()).await;
     // Each node gets most of an interval to answer; they are asked concurrently.
     let per_node = args.interval.mul_f64(0.8).max(Duration::from_millis(50));
+    let mut metrics = MetricsPoller::default();
     if args.once || args.json {
         let first = client.status_all(per_node).await;
-        let (_, sample) = build_view(&first, None, Instant::now());
+        let (mut first_view, sample) = build_view(&first, None, Instant::now());
+        metrics.poll(&cfg, per_node, &mut first_view).await;
         tokio::time::sleep(args.interval).await;
         let mut reports = client.status_all(per_node).await;
         explain_down(&mut reports, &cfg);
-        let (view, _) = build_view(&reports, sample, Instant::now());
+        let (mut view, _) = build_view(&reports, sample, Instant::now());
+        metrics.poll(&cfg, per_node, &mut view).await;
         if args.json {
             outln!("{}", serde_json::to_string(&view)?);
         } else {
@@ -701,7 +813,8 @@ pub async fn run(args: MonitorArgs) -> anyhow::Result<()> {
                     }
                     let mut reports = client.status_all(per_node).await;
                     explain_down(&mut reports, &cfg);
-                    let (view, s) = build_view(&reports, sample, Instant::now());
+                    let (mut view, s) = build_view(&reports, sample, Instant::now());
+                    metrics.poll(&cfg, per_node, &mut view).await;
                     sample = s.or(sample);
                     terminal.draw(|f| render(f, &view, &title))?;
                 }
@@ -958,12 +1071,32 @@ mod tests {
         assert!(!text.contains("not shown"), "all five nodes fit: {text}");
 
         let text = screen_at(&v, 200, 40);
-        for h in HEADERS {
-            assert!(header(&text).contains(h), "{h}: {text}");
+        for (i, h) in HEADERS.iter().enumerate() {
+            // No node serves /metrics here: its columns are left out, not "hidden".
+            assert_eq!(
+                header(&text).contains(h),
+                !METRIC_COLUMNS.contains(&i),
+                "{h}: {text}"
+            );
         }
         assert_eq!(rows_with(&text, "127.0.0.1:500"), 5, "{text}");
         assert!(!text.contains("hidden"), "{text}");
         assert!(!text.contains("not shown"), "{text}");
+
+        // Nodes that serve /metrics: their fsync and round-trip p99s.
+        let mut v = v;
+        for n in &mut v.nodes {
+            n.fsync_p99_ms = Some(3.25);
+            n.peer_rtt_p99_ms = Some(0.4);
+        }
+        let text = screen_at(&v, 200, 40);
+        for h in HEADERS {
+            assert!(header(&text).contains(h), "{h}: {text}");
+        }
+        assert_eq!(rows_with(&text, "3.25ms"), 5, "{text}");
+        assert_eq!(rows_with(&text, "0.40ms"), 5, "{text}");
+        assert!(plain(&v).contains("FSYNC P99"));
+        assert!(!text.contains("hidden"), "{text}");
     }
 
     #[test]

@@ -252,6 +252,19 @@ async fn metrics_parse_as_prometheus_text_and_readyz_follows_the_leader() {
         );
     }
     assert_eq!(leaders, 1.0);
+    // The monitor shows the key metrics of nodes that serve them.
+    let (code, out, err) = run_cli(
+        &["monitor", "--once", "--config", "config.json"],
+        "",
+        c.dir.path(),
+    );
+    assert_eq!(code, 0, "{err}");
+    let head = out.lines().nth(1).unwrap_or_default();
+    assert!(
+        head.contains("FSYNC P99") && head.contains("RTT P99"),
+        "{out}"
+    );
+    assert!(out.lines().skip(2).all(|l| l.contains("ms")), "{out}");
 
     // Cut off from the leader and the other follower: not ready, and says why.
     let others: Vec<NodeId> = c.ids().into_iter().filter(|i| *i != follower).collect();
