@@ -37,6 +37,10 @@ bench RUNS="1":
 bench-etcd RUNS="2":
     RAFTKV_BENCH_ETCD=1 RAFTKV_BENCH_RUNS={{RUNS}} cargo bench --bench table
 
+# The same table with metrics recorded (every node serving /metrics) beside it, run for run.
+bench-metrics RUNS="2":
+    RAFTKV_BENCH_METRICS=1 RAFTKV_BENCH_RUNS={{RUNS}} cargo bench --bench table
+
 # The Raft log's storage: fjall beside a segmented-log prototype (fsync, CPU, write amplification, disk).
 bench-log:
     RAFTKV_BENCH_DIR=/tmp cargo bench --bench logstore

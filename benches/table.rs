@@ -11,6 +11,9 @@
 //! - `RAFTKV_BENCH_ETCD=1` (or the path of an etcd binary): every run of a row is followed by
 //!   the same run against a fresh etcd cluster of the same size, and the table shows both and
 //!   the ratio (`support/etcd.rs`; Debian: `apt install etcd-server`).
+//! - `RAFTKV_BENCH_METRICS=1`: every run of a row is followed by the same run against a
+//!   cluster whose nodes record metrics and serve them (`http_port`), and the table shows both
+//!   and the ratio: what recording costs on the hot path.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -30,9 +33,24 @@ struct Cluster {
 }
 
 impl Cluster {
-    fn start(n: usize) -> Cluster {
+    /// `n` nodes; with `metrics`, each serves /metrics (and so records metrics).
+    fn start(n: usize, metrics: bool) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = cluster_config::write(dir.path(), &cluster_config::free_loopback(n), "");
+        if metrics {
+            let text = std::fs::read_to_string(&config).expect("config");
+            let mut v: serde_json::Value = serde_json::from_str(&text).expect("json");
+            let ports = cluster_config::free_loopback(n);
+            for (node, (_, port)) in v["nodes"]
+                .as_array_mut()
+                .expect("nodes")
+                .iter_mut()
+                .zip(ports)
+            {
+                node["http_port"] = port.into();
+            }
+            std::fs::write(&config, v.to_string()).expect("write config");
+        }
         let nodes = (1..=n as u64)
             .map(|id| cluster_config::spawn_node(&config, id))
             .collect();
@@ -149,7 +167,7 @@ fn main() {
         .ok()
         .and_then(|v| v.parse::<u64>().ok())
     {
-        let c = Cluster::start(3);
+        let c = Cluster::start(3, false);
         let warm = bench(&c.config, "put", 64, 5);
         let before = c.rss_kib();
         // The measured run goes on in a thread; every tenth of it, each node's RSS and the size
@@ -215,7 +233,13 @@ fn main() {
     let etcd_bin = std::env::var_os("RAFTKV_BENCH_ETCD")
         .map(|_| etcd::binary().unwrap_or_else(|e| panic!("RAFTKV_BENCH_ETCD: {e}")));
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
-    if etcd_bin.is_some() {
+    let with_metrics = std::env::var_os("RAFTKV_BENCH_METRICS").is_some();
+    if with_metrics {
+        println!(
+            "| cluster | workload | clients | ops/s | p50 ms | p99 ms | metrics on: ops/s | p50 ms | p99 ms | on/off | errors off/on |"
+        );
+        println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    } else if etcd_bin.is_some() {
         println!(
             "| cluster | workload | clients | raftkv ops/s | p50 ms | p99 ms | etcd ops/s | p50 ms | p99 ms | x etcd | errors raftkv/etcd |"
         );
@@ -234,10 +258,16 @@ fn main() {
         // Interleaved, so that both systems see the same machine.
         let mut samples = Vec::new();
         let mut etcd_samples = Vec::new();
+        let mut metric_samples = Vec::new();
         for _ in 0..runs {
-            let c = Cluster::start(nodes);
+            let c = Cluster::start(nodes, false);
             samples.push(bench(&c.config, workload, clients, secs));
             drop(c);
+            if with_metrics {
+                let c = Cluster::start(nodes, true);
+                metric_samples.push(bench(&c.config, workload, clients, secs));
+                drop(c);
+            }
             if let Some(bin) = &etcd_bin {
                 let e = etcd::EtcdCluster::start(
                     bin,
@@ -248,12 +278,14 @@ fn main() {
                 etcd_samples.push(etcd::run(&e, workload, clients, secs, &rt));
             }
         }
-        samples.sort_by(|a, b| {
+        let by_ops = |a: &serde_json::Value, b: &serde_json::Value| {
             a["ops_per_sec"]
                 .as_f64()
                 .partial_cmp(&b["ops_per_sec"].as_f64())
                 .unwrap_or(std::cmp::Ordering::Equal)
-        });
+        };
+        samples.sort_by(by_ops);
+        metric_samples.sort_by(by_ops);
         let m = &samples[samples.len() / 2];
         let name = if workload == "get" {
             "linearizable get"
@@ -265,7 +297,17 @@ fn main() {
             m["p50_ms"].as_f64().unwrap_or(0.0),
             m["p99_ms"].as_f64().unwrap_or(0.0),
         );
-        if etcd_samples.is_empty() {
+        if let Some(on) = metric_samples.get(metric_samples.len() / 2) {
+            let on_ops = on["ops_per_sec"].as_f64().unwrap_or(0.0);
+            println!(
+                "| {nodes} nodes | {name} | {clients} | {ops:.0} | {p50:.2} | {p99:.2} | {on_ops:.0} | {:.2} | {:.2} | {:.2} | {}/{} |",
+                on["p50_ms"].as_f64().unwrap_or(0.0),
+                on["p99_ms"].as_f64().unwrap_or(0.0),
+                on_ops / ops.max(1.0),
+                m["errors"],
+                on["errors"]
+            );
+        } else if etcd_samples.is_empty() {
             println!(
                 "| {nodes} nodes | {name} | {clients} | {ops:.0} | {p50:.2} | {p99:.2} | {} |",
                 m["errors"]

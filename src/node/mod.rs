@@ -811,6 +811,9 @@ impl Core {
                 store.last_index().saturating_sub(store.start().index),
             );
             set(&m.snapshot_index, store.start().index);
+            if m.disk_size_due() {
+                set(&m.data_bytes, self.kv.disk_bytes());
+            }
         }
     }
 
