@@ -1412,7 +1412,10 @@ impl Core {
                 self.writes.insert(index, (term, pending));
             }
             Err(e) => {
-                self.count_failed(1);
+                // A refusal for want of leadership is a redirect, not a failed proposal.
+                if matches!(e, raft::Error::ProposalDropped(_)) {
+                    self.count_failed(1);
+                }
                 let err = match e {
                     raft::Error::ProposalDropped(bytes) => ServiceError::Busy(bytes),
                     // Refused while leadership moves: the hint points at the new leader.
