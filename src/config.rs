@@ -632,6 +632,24 @@ mod tests {
     fn each_inconsistency_names_its_field() {
         let cases = [
             (SEED.replace("50052", "50051"), "nodes[1].port"),
+            (
+                SEED.replace("\"port\": 50052", "\"port\": 50052, \"http_port\": 0"),
+                "nodes[1].http_port",
+            ),
+            (
+                SEED.replace("\"port\": 50052", "\"port\": 50052, \"http_port\": 50052"),
+                "nodes[1].http_port",
+            ),
+            // Another node's gRPC port on the same machine.
+            (
+                SEED.replace("\"port\": 50052", "\"port\": 50052, \"http_port\": 50051"),
+                "nodes[1].http_port",
+            ),
+            (
+                SEED.replace("\"port\": 50051", "\"port\": 50051, \"http_port\": 9100")
+                    .replace("\"port\": 50052", "\"port\": 50052, \"http_port\": 9100"),
+                "nodes[1].http_port",
+            ),
             (SEED.replace("\"id\": 2", "\"id\": 1"), "nodes[1].id"),
             (SEED.replace("\"id\": 2", "\"id\": 0"), "nodes[1].id"),
             (
