@@ -216,6 +216,7 @@ pub async fn run(
         .map_or(0, |d| d.as_nanos() as u64)
         ^ id;
     let mut raft_cfg = cfg.raft_config(id, seed);
+    let heartbeat_ticks = raft_cfg.heartbeat_ticks;
     raft_cfg.members = members;
     let mut raft = Raft::new(
         raft_cfg,
@@ -378,12 +379,13 @@ pub async fn run(
         snapshot_started: BTreeMap::new(),
     };
     let tick = Duration::from_millis(cfg.tick_ms());
+    let clock = TickClock::new(tick, heartbeat_ticks, tokio::time::Instant::now());
     let handle = tokio::runtime::Handle::current();
     let (core_done_tx, core_done_rx) = tokio::sync::oneshot::channel::<bool>();
     let core_thread = std::thread::Builder::new()
         .name(format!("raft-core-{id}"))
         .spawn(move || {
-            let result = handle.block_on(core.run(inbound_rx, tick, stop_rx));
+            let result = handle.block_on(core.run(inbound_rx, clock, stop_rx));
             let _ = core_done_tx.send(matches!(result, Ok(Stopped::Removed)));
             result
         })
@@ -733,30 +735,95 @@ struct PendingTransfer {
     reply: crate::transport::Reply<(NodeId, NodeId, u64)>,
 }
 
+/// When the core's logical ticks fall due: on a fixed grid of `tick`, so that a wake-up a
+/// little late does not push every later tick back (`MissedTickBehavior::Delay` did: under CPU
+/// contention the clocks ran 8-30% slow, and a leader's heartbeats drifted later with them).
+///
+/// After a late wake-up a leader is given the ticks that fell due meanwhile, up to one heartbeat
+/// interval's worth, so its heartbeat goes out as soon as it runs again. Any other role is
+/// given one tick, whatever it missed: a follower that was not scheduled for a while must not
+/// count that time against a leader whose heartbeat may be waiting in its own queue. No clock
+/// runs ahead of real time, so neither check-quorum nor a follower's lease is shorter than the
+/// minimum election timeout.
+#[derive(Debug)]
+struct TickClock {
+    tick: Duration,
+    /// The most ticks a leader is given at one wake-up.
+    catch_up: u32,
+    next: tokio::time::Instant,
+}
+
+impl TickClock {
+    fn new(tick: Duration, catch_up: u32, now: tokio::time::Instant) -> TickClock {
+        let tick = tick.max(Duration::from_millis(1));
+        TickClock {
+            tick,
+            catch_up: catch_up.max(1),
+            next: now + tick,
+        }
+    }
+
+    /// When the next tick falls due.
+    fn next(&self) -> tokio::time::Instant {
+        self.next
+    }
+
+    /// How many ticks to give the core at `now`; moves `next` past `now`.
+    fn due(&mut self, now: tokio::time::Instant, leader: bool) -> u32 {
+        if now < self.next {
+            return 0;
+        }
+        let fell_due = (now - self.next).as_nanos() / self.tick.as_nanos() + 1;
+        match u32::try_from(fell_due) {
+            Ok(k) => self.next += self.tick * k,
+            Err(_) => self.next = now + self.tick,
+        }
+        if leader {
+            fell_due.min(u128::from(self.catch_up)) as u32
+        } else {
+            1
+        }
+    }
+}
+
 impl Core {
     async fn run(
         mut self,
         mut inbound: mpsc::Receiver<Inbound>,
-        tick: Duration,
+        mut clock: TickClock,
         mut shutdown: watch::Receiver<bool>,
     ) -> anyhow::Result<Stopped> {
-        let mut ticker = tokio::time::interval(tick);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let timer = tokio::time::sleep_until(clock.next());
+        tokio::pin!(timer);
         loop {
-            tokio::select! {
+            let ticked = tokio::select! {
                 biased;
                 _ = shutdown.wait_for(|v| *v) => break,
-                _ = ticker.tick() => self.raft.tick(),
+                () = &mut timer => true,
                 input = inbound.recv() => match input {
-                    Some(input) => self.handle(input)?,
+                    Some(input) => {
+                        self.handle(input)?;
+                        false
+                    }
                     None => break,
                 },
-            }
+            };
             for _ in 0..ROUND_INPUTS_MAX {
                 match inbound.try_recv() {
                     Ok(input) => self.handle(input)?,
                     Err(_) => break,
                 }
+            }
+            // Ticks come after what is already queued: a follower whose thread was not
+            // scheduled for a while reads the heartbeat waiting for it before its election
+            // timer counts on, and a leader counts the answers that arrived before it checks
+            // for a quorum.
+            if ticked {
+                let leader = self.raft.role() == Role::Leader;
+                for _ in 0..clock.due(tokio::time::Instant::now(), leader) {
+                    self.raft.tick();
+                }
+                timer.as_mut().reset(clock.next());
             }
             self.maybe_name_cluster();
             while self.raft.has_ready() {
@@ -1661,6 +1728,60 @@ impl Core {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn a_leader_keeps_its_ticks_on_the_grid_and_catches_up_a_heartbeat_interval_at_most() {
+        let t0 = tokio::time::Instant::now();
+        let mut c = TickClock::new(10 * MS, 5, t0);
+        assert_eq!(c.due(t0 + 5 * MS, true), 0, "not due yet");
+        assert_eq!(c.due(t0 + 10 * MS, true), 1);
+        assert_eq!(c.next(), t0 + 20 * MS);
+        // 3 ms late: the next tick stays at 30, not 33.
+        assert_eq!(c.due(t0 + 23 * MS, true), 1);
+        assert_eq!(c.next(), t0 + 30 * MS);
+        // Not scheduled from 23 to 64 ms: the ticks of 30, 40, 50 and 60 ms all come now.
+        assert_eq!(c.due(t0 + 64 * MS, true), 4);
+        assert_eq!(c.next(), t0 + 70 * MS);
+        // Stopped for a second: one heartbeat interval's worth, the rest dropped.
+        assert_eq!(c.due(t0 + 1070 * MS, true), 5);
+        assert_eq!(c.next(), t0 + 1080 * MS);
+    }
+
+    #[test]
+    fn any_other_role_gets_one_tick_per_wake_up_on_the_same_grid() {
+        let t0 = tokio::time::Instant::now();
+        let mut c = TickClock::new(10 * MS, 5, t0);
+        assert_eq!(c.due(t0 + 13 * MS, false), 1);
+        assert_eq!(c.next(), t0 + 20 * MS, "a little late: no drift");
+        // A follower not scheduled for 150 ms counts one tick, not 15: a heartbeat may be
+        // waiting in its queue.
+        assert_eq!(c.due(t0 + 164 * MS, false), 1);
+        assert_eq!(c.next(), t0 + 170 * MS);
+    }
+
+    #[test]
+    fn no_clock_runs_ahead_of_real_time_and_small_lateness_loses_no_ticks() {
+        for leader in [true, false] {
+            let t0 = tokio::time::Instant::now();
+            let mut c = TickClock::new(10 * MS, 5, t0);
+            let (mut ticks, mut x) = (0u64, 12345u64);
+            let mut now = t0;
+            while now < t0 + Duration::from_secs(10) {
+                // Wake up at the deadline, 0-7 ms late (always short of the next one).
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                now = c.next() + Duration::from_micros((x >> 33) % 7000);
+                ticks += u64::from(c.due(now, leader));
+                let real = ((now - t0).as_millis() / 10) as u64;
+                assert!(ticks <= real, "{ticks} ticks after {real} ticks' time");
+            }
+            // One per 10 ms, none lost to lateness.
+            assert!(ticks >= 999, "leader {leader}: {ticks} ticks in 10 s");
+        }
+    }
 
     #[test]
     fn a_storage_failure_names_the_data_directory_once_and_a_full_disk_says_what_to_do() {
