@@ -231,7 +231,8 @@ impl Config {
             return err("nodes", "at least one node is required".into());
         }
         let mut ids: HashMap<NodeId, usize> = HashMap::new();
-        let mut addrs: HashMap<(String, u16), NodeId> = HashMap::new();
+        // Each address taken, by whom: "node 1" or "node 1's http_port".
+        let mut addrs: HashMap<(String, u16), String> = HashMap::new();
         let mut ports: HashMap<u16, NodeId> = HashMap::new();
         for (i, n) in self.nodes.iter().enumerate() {
             if n.id == 0 {
@@ -255,13 +256,10 @@ impl Config {
                     "must be between 1 and 65535".into(),
                 );
             }
-            if let Some(other) = addrs.insert((n.host.clone(), n.port), n.id) {
+            if let Some(other) = addrs.insert((n.host.clone(), n.port), format!("node {}", n.id)) {
                 return err(
                     &format!("nodes[{i}].port"),
-                    format!(
-                        "duplicate address {}:{} (also node {other})",
-                        n.host, n.port
-                    ),
+                    format!("duplicate address {}:{} (also {other})", n.host, n.port),
                 );
             }
             if n.http_port == Some(0) {
@@ -280,11 +278,12 @@ impl Config {
                 );
             }
             if let Some(h) = n.http_port
-                && let Some(other) = addrs.insert((n.host.clone(), h), n.id)
+                && let Some(other) =
+                    addrs.insert((n.host.clone(), h), format!("node {}'s http_port", n.id))
             {
                 return err(
                     &format!("nodes[{i}].http_port"),
-                    format!("duplicate address {}:{h} (also node {other})", n.host),
+                    format!("duplicate address {}:{h} (also {other})", n.host),
                 );
             }
             // Different spellings of one machine (localhost, 127.0.0.1) cannot share a port.

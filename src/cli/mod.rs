@@ -46,8 +46,9 @@ pub enum Command {
     #[command(long_about = "Run one Raft node.\n\n\
         The node serves peers (NodeCommunication) and clients (DataService) over gRPC on its \
         configured port, keeps its durable state in <data_directory>/node-<id>/ and logs to \
-        <log_directory>/node-<id>.log and stderr (RUST_LOG sets the level, default info). \
-        SIGTERM or Ctrl-C stops it cleanly.")]
+        <log_directory>/node-<id>.log and stderr (RUST_LOG sets the level, default info; \
+        --log-format json for JSON lines). With an http_port (config or --http-port) it serves \
+        /metrics (Prometheus), /livez and /readyz over HTTP. SIGTERM or Ctrl-C stops it cleanly.")]
     Node(node::NodeArgs),
     /// Start the cluster's nodes as child processes and supervise them.
     #[command(
@@ -57,18 +58,20 @@ pub enum Command {
         (SIGTERM, then SIGKILL after a grace period)."
     )]
     Cluster(cluster::ClusterArgs),
-    /// Interactive client: set, get, del, status, leader.
+    /// Interactive client: set, get, del, status, leader, member.
     #[command(
         long_about = "An interactive client (a REPL with history and tab completion).\n\n\
-        Commands: set KEY VALUE, get KEY, get --stale KEY, del KEY, status, leader, help, exit. \
-        When standard input is not a terminal, commands are read line by line, so \
+        Commands (case-insensitive): set KEY VALUE, get KEY, get --stale KEY, del KEY, status, \
+        leader, leader transfer [ID], member list|add|promote|remove, help, exit. Keys and \
+        values may be quoted as in a POSIX shell: set 'my key' \"a value\". Ctrl-C cancels the \
+        running command. When standard input is not a terminal, commands are read line by line, so \
         `echo \"get color\" | raftkv shell` works in scripts; the exit code is 1 if any command \
         failed."
     )]
     Shell(shell::ShellArgs),
     /// Live dashboard of every node (or --once / --json for scripts).
     #[command(
-        long_about = "A live terminal dashboard of the cluster.\n\nOne row per node: address, up/down, role, term, leader, commit/applied/last log index and how far it lags the leader, or why it is down. The top line shows the leader, quorum health and writes/s. q, Esc or Ctrl-C quit. --once prints a plain table and --json one JSON object; both exit 0 if a quorum is up, 1 if not."
+        long_about = "A live terminal dashboard of the cluster.\n\nOne row per node: address, up/down, role, term, leader, commit/applied/last log index and how far it lags the leader, or why it is down; for nodes whose config entry has an http_port, the p99 of their log fsyncs and of their round trips to peers (FSYNC P99, RTT P99, from /metrics). A narrow terminal drops whole columns, least important first, and says which. The top line shows the leader, quorum health and writes/s. q, Esc or Ctrl-C quit. --once prints a plain table and --json one JSON object; both exit 0 if a quorum is up, 1 if not."
     )]
     Monitor(monitor::MonitorArgs),
     /// Measure throughput and latency with a closed-loop load.

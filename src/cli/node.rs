@@ -115,7 +115,10 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
     use tracing_subscriber::Layer;
     let json = args.log_format == LogFormat::Json;
     let stderr_layer = (!args.quiet).then(|| {
-        let l = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+        // Colours only on a terminal (not in a file, a pipe or journald).
+        let l = tracing_subscriber::fmt::layer()
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_writer(std::io::stderr);
         if json {
             l.json().with_filter(stderr_filter()).boxed()
         } else {

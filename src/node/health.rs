@@ -10,7 +10,11 @@
 //!    end of a round a follower has applied all the leader told it was committed (one ordered
 //!    stream carries the entries before the commit index that covers them), so a follower
 //!    under load stays ready; a lagging one, or one cut off from the leader, is not.
-//! 4. A node that is stopping is neither.
+//! 4. A node whose loop did not run for longer than an election timeout (paused, starved, or
+//!    just started) is not ready for an election timeout after it runs again: what it reads
+//!    first is what queued up while it was stalled (old appends, with the leader's old commit
+//!    index), which would make it look caught up before it is.
+//! 5. A node that is stopping is neither.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -31,6 +35,8 @@ pub struct Health {
     leader_heard: AtomicU64,
     applied: AtomicU64,
     leader_commit: AtomicU64,
+    /// Milliseconds since `started` when the loop last ran again after a stall (see 4).
+    resumed: AtomicU64,
     stopping: AtomicBool,
 }
 
@@ -49,6 +55,7 @@ impl Health {
             leader_heard: AtomicU64::new(0),
             applied: AtomicU64::new(0),
             leader_commit: AtomicU64::new(0),
+            resumed: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
         }
     }
@@ -65,7 +72,10 @@ impl Health {
     /// round (or is the leader).
     pub fn round(&self, leader: NodeId, heard: bool, applied: LogIndex, leader_commit: LogIndex) {
         let now = self.now_ms();
-        self.last_round.store(now, Ordering::Relaxed);
+        let last = self.last_round.swap(now, Ordering::Relaxed);
+        if last == 0 || Duration::from_millis(now - last.min(now)) > self.leader_silent_max {
+            self.resumed.store(now, Ordering::Relaxed);
+        }
         self.leader.store(leader, Ordering::Relaxed);
         if heard {
             self.leader_heard.store(now, Ordering::Relaxed);
@@ -120,10 +130,16 @@ impl Health {
             self.applied.load(Ordering::Relaxed),
             self.leader_commit.load(Ordering::Relaxed),
         );
+        let running = self.since(self.resumed.load(Ordering::Relaxed));
         checks.push((
             "applied",
             if leader == 0 {
                 Err("no leader to catch up with".into())
+            } else if running <= self.leader_silent_max {
+                Err(format!(
+                    "running again for {} ms only, after a stall or start: what it has heard may be old",
+                    running.as_millis()
+                ))
             } else if applied < commit {
                 Err(format!(
                     "applied up to {applied}, behind the leader's commit index {commit}"
@@ -167,23 +183,45 @@ pub fn report(what: &str, checks: &[Check], verbose: bool) -> String {
 mod tests {
     use super::*;
 
+    /// Rounds every 5 ms for `ms`, as a running core's loop gives them.
+    fn run_for(h: &Health, ms: u64, leader: NodeId, applied: LogIndex, commit: LogIndex) {
+        let until = Instant::now() + Duration::from_millis(ms);
+        while Instant::now() < until {
+            h.round(leader, leader != 0, applied, commit);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     #[test]
     fn ready_needs_a_leader_heard_from_and_its_commit_applied() {
-        let h = Health::new(Duration::from_secs(60));
+        let h = Health::new(Duration::from_millis(50));
         assert!(!passed(&h.live()), "no round yet");
         h.round(0, false, 10, 10);
         assert!(passed(&h.live()));
-        let r = h.ready();
-        assert!(!passed(&r));
-        assert!(report("readyz", &r, false).contains("[-]leader failed: no leader"));
+        let r = report("readyz", &h.ready(), false);
+        assert!(r.contains("[-]leader failed: no leader"), "{r}");
 
-        // A leader known but never heard from (its id came in a vote, say): not ready.
-        h.round(2, false, 10, 10);
-        assert!(!passed(&h.ready()));
+        // Just started: not ready for an election timeout, whatever it has heard.
         h.round(2, true, 10, 10);
-        assert!(passed(&h.ready()));
+        let r = report("readyz", &h.ready(), false);
+        assert!(r.contains("[-]applied failed: running again for"), "{r}");
+        run_for(&h, 80, 2, 10, 10);
+        assert!(
+            passed(&h.ready()),
+            "{}",
+            report("readyz", &h.ready(), false)
+        );
         assert_eq!(report("readyz", &h.ready(), false), "ok\n");
         assert!(report("readyz", &h.ready(), true).contains("[+]applied ok"));
+
+        // A leader known but not heard from (its id came in a vote, say): not ready.
+        let fresh = Health::new(Duration::from_millis(50));
+        fresh.round(3, false, 10, 10);
+        let r = report("readyz", &fresh.ready(), false);
+        assert!(
+            r.contains("[-]leader failed: nothing heard from leader 3"),
+            "{r}"
+        );
 
         // Behind the leader's commit index: not ready, and says by how much.
         h.round(2, true, 5, 900);
@@ -195,6 +233,18 @@ mod tests {
         h.round(2, true, 900, 900);
         assert!(passed(&h.ready()));
 
+        // Stalled longer than an election timeout (a paused process): not ready at once, even
+        // though the first (old) append it reads says it is caught up.
+        std::thread::sleep(Duration::from_millis(70));
+        h.round(2, true, 900, 900);
+        assert!(
+            !passed(&h.ready()),
+            "{}",
+            report("readyz", &h.ready(), false)
+        );
+        run_for(&h, 80, 2, 900, 900);
+        assert!(passed(&h.ready()));
+
         h.stopping();
         assert!(!passed(&h.live()));
         assert!(!passed(&h.ready()));
@@ -203,10 +253,14 @@ mod tests {
     #[test]
     fn a_follower_that_stops_hearing_from_its_leader_is_not_ready() {
         let h = Health::new(Duration::from_millis(100));
-        h.round(2, true, 10, 10);
+        run_for(&h, 130, 2, 10, 10);
         assert!(passed(&h.ready()));
-        std::thread::sleep(Duration::from_millis(150));
-        h.round(2, false, 10, 10);
+        // Its loop runs on, but nothing comes from the leader.
+        let until = Instant::now() + Duration::from_millis(150);
+        while Instant::now() < until {
+            h.round(2, false, 10, 10);
+            std::thread::sleep(Duration::from_millis(5));
+        }
         let r = report("readyz", &h.ready(), false);
         assert!(
             r.contains("[-]leader failed: nothing heard from leader 2"),

@@ -155,6 +155,21 @@ pub async fn run(
     let http_port = join
         .http_port
         .or_else(|| cfg.node(id).and_then(|n| n.http_port));
+    // --http-port gets the checks config.json's http_port gets.
+    if let Some(p) = http_port {
+        if p == local.port() {
+            return Err(anyhow!(
+                "HTTP port {p} is this node's gRPC port too; give it a port of its own"
+            ));
+        }
+        if let Some(n) = cfg.nodes.iter().find(|n| n.id != id && n.port == p) {
+            return Err(anyhow!(
+                "HTTP port {p} is node {}'s gRPC port ({}); give it a port of its own",
+                n.id,
+                n.addr()
+            ));
+        }
+    }
     let http_listener = match http_port {
         Some(port) => {
             let host = match &listen {
@@ -290,7 +305,8 @@ pub async fn run(
     let http_server = match (http_listener, &metrics) {
         (Some(l), Some(m)) => {
             let http_local = l.local_addr().ok();
-            tracing::info!(node = id, addr = ?http_local, "serving /metrics, /livez and /readyz over HTTP");
+            let addr = http_local.map_or_else(|| "?".to_string(), |a| a.to_string());
+            tracing::info!(node = id, %addr, "serving /metrics, /livez and /readyz over HTTP");
             let mut s = stop_rx.clone();
             let prober = tokio::spawn(probe_peers(id, peer_addrs_rx, m.clone()));
             Some((

@@ -321,6 +321,26 @@ fn http_port_errors_name_the_port() {
         "{err}"
     );
     assert_eq!(err.matches("already in use").count(), 1, "said once: {err}");
+    // --http-port is checked like the config's http_port.
+    let own = c.ports[0].to_string();
+    let (code, _, err) = run_cli(
+        &[
+            "node",
+            "--id",
+            "1",
+            "--config",
+            "config.json",
+            "--http-port",
+            &own,
+        ],
+        "",
+        c.dir.path(),
+    );
+    assert_ne!(code, 0);
+    assert!(
+        err.contains(&format!("HTTP port {own} is this node's gRPC port too")),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
