@@ -38,18 +38,7 @@ impl Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = cluster_config::write(dir.path(), &cluster_config::free_loopback(n), "");
         if metrics {
-            let text = std::fs::read_to_string(&config).expect("config");
-            let mut v: serde_json::Value = serde_json::from_str(&text).expect("json");
-            let ports = cluster_config::free_loopback(n);
-            for (node, (_, port)) in v["nodes"]
-                .as_array_mut()
-                .expect("nodes")
-                .iter_mut()
-                .zip(ports)
-            {
-                node["http_port"] = port.into();
-            }
-            std::fs::write(&config, v.to_string()).expect("write config");
+            cluster_config::add_http_ports(&config);
         }
         let nodes = (1..=n as u64)
             .map(|id| cluster_config::spawn_node(&config, id))

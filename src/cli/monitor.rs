@@ -690,12 +690,19 @@ fn explain_down(reports: &mut [StatusReport], cfg: &Config) {
 
 /// Reads the key metrics of every node that serves them, and keeps each node's last
 /// histograms so that the p99s cover the last poll interval.
-#[derive(Default)]
 struct MetricsPoller {
+    client: super::scrape::HttpClient,
     last: std::collections::BTreeMap<NodeId, super::scrape::KeyMetrics>,
 }
 
 impl MetricsPoller {
+    fn new() -> MetricsPoller {
+        MetricsPoller {
+            client: super::scrape::http_client(),
+            last: Default::default(),
+        }
+    }
+
     /// Scrapes (concurrently) the nodes whose config entry has an `http_port`, and fills in
     /// their p99s in `view`.
     async fn poll(&mut self, cfg: &Config, timeout: Duration, view: &mut ClusterView) {
@@ -711,7 +718,10 @@ impl MetricsPoller {
         let tasks: Vec<_> = targets
             .into_iter()
             .map(|(id, host, port)| {
-                tokio::spawn(async move { (id, scrape::fetch(&host, port, timeout).await) })
+                let client = self.client.clone();
+                tokio::spawn(
+                    async move { (id, scrape::fetch(&client, &host, port, timeout).await) },
+                )
             })
             .collect();
         for t in tasks {
@@ -741,7 +751,7 @@ pub async fn run(args: MonitorArgs) -> anyhow::Result<()> {
     let mut client = Client::discover(cfg.addrs()).await;
     // Each node gets most of an interval to answer; they are asked concurrently.
     let per_node = args.interval.mul_f64(0.8).max(Duration::from_millis(50));
-    let mut metrics = MetricsPoller::default();
+    let mut metrics = MetricsPoller::new();
     if args.once || args.json {
         let first = client.status_all(per_node).await;
         let (mut first_view, sample) = build_view(&first, None, Instant::now());
@@ -901,17 +911,7 @@ mod tests {
     }
 
     fn screen(v: &ClusterView) -> String {
-        let mut t = Terminal::new(TestBackend::new(110, 16)).expect("terminal");
-        t.draw(|f| render(f, v, "config.json")).expect("draw");
-        let buf = t.backend().buffer().clone();
-        let mut s = String::new();
-        for y in 0..buf.area.height {
-            for x in 0..buf.area.width {
-                s.push_str(buf[(x, y)].symbol());
-            }
-            s.push('\n');
-        }
-        s
+        screen_at(v, 110, 16)
     }
 
     fn style_of_row(v: &ClusterView, row_text: &str) -> Style {

@@ -100,13 +100,26 @@ pub fn quantile(b: &Buckets, q: f64) -> Option<f64> {
     None
 }
 
+/// An HTTP client that keeps its connections between polls.
+pub type HttpClient = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    Empty<Bytes>,
+>;
+
+pub fn http_client() -> HttpClient {
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http()
+}
+
 /// GETs `http://host:port/metrics` and reads its key metrics; `Err` says why not.
-pub async fn fetch(host: &str, port: u16, timeout: Duration) -> Result<KeyMetrics, String> {
+pub async fn fetch(
+    client: &HttpClient,
+    host: &str,
+    port: u16,
+    timeout: Duration,
+) -> Result<KeyMetrics, String> {
     let uri: hyper::Uri = format!("http://{host}:{port}/metrics")
         .parse()
         .map_err(|e| format!("bad address {host}:{port}: {e}"))?;
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<Empty<Bytes>>();
     let get = async {
         let resp = client.get(uri).await.map_err(|e| e.to_string())?;
         if !resp.status().is_success() {

@@ -255,27 +255,34 @@ impl ClientService {
         use proto::tagged_reply::Reply as Out;
         use proto::tagged_request::Request as In;
         let tag = r.tag;
-        let op = match &r.request {
-            Some(In::Put(_)) => Op::Put,
-            Some(In::Get(g)) if g.stale => Op::GetStale,
-            Some(In::Get(_)) => Op::Get,
-            Some(In::Delete(_)) => Op::Delete,
-            None => return Err(Status::invalid_argument("empty request")),
+        let Some(request) = r.request else {
+            return Err(Status::invalid_argument("empty request"));
         };
-        let r = match r.request {
-            Some(In::Put(p)) => self.put_request(
-                p,
-                Reply::tagged(tag, sink, op, |i| Out::Put(put_response(i))),
+        let (op, r) = match request {
+            In::Put(p) => (
+                Op::Put,
+                self.put_request(
+                    p,
+                    Reply::tagged(tag, sink, Op::Put, |i| Out::Put(put_response(i))),
+                ),
             ),
-            Some(In::Get(g)) => self.get_request(
-                g,
-                Reply::tagged(tag, sink, op, |v| Out::Get(get_response(v))),
+            In::Get(g) => {
+                let op = if g.stale { Op::GetStale } else { Op::Get };
+                (
+                    op,
+                    self.get_request(
+                        g,
+                        Reply::tagged(tag, sink, op, |v| Out::Get(get_response(v))),
+                    ),
+                )
+            }
+            In::Delete(d) => (
+                Op::Delete,
+                self.delete_request(
+                    d,
+                    Reply::tagged(tag, sink, Op::Delete, |r| Out::Delete(delete_response(r))),
+                ),
             ),
-            Some(In::Delete(d)) => self.delete_request(
-                d,
-                Reply::tagged(tag, sink, op, |r| Out::Delete(delete_response(r))),
-            ),
-            None => Err(Status::invalid_argument("empty request")),
         };
         // Refused here, before the core: counted here (the core's answers count themselves).
         if let (Err(s), Some(m)) = (&r, &self.metrics) {

@@ -45,6 +45,23 @@ pub fn write(dir: &Path, hosts: &[(String, u16)], extra: &str) -> PathBuf {
     path
 }
 
+/// Gives every node in `config` an `http_port` (ports that were free a moment ago); returns
+/// them in the order of the config's nodes.
+pub fn add_http_ports(config: &Path) -> Vec<u16> {
+    let text = std::fs::read_to_string(config).expect("read config");
+    let mut v: serde_json::Value = serde_json::from_str(&text).expect("config is JSON");
+    let nodes = v["nodes"].as_array_mut().expect("nodes");
+    let ports: Vec<u16> = free_loopback(nodes.len())
+        .into_iter()
+        .map(|(_, p)| p)
+        .collect();
+    for (node, port) in nodes.iter_mut().zip(&ports) {
+        node["http_port"] = (*port).into();
+    }
+    std::fs::write(config, v.to_string()).expect("write config");
+    ports
+}
+
 /// Starts `raftkv node --id id --config config --quiet`, its output discarded (the node logs
 /// to its log file).
 pub fn spawn_node(config: &Path, id: u64) -> Child {

@@ -13,7 +13,7 @@ use raftkv::raft::NodeId;
 
 #[path = "../common/cluster_config.rs"]
 mod cluster_config;
-pub use cluster_config::spawn_node;
+pub use cluster_config::{add_http_ports, spawn_node};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_raftkv");
 

@@ -7,28 +7,17 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use raftkv::raft::NodeId;
 
-use super::harness::{TestCluster, run_cli};
+use super::harness::{TestCluster, add_http_ports, run_cli};
 use super::{CATCH_UP, ELECTION};
 
 /// A cluster of `n` nodes whose config entries have an `http_port`; returns the HTTP ports.
 fn with_http_ports(n: usize) -> (TestCluster, BTreeMap<NodeId, u16>) {
     let c = TestCluster::new(n);
-    let listeners: Vec<std::net::TcpListener> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
+    let ports = add_http_ports(&c.config)
+        .into_iter()
+        .zip(1..)
+        .map(|(port, id)| (id, port))
         .collect();
-    let ports: BTreeMap<NodeId, u16> = listeners
-        .iter()
-        .enumerate()
-        .map(|(i, l)| (i as NodeId + 1, l.local_addr().expect("addr").port()))
-        .collect();
-    drop(listeners);
-    let text = std::fs::read_to_string(&c.config).expect("config");
-    let mut v: serde_json::Value = serde_json::from_str(&text).expect("json");
-    for node in v["nodes"].as_array_mut().expect("nodes") {
-        let id = node["id"].as_u64().expect("id");
-        node["http_port"] = ports[&id].into();
-    }
-    std::fs::write(&c.config, v.to_string()).expect("write config");
     (c, ports)
 }
 
