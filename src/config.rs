@@ -151,9 +151,41 @@ pub struct Config {
     pub max_value_bytes: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<SnapshotConfig>,
+    /// TLS for every connection, and who may do what (see `security`). None: plaintext, and
+    /// every client may do everything (only allowed on loopback addresses, or with --insecure).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsConfig>,
     /// The directory of the config file; relative paths are resolved against it.
     #[serde(skip)]
     pub base_dir: PathBuf,
+}
+
+/// config.json's `tls` section. Paths are relative to the config file's directory; `{id}` in
+/// the node files stands for the node's id.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The cluster CA (PEM): nodes and clients trust certificates it signed, and only those.
+    pub ca_file: PathBuf,
+    /// Each node's certificate (PEM, its chain after it), e.g. `certs/node-{id}.crt`. Its
+    /// subject's common name is `raftkv-node-<id>`.
+    pub node_cert_file: String,
+    /// Each node's private key (PEM).
+    pub node_key_file: String,
+    /// The certificate the commands (shell, bench, monitor, ...) present, e.g. `certs/admin.crt`;
+    /// its common name is the user name. `--cert-file` overrides it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_cert_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_key_file: Option<PathBuf>,
+    /// A file holding the token the commands present instead of a certificate
+    /// (`--token-file`, or the RAFTKV_TOKEN variable, override it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_token_file: Option<PathBuf>,
+    /// The users, their roles and token digests (JSON; see `security::auth`). Without it, any
+    /// client certificate of the CA is an admin and tokens are refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub users_file: Option<PathBuf>,
 }
 
 /// A config file that cannot be used, with what is wrong and where.
@@ -416,7 +448,7 @@ impl Config {
 
     /// `p` relative to the config file's directory, without `./` components (so that printed
     /// paths read `data/node-1`, not `././data/node-1`).
-    fn resolve(&self, p: &Path) -> PathBuf {
+    pub fn resolve(&self, p: &Path) -> PathBuf {
         let joined = if p.is_absolute() {
             p.to_path_buf()
         } else {

@@ -14,6 +14,7 @@
 pub mod config;
 pub mod metrics;
 pub mod raft;
+pub mod security;
 pub mod storage;
 
 pub mod proto {

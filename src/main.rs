@@ -5,6 +5,8 @@ use raftkv::cli::{Cli, Command};
 
 fn main() {
     let cli = Cli::parse();
+    // Before anything can build TLS: rustls panics at first use without a chosen provider.
+    raftkv::security::install_crypto_provider();
     if !matches!(cli.command, Command::Node(_)) {
         // Client commands log warnings only (RUST_LOG overrides); the node sets up its own.
         let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -35,6 +37,7 @@ fn main() {
             Command::Snapshot(a) => raftkv::cli::snapshot::run(a).await,
             Command::Leader(a) => raftkv::cli::leader::run(a).await,
             Command::Member(a) => raftkv::cli::member::run(a).await,
+            Command::Certs(a) => raftkv::cli::certs::run(a),
         }
     });
     rt.shutdown_timeout(std::time::Duration::from_secs(1));

@@ -160,10 +160,14 @@ fn key(i: u64) -> Bytes {
 
 pub async fn bench(cfg: &Config, args: &BenchArgs) -> anyhow::Result<Report> {
     // The members, as the cluster knows them (config.json may list only the original nodes).
-    let members = Client::discover(cfg.addrs()).await.nodes().clone();
+    let dialer = args.config.dialer(cfg)?;
+    let members = Client::discover_with(cfg.addrs(), dialer.clone())
+        .await
+        .nodes()
+        .clone();
     let conns: Vec<Client> = (0..args.conns.max(1))
         .map(|_| {
-            Client::new(members.clone())
+            Client::with_dialer(members.clone(), dialer.clone())
                 .with_timeout(args.timeout)
                 .fail_fast()
         })

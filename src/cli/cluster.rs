@@ -115,7 +115,7 @@ pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
         eprintln!("warning: {w}");
     }
     // Members added since config.json was written, if some node already runs.
-    let client = Client::discover(cfg.addrs()).await;
+    let client = Client::discover_with(cfg.addrs(), args.config.dialer(&cfg)?).await;
     let members = client.nodes().clone();
     let ids = parse_nodes(&args.nodes, &cfg, &members)?;
     let extra: BTreeMap<NodeId, String> = ids

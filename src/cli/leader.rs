@@ -56,7 +56,7 @@ pub async fn run(args: LeaderArgs) -> anyhow::Result<()> {
     match args.command {
         LeaderCommand::Transfer { id, config } => {
             let cfg = Config::load(&config.config)?;
-            let client = Client::discover(cfg.addrs()).await;
+            let client = Client::discover_with(cfg.addrs(), config.dialer(&cfg)?).await;
             let msg = transfer(&client, id).await.map_err(|e| anyhow!(e))?;
             outln!("{msg}");
             Ok(())

@@ -232,7 +232,7 @@ pub async fn run(args: MemberArgs) -> anyhow::Result<()> {
         | MemberCommand::Remove { config, .. } => config,
     };
     let cfg = Config::load(&config.config)?;
-    let client = Client::discover(cfg.addrs()).await;
+    let client = Client::discover_with(cfg.addrs(), config.dialer(&cfg)?).await;
     let out = match args.command {
         MemberCommand::List { .. } => list(&client).await,
         MemberCommand::Add {

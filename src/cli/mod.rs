@@ -12,6 +12,7 @@ macro_rules! outln {
 }
 
 pub mod bench;
+pub mod certs;
 pub mod cluster;
 pub mod leader;
 pub mod member;
@@ -85,6 +86,16 @@ pub enum Command {
     Leader(leader::LeaderArgs),
     /// Membership: list, add, promote and remove members (`member list|add|promote|remove`).
     Member(member::MemberArgs),
+    /// TLS: make a cluster CA and certificates (`certs init`), a node's (`certs node`), a
+    /// user's certificate or token (`certs user`).
+    #[command(long_about = "Certificates for a secure cluster.\n\n\
+        `raftkv certs init --config config.json --out certs` makes a CA, a certificate for every \
+        node, an admin client certificate and a users file, and adds the tls section to the \
+        config: from then on the nodes serve TLS only (mutual TLS between nodes) and every \
+        command connects as admin. `certs user NAME --role read-only|read-write|admin \
+        [--token]` adds a user; `certs node ID --hosts H` makes a certificate for a node added \
+        later. Nodes reload certificates and the users file on SIGHUP.")]
+    Certs(certs::CertsArgs),
 }
 
 /// Parses durations like `500ms`, `10s`, `2m`, or a bare number of seconds.
@@ -121,6 +132,81 @@ pub struct ConfigArg {
     /// data_directory).
     #[arg(long, short = 'c', default_value = "config.json")]
     pub config: PathBuf,
+    #[command(flatten)]
+    pub security: SecurityArgs,
+}
+
+/// The TLS and credential options every command takes; each defaults to config.json's `tls`
+/// section.
+#[derive(clap::Args, Debug, Clone, Default)]
+#[command(next_help_heading = "TLS and credentials (defaults: config.json's tls section)")]
+pub struct SecurityArgs {
+    /// The cluster CA (PEM) the nodes' certificates are checked against [default: tls.ca_file].
+    #[arg(long, value_name = "PATH")]
+    pub ca_file: Option<PathBuf>,
+    /// The certificate to present (PEM): a user's for the commands, the node's for `node`
+    /// [default: tls.client_cert_file, or tls.node_cert_file for `node`].
+    #[arg(long, value_name = "PATH", requires = "key_file")]
+    pub cert_file: Option<PathBuf>,
+    /// The private key of --cert-file (PEM).
+    #[arg(long, value_name = "PATH", requires = "cert_file")]
+    pub key_file: Option<PathBuf>,
+    /// A file holding the token to present (the RAFTKV_TOKEN variable also gives one)
+    /// [default: tls.client_token_file].
+    #[arg(long, value_name = "PATH")]
+    pub token_file: Option<PathBuf>,
+}
+
+impl ConfigArg {
+    /// The dialer of a command that talks to the cluster of `cfg`: TLS with its CA and the
+    /// user's certificate and token, or plaintext when the config has no tls section.
+    ///
+    /// # Errors
+    /// A file that cannot be used (named, with why), or a token without TLS.
+    pub fn dialer(&self, cfg: &crate::config::Config) -> anyhow::Result<crate::security::Dialer> {
+        use crate::security::{Dialer, Files, load_client};
+        let s = &self.security;
+        let tls = cfg.tls.as_ref();
+        let token = match (&s.token_file, std::env::var("RAFTKV_TOKEN")) {
+            (Some(f), _) => Some(read_token(f)?),
+            (None, Ok(t)) if !t.trim().is_empty() => Some(t),
+            _ => match tls.and_then(|t| t.client_token_file.as_ref()) {
+                Some(f) => Some(read_token(&cfg.resolve(f))?),
+                None => None,
+            },
+        };
+        let ca = match (&s.ca_file, tls) {
+            (Some(c), _) => c.clone(),
+            (None, Some(t)) => cfg.resolve(&t.ca_file),
+            (None, None) => {
+                return Dialer::plaintext()
+                    .with_token(token)
+                    .map_err(anyhow::Error::msg);
+            }
+        };
+        let (cert, key) = match (&s.cert_file, &s.key_file) {
+            (Some(c), Some(k)) => (Some(c.clone()), Some(k.clone())),
+            _ => (
+                tls.and_then(|t| t.client_cert_file.as_ref())
+                    .map(|p| cfg.resolve(p)),
+                tls.and_then(|t| t.client_key_file.as_ref())
+                    .map(|p| cfg.resolve(p)),
+            ),
+        };
+        let material = load_client(&Files { ca, cert, key }).map_err(anyhow::Error::msg)?;
+        Dialer::tls(material)
+            .with_token(token)
+            .map_err(anyhow::Error::msg)
+    }
+}
+
+fn read_token(path: &std::path::Path) -> anyhow::Result<String> {
+    let t = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("cannot read the token file {}: {e}", path.display()))?;
+    if t.trim().is_empty() {
+        anyhow::bail!("the token file {} is empty", path.display());
+    }
+    Ok(t.trim().to_string())
 }
 
 #[cfg(test)]

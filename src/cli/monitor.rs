@@ -748,7 +748,7 @@ impl MetricsPoller {
 
 pub async fn run(args: MonitorArgs) -> anyhow::Result<()> {
     let cfg = Config::load(&args.config.config)?;
-    let mut client = Client::discover(cfg.addrs()).await;
+    let mut client = Client::discover_with(cfg.addrs(), args.config.dialer(&cfg)?).await;
     // Each node gets most of an interval to answer; they are asked concurrently.
     let per_node = args.interval.mul_f64(0.8).max(Duration::from_millis(50));
     let mut metrics = MetricsPoller::new();

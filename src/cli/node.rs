@@ -53,6 +53,11 @@ pub struct NodeArgs {
     /// collectors). Both the log file and stderr use it.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Serve plaintext (no TLS, no authentication) on a non-loopback address. Without a tls
+    /// section in the config, a node refuses such an address unless given this; only for a
+    /// network you trust entirely.
+    #[arg(long)]
+    pub insecure: bool,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -94,11 +99,58 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
                 .join(", ")
         );
     }
+    let sec = &args.config.security;
+    if sec.token_file.is_some() {
+        anyhow::bail!(
+            "--token-file is for the commands that talk to a cluster; a node presents its certificate"
+        );
+    }
+    let tls = match (&cfg.tls, &sec.ca_file) {
+        (None, None) => {
+            if sec.cert_file.is_some() {
+                anyhow::bail!(
+                    "--cert-file needs a CA: give --ca-file, or a tls section in {}",
+                    args.config.config.display()
+                );
+            }
+            None
+        }
+        (t, ca) => {
+            let mut files = match t {
+                Some(t) => crate::security::Files::node(&cfg, t, args.id),
+                None => crate::security::Files {
+                    ca: std::path::PathBuf::new(),
+                    cert: None,
+                    key: None,
+                },
+            };
+            if let Some(ca) = ca {
+                files.ca = ca.clone();
+            }
+            if let (Some(c), Some(k)) = (&sec.cert_file, &sec.key_file) {
+                files.cert = Some(c.clone());
+                files.key = Some(k.clone());
+            }
+            if files.cert.is_none() {
+                anyhow::bail!(
+                    "--ca-file without a tls section needs --cert-file and --key-file: the node's own certificate"
+                );
+            }
+            Some(files)
+        }
+    };
     let join = crate::node::NodeOptions {
         join: args.join.clone(),
         listen: args.listen.clone(),
         voter: args.voter,
         http_port: args.http_port,
+        users_file: cfg
+            .tls
+            .as_ref()
+            .and_then(|t| t.users_file.as_ref())
+            .map(|p| cfg.resolve(p)),
+        tls,
+        insecure: args.insecure,
     };
     let log_dir = cfg.log_dir();
     std::fs::create_dir_all(&log_dir)
@@ -165,14 +217,25 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
         tracing::warn!("{w}");
     }
     if args.repair {
+        // Asks the peers as this node (its certificate may ask a node's status).
+        let repair_dialer = match &join.tls {
+            Some(f) => crate::security::Dialer::tls(
+                crate::security::load_client(f).map_err(anyhow::Error::msg)?,
+            ),
+            None => crate::security::Dialer::plaintext(),
+        };
         let dir = cfg.node_data_dir(args.id);
         let peers = cfg
             .nodes
             .iter()
             .filter(|n| n.id != args.id)
             .map(|n| (n.id, n.addr()));
-        let answers =
-            crate::transport::peer::probe_peers(peers, std::time::Duration::from_secs(1)).await;
+        let answers = crate::transport::peer::probe_peers(
+            peers,
+            std::time::Duration::from_secs(1),
+            &repair_dialer,
+        )
+        .await;
         let peers_term = answers.iter().map(|a| a.term).max().unwrap_or(0);
         let peers_commit = answers.iter().map(|a| a.commit).max();
         let (aside, w) = crate::storage::disk::repair(&dir, args.id, peers_term, peers_commit)?;

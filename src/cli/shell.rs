@@ -371,7 +371,7 @@ pub async fn status_table(client: &Client, timeout: Duration) -> String {
 
 pub async fn run(args: ShellArgs) -> anyhow::Result<()> {
     let cfg = Config::load(&args.config.config)?;
-    let mut client = Client::discover(cfg.addrs())
+    let mut client = Client::discover_with(cfg.addrs(), args.config.dialer(&cfg)?)
         .await
         .with_timeout(args.timeout)
         .fail_fast();

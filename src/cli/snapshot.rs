@@ -65,15 +65,15 @@ pub enum SnapshotCommand {
 
 pub async fn run(args: SnapshotArgs) -> anyhow::Result<()> {
     match args.command {
-        SnapshotCommand::Save { file, config } => save(&file, &config.config).await,
+        SnapshotCommand::Save { file, config } => save(&file, &config).await,
         SnapshotCommand::Status { file } => status(&file),
         SnapshotCommand::Restore { file, config } => restore(&file, &config.config),
     }
 }
 
-async fn save(file: &Path, config: &Path) -> anyhow::Result<()> {
-    let cfg = Config::load(config)?;
-    let client = Client::discover(cfg.addrs()).await;
+async fn save(file: &Path, config: &super::ConfigArg) -> anyhow::Result<()> {
+    let cfg = Config::load(&config.config)?;
+    let client = Client::discover_with(cfg.addrs(), config.dialer(&cfg)?).await;
     let (leader, mut stream) = client.save_snapshot().await.map_err(|e| anyhow!(e))?;
     let tmp = tmp_path(file);
     let result = async {

@@ -12,10 +12,10 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::Duration;
 
+use crate::security::{Conn as Channel, Dialer, Purpose};
 use bytes::Bytes;
 use tokio::time::Instant;
 use tonic::metadata::MetadataValue;
-use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
 use pipeline::{Failure, Pipeline, Reply, Request};
@@ -26,8 +26,8 @@ use crate::raft::NodeId;
 use crate::transport::{LEADER_ADDR_HEADER, LEADER_ID_HEADER};
 
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(1);
+pub(crate) const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
+pub(crate) const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Why a request failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -93,6 +93,8 @@ pub struct Client {
     timeout: Duration,
     /// Give up as soon as every node has refused the connection (see [`Client::fail_fast`]).
     fail_fast: bool,
+    /// TLS and credentials.
+    dialer: Dialer,
 }
 
 pub struct StatusReport {
@@ -105,9 +107,14 @@ impl Client {
     /// A client for the cluster `nodes` (`id -> host:port`). Connections are made lazily.
     /// Must be called within a Tokio runtime.
     pub fn new(nodes: BTreeMap<NodeId, String>) -> Client {
+        Client::with_dialer(nodes, Dialer::plaintext())
+    }
+
+    /// A client for the cluster `nodes` that connects with `dialer` (TLS, credentials).
+    pub fn with_dialer(nodes: BTreeMap<NodeId, String>, dialer: Dialer) -> Client {
         let channels: BTreeMap<NodeId, Channel> = nodes
             .iter()
-            .filter_map(|(&id, addr)| Some((id, endpoint(addr)?.connect_lazy())))
+            .filter_map(|(&id, addr)| Some((id, dialer.lazy(addr, Purpose::Client).ok()?)))
             .collect();
         let pipelines = channels
             .iter()
@@ -123,13 +130,19 @@ impl Client {
             last_write: 0,
             timeout: DEFAULT_TIMEOUT,
             fail_fast: false,
+            dialer,
         }
     }
 
     /// A client of the cluster `nodes` (config.json's, typically) that has asked the cluster
     /// for its current members: see [`Client::refresh_members`].
     pub async fn discover(nodes: BTreeMap<NodeId, String>) -> Client {
-        let mut c = Client::new(nodes);
+        Client::discover_with(nodes, Dialer::plaintext()).await
+    }
+
+    /// [`Client::discover`] with `dialer` (TLS, credentials).
+    pub async fn discover_with(nodes: BTreeMap<NodeId, String>, dialer: Dialer) -> Client {
+        let mut c = Client::with_dialer(nodes, dialer);
         c.refresh_members().await;
         c
     }
@@ -140,14 +153,19 @@ impl Client {
     ///
     /// # Errors
     /// No address answered with a membership (each named with what it said).
-    pub async fn from_addresses(addrs: &[String], timeout: Duration) -> Result<Client, String> {
+    pub async fn from_addresses(
+        addrs: &[String],
+        timeout: Duration,
+        dialer: &Dialer,
+    ) -> Result<Client, String> {
         let mut set = tokio::task::JoinSet::new();
         for addr in addrs.iter().cloned() {
+            let dialer = dialer.clone();
             set.spawn(async move {
-                let answer = match endpoint(&addr) {
-                    None => Err("invalid address".to_string()),
-                    Some(e) => {
-                        let mut c = DataServiceClient::new(e.connect_lazy());
+                let answer = match dialer.lazy(&addr, Purpose::Client) {
+                    Err(e) => Err(e),
+                    Ok(ch) => {
+                        let mut c = DataServiceClient::new(ch);
                         match tokio::time::timeout(timeout, c.status(proto::StatusRequest {})).await
                         {
                             Ok(Ok(r)) => Ok(r.into_inner()),
@@ -179,7 +197,10 @@ impl Client {
             }
         }
         match best {
-            Some(s) => Ok(Client::new(members_of(&s)).with_timeout(DEFAULT_TIMEOUT)),
+            Some(s) => {
+                Ok(Client::with_dialer(members_of(&s), dialer.clone())
+                    .with_timeout(DEFAULT_TIMEOUT))
+            }
             None => Err(format!(
                 "cannot reach the cluster (tried {})",
                 tried.join("; ")
@@ -215,8 +236,7 @@ impl Client {
         if self.nodes.get(&id) == Some(&addr) {
             return;
         }
-        if let Some(e) = endpoint(&addr) {
-            let ch = e.connect_lazy();
+        if let Ok(ch) = self.dialer.lazy(&addr, Purpose::Client) {
             self.pipelines.insert(id, Pipeline::start(ch.clone()));
             self.channels.insert(id, ch);
         }
@@ -468,9 +488,9 @@ impl Client {
             });
         if let Some((leader, addr)) = &leader
             && !self.channels.contains_key(leader)
-            && let Some(e) = endpoint(addr)
+            && let Ok(ch) = self.dialer.lazy(addr, Purpose::Client)
         {
-            return Ok((*leader, DataServiceClient::new(e.connect_lazy())));
+            return Ok((*leader, DataServiceClient::new(ch)));
         }
         let Some((leader, _)) = leader else {
             let tried: Vec<String> = reports
@@ -720,24 +740,6 @@ fn unexpected(reply: Reply) -> ClientError {
     ))
 }
 
-fn endpoint(addr: &str) -> Option<Endpoint> {
-    Some(
-        Endpoint::from_shared(format!("http://{addr}"))
-            .ok()?
-            .connect_timeout(Duration::from_millis(500))
-            .tcp_nodelay(true)
-            // A node that stops answering (paused, partitioned away) would otherwise hold every
-            // request on its long-lived connection until the deadline: pings find it dead in
-            // about two seconds, its requests fail as "outcome unknown", and the client goes on
-            // to the other nodes.
-            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
-            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-            .keep_alive_while_idle(true)
-            .initial_stream_window_size(crate::transport::peer::STREAM_WINDOW_BYTES)
-            .initial_connection_window_size(crate::transport::peer::CONNECTION_WINDOW_BYTES),
-    )
-}
-
 /// A connection that was never made: the request certainly did not arrive.
 fn is_connect_error(s: &Status) -> bool {
     if s.code() != Code::Unavailable {
@@ -755,6 +757,9 @@ fn is_connect_error(s: &Status) -> bool {
 
 /// A one-line account of a request that never reached the node.
 fn describe_unsent(s: &Status) -> String {
+    if let Some(tls) = crate::security::describe_tls_failure(s) {
+        return tls;
+    }
     if is_connect_error(s) {
         "unreachable (connection refused or timed out)".to_string()
     } else {
@@ -764,6 +769,9 @@ fn describe_unsent(s: &Status) -> String {
 
 /// A one-line account of a gRPC failure.
 pub fn describe(s: &Status) -> String {
+    if let Some(tls) = crate::security::describe_tls_failure(s) {
+        return tls;
+    }
     if is_connect_error(s) {
         return "unreachable (connection refused or timed out)".to_string();
     }

@@ -12,10 +12,10 @@
 
 use std::collections::HashMap;
 
+use crate::security::Conn as Channel;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::Status;
-use tonic::transport::Channel;
 
 use crate::proto;
 use crate::proto::data_service_client::DataServiceClient;

@@ -8,7 +8,6 @@ use axum::Router;
 use axum::http::{StatusCode, Uri, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
-use tokio::net::TcpListener;
 
 use super::health::{self, Health};
 use crate::metrics::{self, Metrics};
@@ -20,12 +19,15 @@ struct State {
 }
 
 /// Serves until `shutdown` completes.
-pub async fn serve(
-    listener: TcpListener,
+pub async fn serve<L>(
+    listener: L,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) {
+) where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
     let app = Router::new()
         .route("/metrics", get(scrape))
         .route("/livez", get(livez))

@@ -20,9 +20,10 @@ pub async fn join_cluster(
     via: Vec<String>,
     voter: bool,
     core: tokio::sync::mpsc::Sender<crate::transport::Inbound>,
+    dialer: crate::security::Dialer,
 ) {
     let client = loop {
-        match Client::from_addresses(&via, Duration::from_secs(1)).await {
+        match Client::from_addresses(&via, Duration::from_secs(1), &dialer).await {
             Ok(c) => break c.with_timeout(Duration::from_secs(5)),
             Err(e) => {
                 tracing::warn!(node = id, "joining: {e}; trying again");
@@ -48,8 +49,12 @@ pub async fn join_cluster(
 
 /// Whether the leader, as the nodes at `addrs` know it, reports `me` removed by a committed
 /// configuration.
-pub async fn removal_committed(addrs: &[String], me: NodeId) -> bool {
-    let Ok(client) = Client::from_addresses(addrs, Duration::from_secs(1)).await else {
+pub async fn removal_committed(
+    addrs: &[String],
+    me: NodeId,
+    dialer: &crate::security::Dialer,
+) -> bool {
+    let Ok(client) = Client::from_addresses(addrs, Duration::from_secs(1), dialer).await else {
         return false;
     };
     client

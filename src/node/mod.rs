@@ -61,6 +61,12 @@ pub struct NodeOptions {
     /// The HTTP port for `/metrics`, `/livez` and `/readyz` (on the node's host); default:
     /// the config entry's `http_port`. None: no HTTP endpoint, and no metrics are recorded.
     pub http_port: Option<u16>,
+    /// This node's certificate, key and CA: None serves plaintext.
+    pub tls: Option<crate::security::Files>,
+    /// The users file (with `tls`); None: every client certificate of the CA is an admin.
+    pub users_file: Option<std::path::PathBuf>,
+    /// Serve plaintext on a non-loopback address (refused without it).
+    pub insecure: bool,
 }
 
 /// How a node stopped without an error.
@@ -185,6 +191,40 @@ pub async fn run(
         }
         None => None,
     };
+    let host = match &listen {
+        Some(a) => {
+            crate::config::parse_address(a).map_or_else(|_| local.ip().to_string(), |(h, _)| h)
+        }
+        None => local.ip().to_string(),
+    };
+    if join.tls.is_none() && !join.insecure && !local.ip().is_loopback() {
+        return Err(anyhow!(
+            "node {id} would listen on {local} without TLS: anyone who can reach that address could read and write every key and pose as a peer. Give config.json a tls section (raftkv certs init --config CONFIG --out certs sets one up), or pass --insecure to serve plaintext on a network you trust"
+        ));
+    }
+    let tls = match &join.tls {
+        Some(files) => {
+            let t = crate::security::ServerTls::load(files.clone(), id, &host)
+                .map_err(anyhow::Error::msg)?;
+            tracing::info!(
+                node = id,
+                valid_from = %t.valid.0,
+                valid_until = %t.valid.1,
+                "TLS on: peers need node certificates of the cluster CA, clients a user certificate or token"
+            );
+            Some(Arc::new(t))
+        }
+        None => None,
+    };
+    let auth = Arc::new(match &tls {
+        Some(_) => {
+            crate::security::auth::Auth::tls(join.users_file.clone()).map_err(anyhow::Error::msg)?
+        }
+        None => crate::security::auth::Auth::open(),
+    });
+    let dialer = tls
+        .as_ref()
+        .map_or_else(crate::security::Dialer::plaintext, |t| t.dialer());
     tracing::info!(
         node = id,
         %local,
@@ -222,6 +262,7 @@ pub async fn run(
         recovered.kv.cluster_id(),
         probe,
         members.voters().count(),
+        &dialer,
     )
     .await?;
     let cluster: ClusterId = Arc::new(AtomicU64::new(recovered.kv.cluster_id()));
@@ -240,7 +281,7 @@ pub async fn run(
         recovered.kv.applied(),
     )?;
     let config = raft.config().clone();
-    let peers = Peers::start(peer_addrs(&config), cluster.clone());
+    let peers = Peers::start(peer_addrs(&config), cluster.clone(), dialer.clone());
     let health = Arc::new(health::Health::new(Duration::from_millis(
         cfg.election_timeout_ms.max,
     )));
@@ -259,6 +300,7 @@ pub async fn run(
             inbound_tx.clone(),
         ),
         cluster: cluster.clone(),
+        tls: tls.is_some(),
     };
     let client_service = ClientService {
         inbound: inbound_tx.clone(),
@@ -267,6 +309,7 @@ pub async fn run(
             max_value_bytes: cfg.max_value_bytes(),
         },
         metrics: metrics.clone(),
+        auth: auth.clone(),
     };
     // The standard gRPC health service: "" is SERVING while the node is live, and
     // "raftkv.DataService" while it is ready (see `health`).
@@ -280,7 +323,7 @@ pub async fn run(
             let _ = s.wait_for(|v| *v).await;
         }
     };
-    let server = tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .initial_stream_window_size(STREAM_WINDOW_BYTES)
         .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
@@ -294,13 +337,27 @@ pub async fn run(
             DataServiceServer::new(client_service)
                 .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
                 .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX),
-        )
+        );
+    let server = match &tls {
         // Nagle's algorithm would hold small answers back until the client's delayed ACK (40 ms).
-        .serve_with_incoming_shutdown(
+        None => tokio::spawn(router.serve_with_incoming_shutdown(
             TcpIncoming::from(listener).with_nodelay(Some(true)),
             server_shutdown,
-        );
-    let server = tokio::spawn(server);
+        )),
+        Some(t) => {
+            use crate::security::listener::{Protocol, incoming};
+            use tokio_stream::StreamExt as _;
+            let conns = tokio_stream::wrappers::ReceiverStream::new(incoming(
+                listener,
+                t.clone(),
+                Protocol::Grpc,
+                id,
+            ))
+            .map(Ok::<_, std::io::Error>);
+            tokio::spawn(router.serve_with_incoming_shutdown(conns, server_shutdown))
+        }
+    };
+    let reloader = tokio::spawn(reload_on_sighup(id, tls.clone(), auth.clone()));
     let health_task = tokio::spawn(report_health(health.clone(), health_reporter));
     let http_server = match (http_listener, &metrics) {
         (Some(l), Some(m)) => {
@@ -308,13 +365,25 @@ pub async fn run(
             let addr = http_local.map_or_else(|| "?".to_string(), |a| a.to_string());
             tracing::info!(node = id, %addr, "serving /metrics, /livez and /readyz over HTTP");
             let mut s = stop_rx.clone();
-            let prober = tokio::spawn(probe_peers(id, peer_addrs_rx, m.clone()));
-            Some((
-                tokio::spawn(http::serve(l, m.clone(), health.clone(), async move {
-                    let _ = s.wait_for(|v| *v).await;
-                })),
-                prober,
-            ))
+            let prober = tokio::spawn(probe_peers(id, peer_addrs_rx, m.clone(), dialer.clone()));
+            let stop = async move {
+                let _ = s.wait_for(|v| *v).await;
+            };
+            let served = match &tls {
+                None => tokio::spawn(http::serve(l, m.clone(), health.clone(), stop)),
+                Some(t) => {
+                    use crate::security::listener::{HttpsListener, Protocol, incoming};
+                    let local = l.local_addr().context("reading the HTTP address")?;
+                    let rx = incoming(l, t.clone(), Protocol::Http, id);
+                    tokio::spawn(http::serve(
+                        HttpsListener { rx, local },
+                        m.clone(),
+                        health.clone(),
+                        stop,
+                    ))
+                }
+            };
+            Some((served, prober))
         }
         _ => None,
     };
@@ -393,6 +462,7 @@ pub async fn run(
         leader_heard: false,
         peer_addrs: peer_addrs_tx,
         snapshot_started: BTreeMap::new(),
+        dialer: dialer.clone(),
     };
     let tick = Duration::from_millis(cfg.tick_ms());
     let clock = TickClock::new(tick, heartbeat_ticks, tokio::time::Instant::now());
@@ -415,6 +485,7 @@ pub async fn run(
             join.join.clone(),
             join.voter,
             inbound_tx.clone(),
+            dialer.clone(),
         ))
     });
 
@@ -431,6 +502,7 @@ pub async fn run(
     }
     health.stopping();
     health_task.abort();
+    reloader.abort();
     let _ = stop_tx.send(true);
     let core_result = tokio::task::spawn_blocking(move || core_thread.join())
         .await
@@ -522,6 +594,46 @@ async fn report_health(h: Arc<health::Health>, reporter: tonic_health::server::H
     }
 }
 
+/// Reloads the certificates and the users file on SIGHUP: new connections use them, open ones
+/// keep theirs. A file that cannot be used is reported and the old ones are kept.
+async fn reload_on_sighup(
+    id: NodeId,
+    tls: Option<Arc<crate::security::ServerTls>>,
+    auth: Arc<crate::security::auth::Auth>,
+) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!(
+            node = id,
+            "cannot catch SIGHUP: certificates are not reloaded"
+        );
+        return;
+    };
+    while hup.recv().await.is_some() {
+        let Some(t) = &tls else {
+            tracing::info!(
+                node = id,
+                "SIGHUP: this node serves plaintext; nothing to reload"
+            );
+            continue;
+        };
+        match t.reload() {
+            Ok((from, until)) => tracing::info!(
+                node = id,
+                valid_from = %from,
+                valid_until = %until,
+                "SIGHUP: reloaded the certificates; new connections use them"
+            ),
+            Err(e) => tracing::error!(node = id, "SIGHUP: {e}; keeping the certificates in use"),
+        }
+        match auth.reload() {
+            Ok(Some(n)) => tracing::info!(node = id, users = n, "SIGHUP: reloaded the users file"),
+            Ok(None) => {}
+            Err(e) => tracing::error!(node = id, "SIGHUP: {e}; keeping the users in force"),
+        }
+    }
+}
+
 /// Measures the round trip to every peer once a second with a gRPC health check (as etcd's
 /// prober does), for `raftkv_network_peer_round_trip_time_seconds`. A connection's first check
 /// (which includes connecting) is not counted.
@@ -529,10 +641,11 @@ async fn probe_peers(
     me: NodeId,
     mut addrs: watch::Receiver<BTreeMap<NodeId, String>>,
     metrics: Arc<crate::metrics::Metrics>,
+    dialer: crate::security::Dialer,
 ) {
     use tonic_health::pb::HealthCheckRequest;
     use tonic_health::pb::health_client::HealthClient;
-    let mut channels: BTreeMap<NodeId, (String, HealthClient<tonic::transport::Channel>, bool)> =
+    let mut channels: BTreeMap<NodeId, (String, HealthClient<crate::security::Conn>, bool)> =
         BTreeMap::new();
     let mut every = tokio::time::interval(Duration::from_secs(1));
     loop {
@@ -543,11 +656,7 @@ async fn probe_peers(
             if channels.contains_key(&id) {
                 continue;
             }
-            if let Ok(e) = tonic::transport::Endpoint::from_shared(format!("http://{a}")) {
-                let ch = e
-                    .connect_timeout(Duration::from_secs(1))
-                    .tcp_nodelay(true)
-                    .connect_lazy();
+            if let Ok(ch) = dialer.lazy(a, crate::security::Purpose::Probe) {
                 channels.insert(id, (a.clone(), HealthClient::new(ch), false));
             }
         }
@@ -588,11 +697,13 @@ async fn check_cluster_identity(
     mine: u64,
     peers: Vec<(NodeId, String)>,
     cluster_size: usize,
+    dialer: &crate::security::Dialer,
 ) -> anyhow::Result<Option<(Term, LogIndex)>> {
     if peers.is_empty() {
         return Ok(None);
     }
-    let answers = crate::transport::peer::probe_peers(peers, Duration::from_millis(1000)).await;
+    let answers =
+        crate::transport::peer::probe_peers(peers, Duration::from_millis(1000), dialer).await;
     // If any peer knows its cluster, the highest term and commit index they report: what a
     // node without its former state must catch up to before it votes.
     let known = answers.iter().filter(|a| a.cluster_id != 0).fold(
@@ -676,6 +787,8 @@ impl PendingWrite {
 
 struct Core {
     id: NodeId,
+    /// Dials peers (snapshot transfers).
+    dialer: crate::security::Dialer,
     raft: Raft<DiskLog>,
     kv: KvStore,
     stager: Stager,
@@ -927,8 +1040,9 @@ impl Core {
             .map(|(_, a)| a.clone())
             .collect();
         let (inbound, me) = (self.inbound.clone(), self.id);
+        let dialer = self.dialer.clone();
         tokio::spawn(async move {
-            if join::removal_committed(&addrs, me).await {
+            if join::removal_committed(&addrs, me, &dialer).await {
                 let _ = inbound.send(Inbound::RemovedByLeader).await;
             }
         });
@@ -952,9 +1066,10 @@ impl Core {
         let addrs: Vec<String> = self.addrs.values().cloned().collect();
         let inbound = self.inbound.clone();
         let me = self.id;
+        let dialer = self.dialer.clone();
         tokio::spawn(async move {
             if let Ok(c) =
-                crate::client::Client::from_addresses(&addrs, Duration::from_secs(1)).await
+                crate::client::Client::from_addresses(&addrs, Duration::from_secs(1), &dialer).await
             {
                 let _ = inbound.send(Inbound::PeerHints(c.nodes_except(me))).await;
             }
@@ -1246,6 +1361,7 @@ impl Core {
         let addr = self.addrs.get(&to).cloned().unwrap_or_default();
         let meta = source.meta;
         let cluster_id = self.kv.cluster_id();
+        let dialer = self.dialer.clone();
         self.snapshot_sends += 1;
         self.snapshots_sent += 1;
         self.snapshot_started.insert(to, std::time::Instant::now());
@@ -1265,7 +1381,7 @@ impl Core {
                 // know its applied entry's term yet.
                 Err("the applied entry's term is not known yet".to_string())
             } else {
-                snapshot_transport::send(from, to, term, cluster_id, &addr, source).await
+                snapshot_transport::send(from, to, term, cluster_id, &addr, source, &dialer).await
             };
             if result.is_err() {
                 // Paces the retries: the core starts the next transfer on the next heartbeat

@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Endpoint;
 
 use crate::proto;
 use crate::proto::node_communication_client::NodeCommunicationClient;
@@ -36,6 +35,7 @@ pub struct Peers {
     streams: HashMap<NodeId, (String, Slot, tokio::task::AbortHandle)>,
     /// Stamped on every message.
     cluster: super::ClusterId,
+    dialer: crate::security::Dialer,
     /// Messages of the current round, by peer (reused between rounds).
     pending: HashMap<NodeId, Vec<proto::RaftMessage>>,
 }
@@ -45,10 +45,12 @@ impl Peers {
     pub fn start(
         peers: impl IntoIterator<Item = (NodeId, String)>,
         cluster: super::ClusterId,
+        dialer: crate::security::Dialer,
     ) -> Peers {
         let mut p = Peers {
             streams: HashMap::new(),
             cluster,
+            dialer,
             pending: HashMap::new(),
         };
         p.set(peers);
@@ -70,7 +72,12 @@ impl Peers {
         for (id, addr) in peers {
             self.streams.entry(id).or_insert_with(|| {
                 let slot = Slot::default();
-                let task = tokio::spawn(peer_loop(id, addr.clone(), slot.clone()));
+                let task = tokio::spawn(peer_loop(
+                    id,
+                    addr.clone(),
+                    slot.clone(),
+                    self.dialer.clone(),
+                ));
                 (addr, slot, task.abort_handle())
             });
         }
@@ -115,27 +122,20 @@ impl Peers {
 }
 
 /// Keeps a stream open to one peer, reconnecting with backoff, and publishes its sending end.
-async fn peer_loop(id: NodeId, addr: String, slot: Slot) {
-    let endpoint = match Endpoint::from_shared(format!("http://{addr}")) {
-        Ok(e) => e
-            .connect_timeout(Duration::from_millis(500))
-            .tcp_nodelay(true)
-            .initial_stream_window_size(STREAM_WINDOW_BYTES)
-            .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
-            .http2_keep_alive_interval(Duration::from_secs(5))
-            .keep_alive_timeout(Duration::from_secs(5)),
-        Err(e) => {
-            tracing::error!(peer = id, %addr, "invalid peer address: {e}");
-            return;
-        }
-    };
+async fn peer_loop(id: NodeId, addr: String, slot: Slot, dialer: crate::security::Dialer) {
+    use crate::security::Purpose;
+    if let Err(e) = dialer.endpoint(&addr, Purpose::PeerStream) {
+        tracing::error!(peer = id, %addr, "invalid peer address: {e}");
+        return;
+    }
     let set = |tx: Option<mpsc::Sender<proto::MessageBatch>>| {
         *slot.lock().unwrap_or_else(|e| e.into_inner()) = tx;
     };
     let mut backoff = Duration::from_millis(20);
     let mut was_connected = true;
     loop {
-        let channel = match endpoint.connect().await {
+        // Built for each connection, so that a reloaded certificate is used from then on.
+        let channel = match dialer.connect(&addr, Purpose::PeerStream).await {
             Ok(c) => c,
             Err(e) => {
                 if was_connected {
@@ -180,15 +180,15 @@ pub struct PeerAnswer {
 pub async fn probe_peers(
     peers: impl IntoIterator<Item = (NodeId, String)>,
     timeout: Duration,
+    dialer: &crate::security::Dialer,
 ) -> Vec<PeerAnswer> {
     let mut tasks = Vec::new();
     for (id, addr) in peers {
+        let dialer = dialer.clone();
         tasks.push(tokio::spawn(async move {
             let ask = async {
-                let channel = Endpoint::from_shared(format!("http://{addr}"))
-                    .ok()?
-                    .connect_timeout(timeout)
-                    .connect()
+                let channel = dialer
+                    .connect(&addr, crate::security::Purpose::Probe)
                     .await
                     .ok()?;
                 let mut c = crate::proto::data_service_client::DataServiceClient::new(channel);

@@ -16,6 +16,7 @@ use crate::proto;
 use crate::proto::data_service_server::DataService;
 use crate::proto::node_communication_server::NodeCommunication;
 use crate::raft::{LogIndex, NodeId};
+use crate::security::auth::{self, Action, Auth, Principal};
 use crate::storage::command::RequestId;
 
 use super::convert::message_from_wire;
@@ -41,6 +42,35 @@ pub struct PeerService {
     pub inbound: mpsc::Sender<Inbound>,
     pub snapshots: super::snapshot::Receiver,
     pub cluster: super::ClusterId,
+    /// The node serves TLS: every call must come with a node certificate of the cluster CA,
+    /// and speak only as that node.
+    pub tls: bool,
+}
+
+/// The node a peer call's certificate names (None on a plaintext node).
+///
+/// # Errors
+/// PERMISSION_DENIED without a node certificate (a user's certificate, a token, nothing).
+fn peer_node<T>(tls: bool, request: &Request<T>) -> Result<Option<NodeId>, Status> {
+    use crate::security::listener::{ConnInfo, PeerIdentity};
+    if !tls {
+        return Ok(None);
+    }
+    let info = request.extensions().get::<ConnInfo>();
+    match info.map(|i| &i.peer) {
+        Some(PeerIdentity::Node(id)) => Ok(Some(*id)),
+        other => {
+            let what = match other {
+                Some(PeerIdentity::User(u)) => format!("a user's certificate ({u})"),
+                _ => "no certificate".to_string(),
+            };
+            let from = info.map_or_else(|| "?".to_string(), |i| i.remote.to_string());
+            tracing::warn!(%from, "refused a peer call with {what}: the peer service accepts node certificates only");
+            Err(Status::permission_denied(format!(
+                "permission denied: the peer service accepts node certificates of the cluster CA only, and this call came with {what}"
+            )))
+        }
+    }
 }
 
 #[tonic::async_trait]
@@ -49,9 +79,25 @@ impl NodeCommunication for PeerService {
         &self,
         request: Request<Streaming<proto::MessageBatch>>,
     ) -> Result<Response<proto::StreamClosed>, Status> {
+        let sender = peer_node(self.tls, &request)?;
         let mut stream = request.into_inner();
         let mut warned = false;
         while let Some(batch) = stream.message().await? {
+            if let Some(cert) = sender
+                && let Some(m) = batch.messages.iter().find(|m| m.from != cert)
+            {
+                // A real node's certificate speaking as another node: none of the stream's
+                // messages is trusted.
+                tracing::warn!(
+                    node = self.id,
+                    "refused a stream: node {cert}'s certificate sent a message from node {}",
+                    m.from
+                );
+                return Err(Status::permission_denied(format!(
+                    "permission denied: node {cert}'s certificate may send messages from node {cert} only, not from node {}",
+                    m.from
+                )));
+            }
             let mine = self.cluster.load(std::sync::atomic::Ordering::Relaxed);
             if let Some(m) = batch
                 .messages
@@ -92,9 +138,13 @@ impl NodeCommunication for PeerService {
         &self,
         request: Request<Streaming<proto::SnapshotChunk>>,
     ) -> Result<Response<proto::SnapshotReply>, Status> {
+        let sender = peer_node(self.tls, &request)?;
+        // A snapshot's header names its sender: it must be the certificate's node.
         let reply = self
             .snapshots
-            .receive(request.into_inner(), super::is_peer)
+            .receive(request.into_inner(), move |from| {
+                super::is_peer(from) && sender.is_none_or(|s| s == from)
+            })
             .await
             .inspect_err(|s| tracing::warn!(node = self.id, "snapshot refused: {}", s.message()))?;
         Ok(Response::new(reply))
@@ -107,6 +157,8 @@ pub struct ClientService {
     pub limits: Limits,
     /// Counts and times requests, when the node records metrics.
     pub metrics: Option<Arc<crate::metrics::Metrics>>,
+    /// Who may do what: every request is checked (see `security::auth`).
+    pub auth: Arc<Auth>,
 }
 
 pub fn status_from(e: ServiceError) -> Status {
@@ -209,9 +261,11 @@ impl ClientService {
     /// Checks a put and turns it into a request for the core, answered by `reply`.
     fn put_request(
         &self,
+        who: &Principal,
         p: proto::PutRequest,
         reply: Reply<LogIndex>,
     ) -> Result<ClientRequest, Status> {
+        auth::check(who, Action::Write(&p.key)).map_err(nothing_written)?;
         self.check_key(&p.key, true)?;
         self.check_value(&p.value)?;
         Ok(ClientRequest::Put {
@@ -224,9 +278,11 @@ impl ClientService {
 
     fn get_request(
         &self,
+        who: &Principal,
         g: proto::GetRequest,
         reply: Reply<Option<Bytes>>,
     ) -> Result<ClientRequest, Status> {
+        auth::check(who, Action::Read(&g.key))?;
         self.check_key(&g.key, false)?;
         Ok(ClientRequest::Get {
             key: g.key,
@@ -238,9 +294,11 @@ impl ClientService {
 
     fn delete_request(
         &self,
+        who: &Principal,
         d: proto::DeleteRequest,
         reply: Reply<(bool, LogIndex)>,
     ) -> Result<ClientRequest, Status> {
+        auth::check(who, Action::Write(&d.key)).map_err(nothing_written)?;
         self.check_key(&d.key, true)?;
         Ok(ClientRequest::Delete {
             key: d.key,
@@ -251,7 +309,12 @@ impl ClientService {
 
     /// Checks one pipelined request and turns it into a request for the core, answered into
     /// `sink` exactly as the unary call would answer.
-    fn prepare(&self, r: proto::TaggedRequest, sink: &ReplySink) -> Result<ClientRequest, Status> {
+    fn prepare(
+        &self,
+        who: &Principal,
+        r: proto::TaggedRequest,
+        sink: &ReplySink,
+    ) -> Result<ClientRequest, Status> {
         use proto::tagged_reply::Reply as Out;
         use proto::tagged_request::Request as In;
         let tag = r.tag;
@@ -262,6 +325,7 @@ impl ClientService {
             In::Put(p) => (
                 Op::Put,
                 self.put_request(
+                    who,
                     p,
                     Reply::tagged(tag, sink, Op::Put, |i| Out::Put(put_response(i))),
                 ),
@@ -271,6 +335,7 @@ impl ClientService {
                 (
                     op,
                     self.get_request(
+                        who,
                         g,
                         Reply::tagged(tag, sink, op, |v| Out::Get(get_response(v))),
                     ),
@@ -279,6 +344,7 @@ impl ClientService {
             In::Delete(d) => (
                 Op::Delete,
                 self.delete_request(
+                    who,
                     d,
                     Reply::tagged(tag, sink, Op::Delete, |r| Out::Delete(delete_response(r))),
                 ),
@@ -296,6 +362,7 @@ impl ClientService {
     /// answered here. At most `PIPELINE_IN_FLIGHT_MAX` requests wait for answers at a time.
     async fn serve_pipeline(
         self,
+        who: Principal,
         mut incoming: Streaming<proto::RequestBatch>,
         out: mpsc::UnboundedSender<Result<proto::ReplyBatch, Status>>,
     ) {
@@ -306,7 +373,7 @@ impl ClientService {
             let mut refused = Vec::new();
             for r in batch.requests {
                 let tag = r.tag;
-                match self.prepare(r, &sink) {
+                match self.prepare(&who, r, &sink) {
                     Ok(req) => to_core.push(req),
                     Err(s) => refused.push(proto::TaggedReply {
                         tag,
@@ -383,9 +450,10 @@ impl DataService for ClientService {
         &self,
         request: Request<proto::PutRequest>,
     ) -> Result<Response<proto::PutResponse>, Status> {
+        let who = self.auth.principal(&request).map_err(nothing_written)?;
         let r = request.into_inner();
         let index = self
-            .call(Op::Put, |reply| self.put_request(r, reply), "write")
+            .call(Op::Put, |reply| self.put_request(&who, r, reply), "write")
             .await?;
         Ok(Response::new(put_response(index)))
     }
@@ -394,10 +462,11 @@ impl DataService for ClientService {
         &self,
         request: Request<proto::GetRequest>,
     ) -> Result<Response<proto::GetResponse>, Status> {
+        let who = self.auth.principal(&request)?;
         let r = request.into_inner();
         let op = if r.stale { Op::GetStale } else { Op::Get };
         let value = self
-            .call(op, |reply| self.get_request(r, reply), "read")
+            .call(op, |reply| self.get_request(&who, r, reply), "read")
             .await?;
         Ok(Response::new(get_response(value)))
     }
@@ -406,9 +475,14 @@ impl DataService for ClientService {
         &self,
         request: Request<proto::DeleteRequest>,
     ) -> Result<Response<proto::DeleteResponse>, Status> {
+        let who = self.auth.principal(&request).map_err(nothing_written)?;
         let r = request.into_inner();
         let answer = self
-            .call(Op::Delete, |reply| self.delete_request(r, reply), "write")
+            .call(
+                Op::Delete,
+                |reply| self.delete_request(&who, r, reply),
+                "write",
+            )
             .await?;
         Ok(Response::new(delete_response(answer)))
     }
@@ -419,8 +493,9 @@ impl DataService for ClientService {
         &self,
         request: Request<Streaming<proto::RequestBatch>>,
     ) -> Result<Response<Self::PipelineStream>, Status> {
+        let who = self.auth.principal(&request)?;
         let (out, answers) = mpsc::unbounded_channel();
-        tokio::spawn(self.clone().serve_pipeline(request.into_inner(), out));
+        tokio::spawn(self.clone().serve_pipeline(who, request.into_inner(), out));
         Ok(Response::new(UnboundedReceiverStream::new(answers)))
     }
 
@@ -429,8 +504,9 @@ impl DataService for ClientService {
 
     async fn save_snapshot(
         &self,
-        _: Request<proto::SaveSnapshotRequest>,
+        req: Request<proto::SaveSnapshotRequest>,
     ) -> Result<Response<Self::SaveSnapshotStream>, Status> {
+        self.auth.authorize(&req, Action::SaveSnapshot)?;
         let b: super::BackupSource = self
             .call(
                 Op::Snapshot,
@@ -468,6 +544,7 @@ impl DataService for ClientService {
         &self,
         req: Request<proto::TransferLeaderRequest>,
     ) -> Result<Response<proto::TransferLeaderResponse>, Status> {
+        self.auth.authorize(&req, Action::TransferLeader)?;
         let target = req.into_inner().target;
         let (from, to, term) = self
             .call(
@@ -488,7 +565,20 @@ impl DataService for ClientService {
         req: Request<proto::MembershipRequest>,
     ) -> Result<Response<proto::MembershipResponse>, Status> {
         use crate::raft::ConfChange;
+        let who = self.auth.principal(&req)?;
         let r = req.into_inner();
+        if let Ok(op) = proto::MembershipOp::try_from(r.op) {
+            auth::check(&who, Action::Membership { op, id: r.id })?;
+        } else {
+            // An unknown operation is refused below; only an admin learns that.
+            auth::check(
+                &who,
+                Action::Membership {
+                    op: proto::MembershipOp::Remove,
+                    id: r.id,
+                },
+            )?;
+        }
         if r.id == 0 {
             return Err(Status::invalid_argument("node id 0 is reserved"));
         }
@@ -526,8 +616,9 @@ impl DataService for ClientService {
 
     async fn status(
         &self,
-        _: Request<proto::StatusRequest>,
+        req: Request<proto::StatusRequest>,
     ) -> Result<Response<proto::StatusResponse>, Status> {
+        self.auth.authorize(&req, Action::Status)?;
         let s: NodeStatus = self
             .call(
                 Op::Status,
@@ -570,6 +661,11 @@ impl DataService for ClientService {
             removed: s.config.removed.iter().copied().collect(),
         }))
     }
+}
+
+/// A refused write's status says that nothing was written.
+fn nothing_written(s: Status) -> Status {
+    Status::new(s.code(), format!("{}; nothing was written", s.message()))
 }
 
 fn member_infos(c: &crate::raft::ClusterConfig) -> Vec<proto::MemberInfo> {

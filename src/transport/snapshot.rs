@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Endpoint;
 use tonic::{Status, Streaming};
 
 use crate::proto;
@@ -25,7 +24,7 @@ use crate::storage::snapshot::{SNAPSHOT_FORMAT, checksum};
 use crate::storage::{SnapshotSource, StagedState, Stager};
 
 use super::Inbound;
-use super::peer::{CONNECTION_WINDOW_BYTES, GRPC_MESSAGE_BYTES_MAX, STREAM_WINDOW_BYTES};
+use super::peer::GRPC_MESSAGE_BYTES_MAX;
 
 /// How long one chunk may take to move, on either side, before the transfer is abandoned.
 pub const CHUNK_TIMEOUT: Duration = Duration::from_secs(10);
@@ -52,15 +51,10 @@ pub async fn send(
     cluster_id: u64,
     addr: &str,
     source: SnapshotSource,
+    dialer: &crate::security::Dialer,
 ) -> Result<SendOutcome, String> {
-    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| format!("invalid address {addr}: {e}"))?
-        .connect_timeout(Duration::from_secs(2))
-        .tcp_nodelay(true)
-        .initial_stream_window_size(STREAM_WINDOW_BYTES)
-        .initial_connection_window_size(CONNECTION_WINDOW_BYTES);
-    let channel = endpoint
-        .connect()
+    let channel = dialer
+        .connect(addr, crate::security::Purpose::Snapshot)
         .await
         .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
     let mut client = NodeCommunicationClient::new(channel)
