@@ -35,6 +35,9 @@ pub struct ClusterArgs {
     /// The nodes' log format (their log files under the config's log directory): text or json.
     #[arg(long, value_enum, default_value_t = super::node::LogFormat::Text)]
     pub log_format: super::node::LogFormat,
+    /// Let the nodes serve plaintext on non-loopback addresses (`raftkv node --insecure`).
+    #[arg(long)]
+    pub insecure: bool,
 }
 
 const RESTART_BACKOFF_MIN: Duration = Duration::from_secs(1);
@@ -145,6 +148,9 @@ pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
             .arg("--config")
             .arg(&config_path)
             .arg("--quiet");
+        if args.insecure {
+            cmd.arg("--insecure");
+        }
         if args.log_format == super::node::LogFormat::Json {
             cmd.arg("--log-format").arg("json");
         }
@@ -205,6 +211,7 @@ pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
 
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut sighup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     // The command as the user can type it from here: the executable as they started it
     // (`raftkv` on the PATH, else its path, e.g. target/release/raftkv under cargo run).
     let connect_with = {
@@ -231,6 +238,14 @@ pub async fn run(args: ClusterArgs) -> anyhow::Result<()> {
         tokio::select! {
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
+            _ = sighup.recv() => {
+                for c in children.values() {
+                    if let Some(pid) = c.pid {
+                        let _ = kill(pid, Signal::SIGHUP);
+                    }
+                }
+                outln!("SIGHUP passed on to the nodes: they reload their certificates and users file");
+            }
             Some((id, generation, status)) = exit_rx.recv() => {
                 let Some(c) = children.get_mut(&id) else { continue };
                 if c.generation != generation {

@@ -696,9 +696,9 @@ struct MetricsPoller {
 }
 
 impl MetricsPoller {
-    fn new() -> MetricsPoller {
+    fn new(dialer: &crate::security::Dialer) -> MetricsPoller {
         MetricsPoller {
-            client: super::scrape::http_client(),
+            client: super::scrape::http_client(dialer),
             last: Default::default(),
         }
     }
@@ -748,10 +748,11 @@ impl MetricsPoller {
 
 pub async fn run(args: MonitorArgs) -> anyhow::Result<()> {
     let cfg = Config::load(&args.config.config)?;
-    let mut client = Client::discover_with(cfg.addrs(), args.config.dialer(&cfg)?).await;
+    let dialer = args.config.dialer(&cfg)?;
+    let mut client = Client::discover_with(cfg.addrs(), dialer.clone()).await;
     // Each node gets most of an interval to answer; they are asked concurrently.
     let per_node = args.interval.mul_f64(0.8).max(Duration::from_millis(50));
-    let mut metrics = MetricsPoller::new();
+    let mut metrics = MetricsPoller::new(&dialer);
     if args.once || args.json {
         let first = client.status_all(per_node).await;
         let (mut first_view, sample) = build_view(&first, None, Instant::now());

@@ -100,17 +100,54 @@ pub fn quantile(b: &Buckets, q: f64) -> Option<f64> {
     None
 }
 
-/// An HTTP client that keeps its connections between polls.
-pub type HttpClient = hyper_util::client::legacy::Client<
-    hyper_util::client::legacy::connect::HttpConnector,
-    Empty<Bytes>,
->;
-
-pub fn http_client() -> HttpClient {
-    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http()
+/// An HTTP client: plain HTTP keeps its connections between polls; over TLS (a cluster with a
+/// tls section) each scrape is one connection, verified against the cluster CA.
+#[derive(Clone)]
+pub struct HttpClient {
+    plain: hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        Empty<Bytes>,
+    >,
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
-/// GETs `http://host:port/metrics` and reads its key metrics; `Err` says why not.
+pub fn http_client(dialer: &crate::security::Dialer) -> HttpClient {
+    HttpClient {
+        plain: hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http(),
+        tls: dialer.https_config(),
+    }
+}
+
+/// One GET over TLS.
+async fn get_tls(
+    config: std::sync::Arc<rustls::ClientConfig>,
+    host: &str,
+    port: u16,
+    path: &str,
+) -> Result<hyper::Response<hyper::body::Incoming>, String> {
+    let tcp = tokio::net::TcpStream::connect((host, port))
+        .await
+        .map_err(|e| e.to_string())?;
+    let name = rustls_pki_types::ServerName::try_from(host.to_string())
+        .map_err(|e| format!("bad host {host}: {e}"))?;
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| crate::security::describe_tls_failure(&e).unwrap_or_else(|| e.to_string()))?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let req = hyper::Request::get(path)
+        .header(hyper::header::HOST, host)
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| e.to_string())?;
+    sender.send_request(req).await.map_err(|e| e.to_string())
+}
+
+/// GETs `http(s)://host:port/metrics` and reads its key metrics; `Err` says why not.
 pub async fn fetch(
     client: &HttpClient,
     host: &str,
@@ -121,7 +158,10 @@ pub async fn fetch(
         .parse()
         .map_err(|e| format!("bad address {host}:{port}: {e}"))?;
     let get = async {
-        let resp = client.get(uri).await.map_err(|e| e.to_string())?;
+        let resp = match &client.tls {
+            None => client.plain.get(uri).await.map_err(|e| e.to_string())?,
+            Some(c) => get_tls(c.clone(), host, port, "/metrics").await?,
+        };
         if !resp.status().is_success() {
             return Err(format!("HTTP {}", resp.status()));
         }

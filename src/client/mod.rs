@@ -610,7 +610,11 @@ impl Client {
                 return Err(ClientError::Unreachable { tried });
             }
             match status.code() {
-                Code::InvalidArgument | Code::OutOfRange => {
+                // Refused for who the client is: every node would say the same.
+                Code::InvalidArgument
+                | Code::OutOfRange
+                | Code::PermissionDenied
+                | Code::Unauthenticated => {
                     return Err(ClientError::Rejected(status.message().to_string()));
                 }
                 Code::FailedPrecondition => {

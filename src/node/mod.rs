@@ -93,6 +93,15 @@ pub async fn run(
         .listen
         .clone()
         .or_else(|| cfg.node(id).map(|n| n.addr()));
+    // Refused before anything is bound: plaintext only on loopback, unless asked for.
+    if join.tls.is_none()
+        && !join.insecure
+        && let Some(a) = &listen
+        && let Ok((host, _)) = crate::config::parse_address(a)
+        && !is_loopback_host(&host)
+    {
+        return Err(insecure_refusal(id, a));
+    }
     let mut listener = match &listen {
         Some(a) => Some(bind_addr(a).await?),
         None => None,
@@ -198,9 +207,7 @@ pub async fn run(
         None => local.ip().to_string(),
     };
     if join.tls.is_none() && !join.insecure && !local.ip().is_loopback() {
-        return Err(anyhow!(
-            "node {id} would listen on {local} without TLS: anyone who can reach that address could read and write every key and pose as a peer. Give config.json a tls section (raftkv certs init --config CONFIG --out certs sets one up), or pass --insecure to serve plaintext on a network you trust"
-        ));
+        return Err(insecure_refusal(id, &local.to_string()));
     }
     let tls = match &join.tls {
         Some(files) => {
@@ -592,6 +599,22 @@ async fn report_health(h: Arc<health::Health>, reporter: tonic_health::server::H
             .set_service_status("raftkv.DataService", status(now.1))
             .await;
     }
+}
+
+/// Whether `host` (a config or --listen host) is a loopback address.
+fn is_loopback_host(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+fn insecure_refusal(id: NodeId, addr: &str) -> anyhow::Error {
+    anyhow!(
+        "node {id} would listen on {addr} without TLS: anyone who can reach that address could read and write every key and pose as a peer. Give config.json a tls section (raftkv certs init --config CONFIG --out certs sets one up), or pass --insecure to serve plaintext on a network you trust"
+    )
 }
 
 /// Reloads the certificates and the users file on SIGHUP: new connections use them, open ones

@@ -214,13 +214,12 @@ async fn refuse_plaintext(stream: TcpStream, protocol: Protocol) {
     match protocol {
         Protocol::Grpc => {
             let svc = service_fn(|_req| async {
-                let r = hyper::Response::builder()
+                hyper::Response::builder()
                     .status(200)
                     .header("content-type", "application/grpc")
                     .header("grpc-status", "16")
                     .header("grpc-message", PLAINTEXT_REFUSED)
-                    .body(Full::new(bytes::Bytes::new()));
-                r
+                    .body(Full::new(bytes::Bytes::new()))
             });
             let _ = tokio::time::timeout(
                 Duration::from_secs(5),

@@ -345,7 +345,7 @@ pub fn describe_cert_error(e: &rustls::Error, cert: Option<&CertificateDer<'_>>)
                 None => "it is not valid yet".into(),
             },
             C::UnknownIssuer => "it is signed by an unknown authority (not the cluster CA)".into(),
-            C::BadSignature => "its signature does not verify against the cluster CA".into(),
+            C::BadSignature => "it is signed by an unknown authority (its signature does not verify against the cluster CA)".into(),
             C::NotValidForName | C::NotValidForNameContext { .. } => {
                 "it is not valid for this host name".into()
             }

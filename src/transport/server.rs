@@ -261,10 +261,11 @@ impl ClientService {
     /// Checks a put and turns it into a request for the core, answered by `reply`.
     fn put_request(
         &self,
-        who: &Principal,
+        who: &Who,
         p: proto::PutRequest,
         reply: Reply<LogIndex>,
     ) -> Result<ClientRequest, Status> {
+        let who = who.as_ref().map_err(|s| nothing_written(s.clone()))?;
         auth::check(who, Action::Write(&p.key)).map_err(nothing_written)?;
         self.check_key(&p.key, true)?;
         self.check_value(&p.value)?;
@@ -278,10 +279,11 @@ impl ClientService {
 
     fn get_request(
         &self,
-        who: &Principal,
+        who: &Who,
         g: proto::GetRequest,
         reply: Reply<Option<Bytes>>,
     ) -> Result<ClientRequest, Status> {
+        let who = who.as_ref().map_err(Clone::clone)?;
         auth::check(who, Action::Read(&g.key))?;
         self.check_key(&g.key, false)?;
         Ok(ClientRequest::Get {
@@ -294,10 +296,11 @@ impl ClientService {
 
     fn delete_request(
         &self,
-        who: &Principal,
+        who: &Who,
         d: proto::DeleteRequest,
         reply: Reply<(bool, LogIndex)>,
     ) -> Result<ClientRequest, Status> {
+        let who = who.as_ref().map_err(|s| nothing_written(s.clone()))?;
         auth::check(who, Action::Write(&d.key)).map_err(nothing_written)?;
         self.check_key(&d.key, true)?;
         Ok(ClientRequest::Delete {
@@ -311,7 +314,7 @@ impl ClientService {
     /// `sink` exactly as the unary call would answer.
     fn prepare(
         &self,
-        who: &Principal,
+        who: &Who,
         r: proto::TaggedRequest,
         sink: &ReplySink,
     ) -> Result<ClientRequest, Status> {
@@ -362,7 +365,7 @@ impl ClientService {
     /// answered here. At most `PIPELINE_IN_FLIGHT_MAX` requests wait for answers at a time.
     async fn serve_pipeline(
         self,
-        who: Principal,
+        who: Who,
         mut incoming: Streaming<proto::RequestBatch>,
         out: mpsc::UnboundedSender<Result<proto::ReplyBatch, Status>>,
     ) {
@@ -450,7 +453,7 @@ impl DataService for ClientService {
         &self,
         request: Request<proto::PutRequest>,
     ) -> Result<Response<proto::PutResponse>, Status> {
-        let who = self.auth.principal(&request).map_err(nothing_written)?;
+        let who = self.auth.principal(&request);
         let r = request.into_inner();
         let index = self
             .call(Op::Put, |reply| self.put_request(&who, r, reply), "write")
@@ -462,7 +465,7 @@ impl DataService for ClientService {
         &self,
         request: Request<proto::GetRequest>,
     ) -> Result<Response<proto::GetResponse>, Status> {
-        let who = self.auth.principal(&request)?;
+        let who = self.auth.principal(&request);
         let r = request.into_inner();
         let op = if r.stale { Op::GetStale } else { Op::Get };
         let value = self
@@ -475,7 +478,7 @@ impl DataService for ClientService {
         &self,
         request: Request<proto::DeleteRequest>,
     ) -> Result<Response<proto::DeleteResponse>, Status> {
-        let who = self.auth.principal(&request).map_err(nothing_written)?;
+        let who = self.auth.principal(&request);
         let r = request.into_inner();
         let answer = self
             .call(
@@ -493,7 +496,9 @@ impl DataService for ClientService {
         &self,
         request: Request<Streaming<proto::RequestBatch>>,
     ) -> Result<Response<Self::PipelineStream>, Status> {
-        let who = self.auth.principal(&request)?;
+        // A caller who is nobody gets each request refused in its answer, as the unary calls
+        // refuse it (a write's refusal says that nothing was written).
+        let who = self.auth.principal(&request);
         let (out, answers) = mpsc::unbounded_channel();
         tokio::spawn(self.clone().serve_pipeline(who, request.into_inner(), out));
         Ok(Response::new(UnboundedReceiverStream::new(answers)))
@@ -662,6 +667,9 @@ impl DataService for ClientService {
         }))
     }
 }
+
+/// Who sent a request, or why nobody is known.
+type Who = Result<Principal, Status>;
 
 /// A refused write's status says that nothing was written.
 fn nothing_written(s: Status) -> Status {

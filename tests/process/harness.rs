@@ -24,6 +24,8 @@ pub struct TestCluster {
     pub procs: BTreeMap<NodeId, Child>,
     /// Nodes started with --join (not in config.json): their ports.
     pub joined: BTreeMap<NodeId, u16>,
+    /// How the test's own client connects (TLS and credentials for a secure cluster).
+    pub dialer: raftkv::security::Dialer,
 }
 
 impl TestCluster {
@@ -44,6 +46,7 @@ impl TestCluster {
             ports,
             procs: BTreeMap::new(),
             joined: BTreeMap::new(),
+            dialer: raftkv::security::Dialer::plaintext(),
         }
     }
 
@@ -225,7 +228,7 @@ impl TestCluster {
     }
 
     pub fn client(&self) -> Client {
-        Client::new(self.addrs()).with_timeout(Duration::from_secs(10))
+        Client::with_dialer(self.addrs(), self.dialer.clone()).with_timeout(Duration::from_secs(10))
     }
 
     pub async fn statuses(&self) -> BTreeMap<NodeId, StatusResponse> {

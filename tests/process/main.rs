@@ -6,6 +6,7 @@ mod harness;
 mod membership;
 mod observability;
 mod powerloss;
+mod security;
 mod shell;
 mod snapshots;
 
