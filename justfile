@@ -41,6 +41,10 @@ bench-etcd RUNS="2":
 bench-metrics RUNS="2":
     RAFTKV_BENCH_METRICS=1 RAFTKV_BENCH_RUNS={{RUNS}} cargo bench --bench table
 
+# The same table with TLS on (raftkv certs init: mutual TLS between nodes, clients with certificates) beside it.
+bench-tls RUNS="2":
+    RAFTKV_BENCH_TLS=1 RAFTKV_BENCH_RUNS={{RUNS}} cargo bench --bench table
+
 # The Raft log's storage: fjall beside a segmented-log prototype (fsync, CPU, write amplification, disk).
 bench-log:
     RAFTKV_BENCH_DIR=/tmp cargo bench --bench logstore

@@ -14,6 +14,8 @@
 //! - `RAFTKV_BENCH_METRICS=1`: every run of a row is followed by the same run against a
 //!   cluster whose nodes record metrics and serve them (`http_port`), and the table shows both
 //!   and the ratio: what recording costs on the hot path.
+//! - `RAFTKV_BENCH_TLS=1`: likewise against a cluster made secure by `raftkv certs init`
+//!   (mutual TLS between the nodes, clients over TLS with a certificate): what TLS costs.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -33,12 +35,23 @@ struct Cluster {
 }
 
 impl Cluster {
-    /// `n` nodes; with `metrics`, each serves /metrics (and so records metrics).
-    fn start(n: usize, metrics: bool) -> Cluster {
+    /// `n` nodes; with `metrics`, each serves /metrics (and so records metrics); with `tls`,
+    /// the config gets a CA and certificates from `raftkv certs init`.
+    fn start(n: usize, metrics: bool, tls: bool) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = cluster_config::write(dir.path(), &cluster_config::free_loopback(n), "");
         if metrics {
             cluster_config::add_http_ports(&config);
+        }
+        if tls {
+            let out = Command::new(BIN)
+                .args(["certs", "init", "--config"])
+                .arg(&config)
+                .args(["--out", "certs"])
+                .current_dir(dir.path())
+                .output()
+                .expect("certs init");
+            assert!(out.status.success(), "certs init: {out:?}");
         }
         let nodes = (1..=n as u64)
             .map(|id| cluster_config::spawn_node(&config, id))
@@ -156,7 +169,7 @@ fn main() {
         .ok()
         .and_then(|v| v.parse::<u64>().ok())
     {
-        let c = Cluster::start(3, false);
+        let c = Cluster::start(3, false, false);
         let warm = bench(&c.config, "put", 64, 5);
         let before = c.rss_kib();
         // The measured run goes on in a thread; every tenth of it, each node's RSS and the size
@@ -223,9 +236,11 @@ fn main() {
         .map(|_| etcd::binary().unwrap_or_else(|e| panic!("RAFTKV_BENCH_ETCD: {e}")));
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
     let with_metrics = std::env::var_os("RAFTKV_BENCH_METRICS").is_some();
-    if with_metrics {
+    let with_tls = std::env::var_os("RAFTKV_BENCH_TLS").is_some();
+    if with_metrics || with_tls {
         println!(
-            "| cluster | workload | clients | ops/s | p50 ms | p99 ms | metrics on: ops/s | p50 ms | p99 ms | on/off | errors off/on |"
+            "| cluster | workload | clients | ops/s | p50 ms | p99 ms | {} on: ops/s | p50 ms | p99 ms | on/off | errors off/on |",
+            if with_tls { "TLS" } else { "metrics" }
         );
         println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     } else if etcd_bin.is_some() {
@@ -249,11 +264,11 @@ fn main() {
         let mut etcd_samples = Vec::new();
         let mut metric_samples = Vec::new();
         for _ in 0..runs {
-            let c = Cluster::start(nodes, false);
+            let c = Cluster::start(nodes, false, false);
             samples.push(bench(&c.config, workload, clients, secs));
             drop(c);
-            if with_metrics {
-                let c = Cluster::start(nodes, true);
+            if with_metrics || with_tls {
+                let c = Cluster::start(nodes, with_metrics, with_tls);
                 metric_samples.push(bench(&c.config, workload, clients, secs));
                 drop(c);
             }

@@ -56,10 +56,13 @@ struct Cluster {
     next_id: NodeId,
     procs: BTreeMap<usize, Child>,
     paused: BTreeSet<usize>,
+    /// TLS (`raftkv certs init`) or plaintext (`--insecure` off loopback).
+    tls: bool,
+    dialer: raftkv::security::Dialer,
 }
 
 impl Cluster {
-    fn new() -> Cluster {
+    fn new(tls: bool) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let net = match net::Net::create(NODES) {
             Ok(n) => Some(n),
@@ -75,6 +78,27 @@ impl Cluster {
         // Small compaction thresholds, so that log compaction and snapshot installs happen
         // under the faults (a node down for a second or two needs a snapshot).
         let config = cluster_config::write(dir.path(), &hosts, SNAPSHOTS);
+        let dialer = if tls {
+            let out = Command::new(BIN)
+                .args(["certs", "init", "--config"])
+                .arg(&config)
+                .args(["--out", "certs"])
+                .current_dir(dir.path())
+                .output()
+                .expect("certs init");
+            assert!(out.status.success(), "certs init: {out:?}");
+            let d = dir.path().join("certs");
+            raftkv::security::Dialer::tls(
+                raftkv::security::load_client(&raftkv::security::Files {
+                    ca: d.join("ca.crt"),
+                    cert: Some(d.join("admin.crt")),
+                    key: Some(d.join("admin.key")),
+                })
+                .expect("client certificate"),
+            )
+        } else {
+            raftkv::security::Dialer::plaintext()
+        };
         let hosts: BTreeMap<usize, String> = hosts
             .iter()
             .enumerate()
@@ -89,6 +113,8 @@ impl Cluster {
             next_id: NODES as NodeId + 1,
             procs: BTreeMap::new(),
             paused: BTreeSet::new(),
+            tls,
+            dialer,
         };
         for i in 1..=NODES {
             c.start(i);
@@ -109,6 +135,30 @@ impl Cluster {
         cmd.args(["node", "--id", &id.to_string(), "--config"])
             .arg(&self.config)
             .arg("--quiet");
+        if !self.tls && self.net.is_some() {
+            // Plaintext on the namespaces' 198.18.0.0/15 addresses.
+            cmd.arg("--insecure");
+        }
+        if self.tls && id > NODES as NodeId {
+            // A replacement machine gets its certificate from the cluster CA.
+            let host = self.hosts[&i]
+                .rsplit_once(':')
+                .map_or("", |(h, _)| h)
+                .to_string();
+            let out = Command::new(BIN)
+                .args([
+                    "certs",
+                    "node",
+                    &id.to_string(),
+                    "--hosts",
+                    &host,
+                    "--config",
+                ])
+                .arg(&self.config)
+                .output()
+                .expect("certs node");
+            assert!(out.status.success(), "certs node: {out:?}");
+        }
         if id > NODES as NodeId {
             // A replacement, not in config.json: it joins (again, after a restart: harmless).
             let others: Vec<&str> = self
@@ -166,7 +216,7 @@ impl Cluster {
     }
 
     fn client(&self) -> Client {
-        Client::new(self.addrs())
+        Client::with_dialer(self.addrs(), self.dialer.clone())
     }
 
     /// The slot of the leader.
@@ -348,7 +398,7 @@ async fn nemesis(
             // and a node with a new id started in its place that joins and is promoted.
             let slot = rng.random_range(1..=NODES);
             let old = c.ids[&slot];
-            let client = raftkv::client::Client::discover(c.addrs()).await;
+            let client = raftkv::client::Client::discover_with(c.addrs(), c.dialer.clone()).await;
             drop(c);
             let removed = tokio::time::timeout(
                 Duration::from_secs(10),
@@ -488,8 +538,24 @@ fn save_history(ops: &[Op], seed: u64) -> PathBuf {
     path
 }
 
+/// One nemesis run at a time: they share the machine's two cores and the namespaces' names.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn linearizable_under_crashes_pauses_and_partitions() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    run(false).await;
+}
+
+/// The same, with TLS everywhere: mutual TLS between the nodes (replacements get certificates
+/// from the cluster CA), and clients that verify the nodes and present a certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn linearizable_with_tls_everywhere() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    run(true).await;
+}
+
+async fn run(tls: bool) {
     let secs: u64 = std::env::var("RAFTKV_NEMESIS_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -504,11 +570,12 @@ async fn linearizable_under_crashes_pauses_and_partitions() {
         });
     let stale = std::env::var("RAFTKV_NEMESIS_STALE_READS").is_ok_and(|v| v == "1");
     println!(
-        "nemesis: seed={seed} ({secs}s, {CLIENTS} clients, {KEYS} keys, {NODES} nodes{}); replay with RAFTKV_NEMESIS_SEED={seed}",
-        if stale { ", STALE reads" } else { "" }
+        "nemesis: seed={seed} ({secs}s, {CLIENTS} clients, {KEYS} keys, {NODES} nodes{}{}); replay with RAFTKV_NEMESIS_SEED={seed}",
+        if stale { ", STALE reads" } else { "" },
+        if tls { ", TLS" } else { "" }
     );
 
-    let cluster = Cluster::new();
+    let cluster = Cluster::new(tls);
     let partitions = cluster.net.is_some();
     // Wait for the first leader.
     let deadline = Instant::now() + Duration::from_secs(20);
