@@ -343,15 +343,26 @@ fn init(config: &Path, out: &Path, days: u32, hosts: &[String], force: bool) -> 
 fn set_tls_section(config: &Path, tls: &TlsConfig) -> anyhow::Result<()> {
     let text =
         std::fs::read_to_string(config).with_context(|| format!("reading {}", config.display()))?;
-    let section = serde_json::to_string_pretty(tls)?.replace('\n', "\n  ");
     let mut value: serde_json::Value = serde_json::from_str(&text)?;
     let new = if value.get("tls").is_none() {
+        // Indented as the file's own keys are.
+        let indent: String = text
+            .lines()
+            .find(|l| l.trim_start().starts_with('"'))
+            .map_or("  ".into(), |l| {
+                l.chars().take_while(|c| c.is_whitespace()).collect()
+            });
+        let mut section = Vec::new();
+        let fmt = serde_json::ser::PrettyFormatter::with_indent(indent.as_bytes());
+        let mut ser = serde_json::Serializer::with_formatter(&mut section, fmt);
+        serde::Serialize::serialize(tls, &mut ser)?;
+        let section = String::from_utf8(section)?.replace('\n', &format!("\n{indent}"));
         let body = text.trim_end();
         let body = body
             .strip_suffix('}')
             .ok_or_else(|| anyhow!("{} does not end with }}", config.display()))?
             .trim_end();
-        format!("{body},\n  \"tls\": {section}\n}}\n")
+        format!("{body},\n{indent}\"tls\": {section}\n}}\n")
     } else {
         value["tls"] = serde_json::to_value(tls)?;
         serde_json::to_string_pretty(&value)? + "\n"

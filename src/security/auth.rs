@@ -195,6 +195,13 @@ pub enum Principal {
     User(Arc<User>),
 }
 
+/// What a caller presented: its connection's certificate and its authorization header.
+#[derive(Clone, Debug)]
+pub struct Credentials {
+    conn: Option<ConnInfo>,
+    authorization: Option<String>,
+}
+
 /// Everything a client can ask, for the check.
 #[derive(Clone, Copy, Debug)]
 pub enum Action<'a> {
@@ -239,6 +246,8 @@ impl Table {
 pub struct Auth {
     tls: bool,
     file: Option<PathBuf>,
+    /// Counts reloads: a long-lived call (the pipeline) resolves its caller again after one.
+    generation: std::sync::atomic::AtomicU64,
     /// None with TLS: no users file (every client certificate of the CA is an admin).
     table: RwLock<Arc<Option<Table>>>,
 }
@@ -249,6 +258,7 @@ impl Auth {
         Auth {
             tls: false,
             file: None,
+            generation: Default::default(),
             table: RwLock::new(Arc::new(None)),
         }
     }
@@ -265,6 +275,7 @@ impl Auth {
         Ok(Auth {
             tls: true,
             file: users_file,
+            generation: Default::default(),
             table: RwLock::new(Arc::new(table)),
         })
     }
@@ -280,7 +291,25 @@ impl Auth {
         let f = UsersFile::load(p)?;
         let n = f.users.len();
         *self.table.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(Table::new(Some(f)));
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
         Ok(Some(n))
+    }
+
+    /// Changes with every reload of the users file.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// What identifies the caller of `req`: its connection and its authorization header.
+    pub fn credentials<T>(req: &Request<T>) -> Credentials {
+        Credentials {
+            conn: req.extensions().get::<ConnInfo>().cloned(),
+            authorization: req
+                .metadata()
+                .get("authorization")
+                .map(|v| v.to_str().map(str::to_string).unwrap_or_default()),
+        }
     }
 
     fn table(&self) -> Arc<Option<Table>> {
@@ -293,23 +322,27 @@ impl Auth {
     /// UNAUTHENTICATED: no credentials, or a token that is not valid. PERMISSION_DENIED: a
     /// certificate's user who is not in the users file.
     pub fn principal<T>(&self, req: &Request<T>) -> Result<Principal, Status> {
+        self.resolve(&Self::credentials(req))
+    }
+
+    /// Who presents `creds`, under the users in force now.
+    ///
+    /// # Errors
+    /// As [`Auth::principal`].
+    pub fn resolve(&self, creds: &Credentials) -> Result<Principal, Status> {
         if !self.tls {
             return Ok(Principal::Open);
         }
-        let Some(info) = req.extensions().get::<ConnInfo>() else {
+        let Some(info) = &creds.conn else {
             return Err(Status::unauthenticated(
                 "the connection is not TLS: this node requires TLS",
             ));
         };
         let table = self.table();
-        if let Some(v) = req.metadata().get("authorization") {
-            let token = v
-                .to_str()
-                .ok()
-                .and_then(|s| s.strip_prefix("Bearer "))
-                .ok_or_else(|| {
-                    Status::unauthenticated("the authorization header is not \"Bearer <token>\"")
-                })?;
+        if let Some(v) = &creds.authorization {
+            let token = v.strip_prefix("Bearer ").ok_or_else(|| {
+                Status::unauthenticated("the authorization header is not \"Bearer <token>\"")
+            })?;
             let Some(t) = table.as_ref() else {
                 return Err(Status::unauthenticated(
                     "this cluster accepts no tokens (its nodes have no users file): present a client certificate",

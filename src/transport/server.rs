@@ -365,13 +365,21 @@ impl ClientService {
     /// answered here. At most `PIPELINE_IN_FLIGHT_MAX` requests wait for answers at a time.
     async fn serve_pipeline(
         self,
-        who: Who,
+        creds: auth::Credentials,
         mut incoming: Streaming<proto::RequestBatch>,
         out: mpsc::UnboundedSender<Result<proto::ReplyBatch, Status>>,
     ) {
+        // Resolved again whenever the users file is reloaded: a user removed or demoted loses
+        // what it may do on calls it has open, from their next batch.
+        let mut generation = self.auth.generation();
+        let mut who: Who = self.auth.resolve(&creds);
         let credit = Arc::new(Semaphore::new(PIPELINE_IN_FLIGHT_MAX));
         let sink = ReplySink::new(out.clone(), credit.clone(), self.metrics.clone());
         while let Ok(Some(batch)) = incoming.message().await {
+            if self.auth.generation() != generation {
+                generation = self.auth.generation();
+                who = self.auth.resolve(&creds);
+            }
             let mut to_core = Vec::with_capacity(batch.requests.len());
             let mut refused = Vec::new();
             for r in batch.requests {
@@ -498,9 +506,12 @@ impl DataService for ClientService {
     ) -> Result<Response<Self::PipelineStream>, Status> {
         // A caller who is nobody gets each request refused in its answer, as the unary calls
         // refuse it (a write's refusal says that nothing was written).
-        let who = self.auth.principal(&request);
+        let creds = Auth::credentials(&request);
         let (out, answers) = mpsc::unbounded_channel();
-        tokio::spawn(self.clone().serve_pipeline(who, request.into_inner(), out));
+        tokio::spawn(
+            self.clone()
+                .serve_pipeline(creds, request.into_inner(), out),
+        );
         Ok(Response::new(UnboundedReceiverStream::new(answers)))
     }
 

@@ -416,6 +416,33 @@ async fn tokens_and_roles_bound_every_operation() {
         Some(&b"s3"[..]),
         "nothing the refused requests asked was written"
     );
+
+    // Revoked: the reader's entry taken out of the users file and SIGHUP. The reader's client
+    // keeps its connections (and its open pipeline call); its next request is refused.
+    let path = certs(&c).join("users.json");
+    let mut users: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("users")).expect("json");
+    users["users"]
+        .as_array_mut()
+        .expect("array")
+        .retain(|u| u["name"] != "reader");
+    std::fs::write(&path, users.to_string()).expect("write users");
+    for id in c.ids() {
+        c.signal(id, Signal::SIGHUP);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match reader.get("secret", false).await {
+            Err(e) => {
+                assert!(e.to_string().contains("token is not valid"), "{e}");
+                break;
+            }
+            Ok(_) => {
+                assert!(Instant::now() < deadline, "the revoked reader still reads");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
