@@ -405,8 +405,21 @@ fn user(
     days: u32,
 ) -> anyhow::Result<()> {
     let cfg = Config::load(config)?;
-    if crate::security::node_of_common_name(name).is_some() || name.is_empty() {
-        bail!("{name:?} cannot be a user name (raftkv-node-<id> names nodes)");
+    if name.starts_with("raftkv-node-")
+        || name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c))
+        || name.starts_with('.')
+    {
+        bail!(
+            "{name:?} cannot be a user name: use letters, digits and - _ . @ (not starting with a dot; raftkv-node-<id> names nodes)"
+        );
+    }
+    if role == Role::Admin && !key_prefixes.is_empty() {
+        bail!(
+            "an admin cannot be bound to key prefixes: an admin may save a snapshot, which holds every key"
+        );
     }
     let tls = cfg
         .tls

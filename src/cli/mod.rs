@@ -167,9 +167,11 @@ impl ConfigArg {
         use crate::security::{Dialer, Files, load_client};
         let s = &self.security;
         let tls = cfg.tls.as_ref();
+        let tls_wanted = tls.is_some() || s.ca_file.is_some();
         let token = match (&s.token_file, std::env::var("RAFTKV_TOKEN")) {
             (Some(f), _) => Some(read_token(f)?),
-            (None, Ok(t)) if !t.trim().is_empty() => Some(t),
+            // The variable is for secure clusters; a plaintext one ignores it.
+            (None, Ok(t)) if !t.trim().is_empty() && tls_wanted => Some(t),
             _ => match tls.and_then(|t| t.client_token_file.as_ref()) {
                 Some(f) => Some(read_token(&cfg.resolve(f))?),
                 None => None,
@@ -179,6 +181,11 @@ impl ConfigArg {
             (Some(c), _) => c.clone(),
             (None, Some(t)) => cfg.resolve(&t.ca_file),
             (None, None) => {
+                if s.cert_file.is_some() {
+                    anyhow::bail!(
+                        "--cert-file needs the cluster CA: give --ca-file, or a tls section in the config"
+                    );
+                }
                 return Dialer::plaintext()
                     .with_token(token)
                     .map_err(anyhow::Error::msg);

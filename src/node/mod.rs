@@ -89,6 +89,9 @@ pub async fn run(
     join: NodeOptions,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<Stopped> {
+    // Caught from the start (its default action ends the process): `raftkv cluster` passes
+    // SIGHUP on to nodes that may still be starting.
+    let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
     let listen = join
         .listen
         .clone()
@@ -223,6 +226,12 @@ pub async fn run(
         }
         None => None,
     };
+    if tls.is_some() && join.users_file.is_none() {
+        tracing::warn!(
+            node = id,
+            "TLS without a users file: every client certificate of the CA is an admin, and tokens are refused (tls.users_file in the config adds users with roles)"
+        );
+    }
     let auth = Arc::new(match &tls {
         Some(_) => {
             crate::security::auth::Auth::tls(join.users_file.clone()).map_err(anyhow::Error::msg)?
@@ -364,7 +373,7 @@ pub async fn run(
             tokio::spawn(router.serve_with_incoming_shutdown(conns, server_shutdown))
         }
     };
-    let reloader = tokio::spawn(reload_on_sighup(id, tls.clone(), auth.clone()));
+    let reloader = tokio::spawn(reload_on_sighup(id, hangup, tls.clone(), auth.clone()));
     let health_task = tokio::spawn(report_health(health.clone(), health_reporter));
     let http_server = match (http_listener, &metrics) {
         (Some(l), Some(m)) => {
@@ -621,11 +630,11 @@ fn insecure_refusal(id: NodeId, addr: &str) -> anyhow::Error {
 /// keep theirs. A file that cannot be used is reported and the old ones are kept.
 async fn reload_on_sighup(
     id: NodeId,
+    hup: std::io::Result<tokio::signal::unix::Signal>,
     tls: Option<Arc<crate::security::ServerTls>>,
     auth: Arc<crate::security::auth::Auth>,
 ) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+    let Ok(mut hup) = hup else {
         tracing::warn!(
             node = id,
             "cannot catch SIGHUP: certificates are not reloaded"

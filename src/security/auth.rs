@@ -109,13 +109,25 @@ impl UsersFile {
 
     fn check(&self) -> Result<(), String> {
         let mut names = std::collections::HashSet::new();
+        let mut digests = std::collections::HashSet::new();
         for u in &self.users {
+            if let Some(d) = &u.token_sha256
+                && !digests.insert(d.to_ascii_lowercase())
+            {
+                return Err(format!("user {:?} has another user's token", u.name));
+            }
             if u.name.is_empty() {
                 return Err("a user has an empty name".into());
             }
-            if super::node_of_common_name(&u.name).is_some() {
+            if u.name.starts_with("raftkv-node-") {
                 return Err(format!(
                     "user {:?} has a node's name: raftkv-node-<id> names nodes only",
+                    u.name
+                ));
+            }
+            if u.role == Role::Admin && !u.key_prefixes.is_empty() {
+                return Err(format!(
+                    "user {:?}: an admin cannot be bound to key prefixes (an admin may save a snapshot, which holds every key)",
                     u.name
                 ));
             }
@@ -457,7 +469,17 @@ pub fn check(p: &Principal, action: Action<'_>) -> Result<(), Status> {
                 }
                 Action::Membership { .. } => role(Role::Admin, "change the membership"),
                 Action::TransferLeader => role(Role::Admin, "transfer the leadership"),
-                Action::SaveSnapshot => role(Role::Admin, "save a snapshot (it holds every key)"),
+                Action::SaveSnapshot => {
+                    role(Role::Admin, "save a snapshot (it holds every key)")?;
+                    if u.key_prefixes.is_empty() {
+                        Ok(())
+                    } else {
+                        deny(format!(
+                            "user {} may not save a snapshot: it holds every key, and the user's keys are bounded",
+                            u.name
+                        ))
+                    }
+                }
             }
         }
     }
@@ -505,6 +527,7 @@ mod tests {
         );
         let admin = user(Role::Admin, &[]);
         assert!(check(&admin, Action::SaveSnapshot).is_ok());
+        assert!(check(&user(Role::Admin, &["app/"]), Action::SaveSnapshot).is_err());
         assert!(check(&admin, Action::Write(b"k")).is_ok());
     }
 
@@ -556,6 +579,14 @@ mod tests {
                 .is_err()
         );
         assert!(bad(r#"{"users":[{"name":"raftkv-node-1","role":"admin"}]}"#).is_err());
+        assert!(bad(r#"{"users":[{"name":"a","role":"admin","key_prefixes":["x/"]}]}"#).is_err());
+        let d = "a".repeat(64);
+        assert!(
+            bad(&format!(
+                r#"{{"users":[{{"name":"a","role":"read-only","token_sha256":"{d}"}},{{"name":"b","role":"admin","token_sha256":"{d}"}}]}}"#
+            ))
+            .is_err()
+        );
         assert!(bad(r#"{"users":[{"name":"a","role":"admin","token_sha256":"xyz"}]}"#).is_err());
     }
 

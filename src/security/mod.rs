@@ -34,7 +34,9 @@ pub fn node_common_name(id: NodeId) -> String {
 
 /// The node id a certificate's common name names, if it is a node's.
 pub fn node_of_common_name(cn: &str) -> Option<NodeId> {
-    cn.strip_prefix("raftkv-node-")?.parse().ok()
+    // Exactly the canonical spelling: "raftkv-node-01" or "raftkv-node-+1" is nobody's.
+    let id: NodeId = cn.strip_prefix("raftkv-node-")?.parse().ok()?;
+    (node_common_name(id) == cn).then_some(id)
 }
 
 /// Installs rustls' crypto provider (ring) for the whole process, once. rustls panics at
@@ -321,13 +323,13 @@ fn validity(cert: &CertificateDer<'_>) -> Option<(String, String)> {
 }
 
 /// The subject's common name.
+/// The subject's common name; None without exactly one (a certificate naming two subjects
+/// names nobody).
 pub fn common_name(cert: &CertificateDer<'_>) -> Option<String> {
     let (_, c) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
-    c.subject()
-        .iter_common_name()
-        .next()
-        .and_then(|n| n.as_str().ok())
-        .map(str::to_string)
+    let mut names = c.subject().iter_common_name();
+    let first = names.next()?.as_str().ok()?.to_string();
+    names.next().is_none().then_some(first)
 }
 
 /// What a rustls certificate error means, in words.
@@ -553,6 +555,14 @@ impl ServerTls {
 /// words a user can act on ("the server requires TLS", "signed by an unknown authority"), or
 /// None when the chain holds no TLS failure.
 pub fn describe_tls_failure(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    // A status the server sent is its own words (a permission denial may name a key such as
+    // "expired"): only a transport failure is read for TLS.
+    if let Some(s) = e.downcast_ref::<tonic::Status>() {
+        if !matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown) {
+            return None;
+        }
+        return std::error::Error::source(s).and_then(describe_tls_failure);
+    }
     let mut text = String::new();
     let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(e) = src {
@@ -663,5 +673,8 @@ mod tests {
         assert_eq!(node_of_common_name(&node_common_name(7)), Some(7));
         assert_eq!(node_of_common_name("raftkv-node-x"), None);
         assert_eq!(node_of_common_name("admin"), None);
+        assert_eq!(node_of_common_name("raftkv-node-01"), None);
+        assert_eq!(node_of_common_name("raftkv-node-+1"), None);
+        assert_eq!(node_of_common_name("raftkv-node-"), None);
     }
 }
