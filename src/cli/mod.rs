@@ -49,7 +49,11 @@ pub enum Command {
         configured port, keeps its durable state in <data_directory>/node-<id>/ and logs to \
         <log_directory>/node-<id>.log and stderr (RUST_LOG sets the level, default info; \
         --log-format json for JSON lines). With an http_port (config or --http-port) it serves \
-        /metrics (Prometheus), /livez and /readyz over HTTP. SIGTERM or Ctrl-C stops it cleanly.")]
+        /metrics (Prometheus), /livez and /readyz over HTTP. With a tls section in the config \
+        (raftkv certs init) it serves TLS only: mutual TLS with its peers, clients with a user \
+        certificate or token. Without one it serves plaintext, and only on loopback addresses \
+        unless --insecure. SIGHUP reloads its certificates and users file; SIGTERM or Ctrl-C \
+        stops it cleanly.")]
     Node(node::NodeArgs),
     /// Start the cluster's nodes as child processes and supervise them.
     #[command(
