@@ -81,6 +81,9 @@ pub enum CertsCommand {
         /// Make a token instead of a certificate.
         #[arg(long)]
         token: bool,
+        /// Replace a user already in the users file (and its files).
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         config: ConfigArg,
         /// The CA's private key [default: ca.key beside the CA certificate].
@@ -107,6 +110,7 @@ pub fn run(args: CertsArgs) -> anyhow::Result<()> {
             ca_key,
             days,
         } => {
+            no_client_options(&config)?;
             let cfg = Config::load(&config.config)?;
             let (tls, issuer) = load_ca(&cfg, ca_key.as_deref())?;
             let cert = cfg.resolve(Path::new(
@@ -124,19 +128,35 @@ pub fn run(args: CertsArgs) -> anyhow::Result<()> {
             role,
             key_prefixes,
             token,
+            force,
             config,
             ca_key,
             days,
-        } => user(
-            &config.config,
-            &name,
-            role,
-            key_prefixes,
-            token,
-            ca_key.as_deref(),
-            days,
-        ),
+        } => {
+            no_client_options(&config)?;
+            user(
+                &config.config,
+                &name,
+                role,
+                key_prefixes,
+                (token, force),
+                ca_key.as_deref(),
+                days,
+            )
+        }
     }
+}
+
+/// `certs node` and `certs user` write files beside the CA; the commands' certificate and token
+/// options do not apply to them.
+fn no_client_options(config: &ConfigArg) -> anyhow::Result<()> {
+    let s = &config.security;
+    if s.cert_file.is_some() || s.token_file.is_some() {
+        bail!(
+            "--cert-file, --key-file and --token-file are for the commands that talk to a cluster; certs writes NAME.crt, NAME.key or NAME.token beside the CA"
+        );
+    }
+    Ok(())
 }
 
 fn validity(params: &mut CertificateParams, days: u32) {
@@ -400,11 +420,22 @@ fn user(
     name: &str,
     role: Role,
     key_prefixes: Vec<String>,
-    token: bool,
+    (token, force): (bool, bool),
     ca_key: Option<&Path>,
     days: u32,
 ) -> anyhow::Result<()> {
     let cfg = Config::load(config)?;
+    // Its files go beside the CA's and the nodes': never one of theirs.
+    let reserved = name == "ca"
+        || name == "users"
+        || name
+            .strip_prefix("node-")
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+    if reserved {
+        bail!(
+            "{name:?} cannot be a user name: its files would replace the CA's, a node's or the users file"
+        );
+    }
     if name.starts_with("raftkv-node-")
         || name.is_empty()
         || !name
@@ -439,6 +470,21 @@ fn user(
         .resolve(&tls.ca_file)
         .parent()
         .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+    let before = users.users.iter().find(|u| u.name == name).cloned();
+    if let Some(b) = &before
+        && !force
+    {
+        bail!(
+            "user {name} is already in {} (role {}{}); give --force to replace it",
+            users_path.display(),
+            b.role.name(),
+            if b.token_sha256.is_some() {
+                ", with a token"
+            } else {
+                ""
+            }
+        );
+    }
     let mut entry = User {
         name: name.to_string(),
         role,
@@ -449,6 +495,12 @@ fn user(
         let t = new_token().map_err(anyhow::Error::msg)?;
         entry.token_sha256 = Some(token_digest(&t));
         let f = dir.join(format!("{name}.token"));
+        if dir.join(format!("{name}.crt")).exists() {
+            outln!(
+                "note: {} still logs in as {name} until it expires (a certificate cannot be revoked; delete it and its key)",
+                dir.join(format!("{name}.crt")).display()
+            );
+        }
         write_private(&f, format!("{t}\n").as_bytes()).map_err(anyhow::Error::msg)?;
         outln!(
             "wrote {} (the token: give it with --token-file or RAFTKV_TOKEN; only its digest is in the users file)",
@@ -472,6 +524,17 @@ fn user(
     users.users.retain(|u| u.name != name);
     users.users.push(entry);
     users.save(&users_path).map_err(anyhow::Error::msg)?;
+    if let Some(b) = before {
+        outln!(
+            "replaced user {name} (was {}{})",
+            b.role.name(),
+            if b.token_sha256.is_some() {
+                ", with a token"
+            } else {
+                ""
+            }
+        );
+    }
     outln!(
         "user {name} ({}) is in {}; send the nodes SIGHUP to take it into use (raftkv cluster passes SIGHUP on to its nodes)",
         role.name(),

@@ -412,7 +412,17 @@ pub fn load_client(files: &Files) -> Result<ClientMaterial, String> {
             let cert_pem = read(c, "certificate")?;
             let key_pem = read(k, "private key")?;
             let chain = certs_of(&cert_pem, c, "certificate")?;
-            key_of(&key_pem, k)?;
+            let key = key_of(&key_pem, k)?;
+            rustls::ClientConfig::builder()
+                .with_root_certificates(roots.clone())
+                .with_client_auth_cert(chain.clone(), key)
+                .map_err(|e| {
+                    format!(
+                        "the key {} does not go with the certificate {} ({e})",
+                        k.display(),
+                        c.display()
+                    )
+                })?;
             check_certificate(&chain, &roots, None)
                 .map_err(|why| format!("the certificate {} is refused: {why}", c.display()))?;
             Some((cert_pem, key_pem))
