@@ -163,17 +163,7 @@ async fn plaintext_foreign_and_anonymous_clients_are_refused() {
     // ...and a foreign client certificate with the right CA is refused by the node.
     let fc = std::fs::read_to_string(foreign.join("admin.crt")).expect("cert");
     let fk = std::fs::read_to_string(foreign.join("admin.key")).expect("key");
-    let refused = match raw_channel(&addr, &certs(&c), Some((&fc, &fk))).await {
-        Err(e) => e,
-        Ok(ch) => {
-            let mut dc = proto::data_service_client::DataServiceClient::new(ch);
-            let s = dc
-                .status(proto::StatusRequest {})
-                .await
-                .expect_err("a foreign client certificate is refused");
-            raftkv::client::describe(&s)
-        }
-    };
+    let refused = status_refused(&addr, &certs(&c), (&fc, &fk)).await;
     assert!(!refused.is_empty());
     wait_log(
         &c,
@@ -255,17 +245,7 @@ async fn expired_and_not_yet_valid_certificates_are_refused_saying_so() {
     .expect("an expired certificate is refused");
     assert!(e.contains("has expired"), "{e}");
     // ...and by the node, when a client presents it anyway.
-    let refused = match raw_channel(&addr, &dir, Some((&ec, &ek))).await {
-        Err(e) => e,
-        Ok(ch) => {
-            let mut dc = proto::data_service_client::DataServiceClient::new(ch);
-            let s = dc
-                .status(proto::StatusRequest {})
-                .await
-                .expect_err("an expired client certificate is refused");
-            raftkv::client::describe(&s)
-        }
-    };
+    let refused = status_refused(&addr, &dir, (&ec, &ek)).await;
     // In TLS 1.3 the node judges the client's certificate after the client has finished its
     // side of the handshake: the client sees the alert ("expired"), or, when its first request
     // raced the alert, a closed connection. The node's log always says why.
@@ -616,6 +596,22 @@ async fn certificates_rotate_on_sighup_while_a_bench_runs_without_a_failed_reque
     // And the cluster still works with peers reconnecting on the new ones.
     let mut admin = client(&c, c.dialer.clone());
     admin.put("after", "rotation").await.expect("write");
+}
+
+/// Why a status call with the PEM `identity` fails: at the handshake, or on the call (in TLS 1.3
+/// the node judges a client's certificate after the client has finished its side).
+async fn status_refused(addr: &str, ca_dir: &Path, identity: (&str, &str)) -> String {
+    match raw_channel(addr, ca_dir, Some(identity)).await {
+        Err(e) => e,
+        Ok(ch) => {
+            let mut dc = proto::data_service_client::DataServiceClient::new(ch);
+            let s = dc
+                .status(proto::StatusRequest {})
+                .await
+                .expect_err("the client's certificate is refused");
+            raftkv::client::describe(&s)
+        }
+    }
 }
 
 /// Waits until node `id`'s log file (written asynchronously) holds `needle`.
