@@ -44,14 +44,7 @@ impl Cluster {
             cluster_config::add_http_ports(&config);
         }
         if tls {
-            let out = Command::new(BIN)
-                .args(["certs", "init", "--config"])
-                .arg(&config)
-                .args(["--out", "certs"])
-                .current_dir(dir.path())
-                .output()
-                .expect("certs init");
-            assert!(out.status.success(), "certs init: {out:?}");
+            cluster_config::certs_init(&config);
         }
         let nodes = (1..=n as u64)
             .map(|id| cluster_config::spawn_node(&config, id))

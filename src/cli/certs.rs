@@ -58,12 +58,7 @@ pub enum CertsCommand {
         #[arg(long, value_delimiter = ',', required = true)]
         hosts: Vec<String>,
         #[command(flatten)]
-        config: ConfigArg,
-        /// The CA's private key [default: ca.key beside the CA certificate].
-        #[arg(long)]
-        ca_key: Option<PathBuf>,
-        #[arg(long, default_value_t = 365, value_parser = clap::value_parser!(u32).range(1..))]
-        days: u32,
+        issue: Issue,
     },
     /// Add (or replace) a user: a client certificate NAME.crt/NAME.key, or with --token a
     /// token in NAME.token, beside the CA; and its entry in the users file. Send the nodes
@@ -85,13 +80,35 @@ pub enum CertsCommand {
         #[arg(long)]
         force: bool,
         #[command(flatten)]
-        config: ConfigArg,
-        /// The CA's private key [default: ca.key beside the CA certificate].
-        #[arg(long)]
-        ca_key: Option<PathBuf>,
-        #[arg(long, default_value_t = 365, value_parser = clap::value_parser!(u32).range(1..))]
-        days: u32,
+        issue: Issue,
     },
+}
+
+/// What `certs node` and `certs user` share: the config whose CA signs, and the validity.
+#[derive(clap::Args, Debug)]
+pub struct Issue {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// The CA's private key [default: ca.key beside the CA certificate].
+    #[arg(long)]
+    ca_key: Option<PathBuf>,
+    /// Days the certificate is valid.
+    #[arg(long, default_value_t = 365, value_parser = clap::value_parser!(u32).range(1..))]
+    days: u32,
+}
+
+impl Issue {
+    /// The config, once the options that do not apply here are refused: `certs` writes files
+    /// beside the CA, so the commands' certificate and token options mean nothing to it.
+    fn config(&self) -> anyhow::Result<Config> {
+        let s = &self.config.security;
+        if s.cert_file.is_some() || s.token_file.is_some() {
+            bail!(
+                "--cert-file, --key-file and --token-file are for the commands that talk to a cluster; certs writes NAME.crt, NAME.key or NAME.token beside the CA"
+            );
+        }
+        Ok(Config::load(&self.config.config)?)
+    }
 }
 
 pub fn run(args: CertsArgs) -> anyhow::Result<()> {
@@ -103,23 +120,16 @@ pub fn run(args: CertsArgs) -> anyhow::Result<()> {
             hosts,
             force,
         } => init(&config.config, &out, days, &hosts, force),
-        CertsCommand::Node {
-            id,
-            hosts,
-            config,
-            ca_key,
-            days,
-        } => {
-            no_client_options(&config)?;
-            let cfg = Config::load(&config.config)?;
-            let (tls, issuer) = load_ca(&cfg, ca_key.as_deref())?;
+        CertsCommand::Node { id, hosts, issue } => {
+            let cfg = issue.config()?;
+            let (tls, issuer) = load_ca(&cfg, issue.ca_key.as_deref())?;
             let cert = cfg.resolve(Path::new(
                 &tls.node_cert_file.replace("{id}", &id.to_string()),
             ));
             let key = cfg.resolve(Path::new(
                 &tls.node_key_file.replace("{id}", &id.to_string()),
             ));
-            write_node(&issuer, id, &hosts, days, &cert, &key)?;
+            write_node(&issuer, id, &hosts, issue.days, &cert, &key)?;
             outln!("node {id}: {} and {}", cert.display(), key.display());
             Ok(())
         }
@@ -129,34 +139,9 @@ pub fn run(args: CertsArgs) -> anyhow::Result<()> {
             key_prefixes,
             token,
             force,
-            config,
-            ca_key,
-            days,
-        } => {
-            no_client_options(&config)?;
-            user(
-                &config.config,
-                &name,
-                role,
-                key_prefixes,
-                (token, force),
-                ca_key.as_deref(),
-                days,
-            )
-        }
+            issue,
+        } => user(&issue, &name, role, key_prefixes, (token, force)),
     }
-}
-
-/// `certs node` and `certs user` write files beside the CA; the commands' certificate and token
-/// options do not apply to them.
-fn no_client_options(config: &ConfigArg) -> anyhow::Result<()> {
-    let s = &config.security;
-    if s.cert_file.is_some() || s.token_file.is_some() {
-        bail!(
-            "--cert-file, --key-file and --token-file are for the commands that talk to a cluster; certs writes NAME.crt, NAME.key or NAME.token beside the CA"
-        );
-    }
-    Ok(())
 }
 
 fn validity(params: &mut CertificateParams, days: u32) {
@@ -416,15 +401,13 @@ fn load_ca(
 }
 
 fn user(
-    config: &Path,
+    issue: &Issue,
     name: &str,
     role: Role,
     key_prefixes: Vec<String>,
     (token, force): (bool, bool),
-    ca_key: Option<&Path>,
-    days: u32,
 ) -> anyhow::Result<()> {
-    let cfg = Config::load(config)?;
+    let cfg = issue.config()?;
     // Its files go beside the CA's and the nodes': never one of theirs.
     let reserved = name == "ca"
         || name == "users"
@@ -507,8 +490,8 @@ fn user(
             f.display()
         );
     } else {
-        let (_, issuer) = load_ca(&cfg, ca_key)?;
-        let (c, k) = new_leaf(&issuer, name, &[], false, days)?;
+        let (_, issuer) = load_ca(&cfg, issue.ca_key.as_deref())?;
+        let (c, k) = new_leaf(&issuer, name, &[], false, issue.days)?;
         let (cf, kf) = (
             dir.join(format!("{name}.crt")),
             dir.join(format!("{name}.key")),

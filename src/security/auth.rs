@@ -334,7 +334,12 @@ impl Auth {
     /// UNAUTHENTICATED: no credentials, or a token that is not valid. PERMISSION_DENIED: a
     /// certificate's user who is not in the users file.
     pub fn principal<T>(&self, req: &Request<T>) -> Result<Principal, Status> {
-        self.resolve(&Self::credentials(req))
+        // Read in place: a unary call copies nothing to be known.
+        let authorization = req
+            .metadata()
+            .get("authorization")
+            .map(|v| v.to_str().unwrap_or_default());
+        self.resolve_parts(req.extensions().get::<ConnInfo>(), authorization)
     }
 
     /// Who presents `creds`, under the users in force now.
@@ -342,19 +347,31 @@ impl Auth {
     /// # Errors
     /// As [`Auth::principal`].
     pub fn resolve(&self, creds: &Credentials) -> Result<Principal, Status> {
+        self.resolve_parts(creds.conn.as_ref(), creds.authorization.as_deref())
+    }
+
+    fn resolve_parts(
+        &self,
+        conn: Option<&ConnInfo>,
+        authorization: Option<&str>,
+    ) -> Result<Principal, Status> {
         if !self.tls {
             return Ok(Principal::Open);
         }
-        let Some(info) = &creds.conn else {
+        let Some(info) = conn else {
             return Err(Status::unauthenticated(
                 "the connection is not TLS: this node requires TLS",
             ));
         };
         let table = self.table();
-        if let Some(v) = &creds.authorization {
-            let token = v.strip_prefix("Bearer ").ok_or_else(|| {
-                Status::unauthenticated("the authorization header is not \"Bearer <token>\"")
-            })?;
+        if let Some(v) = authorization {
+            let token = v
+                .split_once(' ')
+                .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+                .map(|(_, t)| t.trim())
+                .ok_or_else(|| {
+                    Status::unauthenticated("the authorization header is not \"Bearer <token>\"")
+                })?;
             let Some(t) = table.as_ref() else {
                 return Err(Status::unauthenticated(
                     "this cluster accepts no tokens (its nodes have no users file): present a client certificate",

@@ -75,3 +75,16 @@ pub fn spawn_node(config: &Path, id: u64) -> Child {
         .spawn()
         .expect("spawn raftkv node")
 }
+
+/// Makes the cluster of `config` secure with `raftkv certs init` (certificates in `certs/`
+/// beside the config).
+pub fn certs_init(config: &Path) {
+    let out = Command::new(env!("CARGO_BIN_EXE_raftkv"))
+        .args(["certs", "init", "--config"])
+        .arg(config)
+        .args(["--out", "certs"])
+        .current_dir(config.parent().expect("the config's directory"))
+        .output()
+        .expect("run raftkv certs init");
+    assert!(out.status.success(), "certs init: {out:?}");
+}

@@ -79,14 +79,7 @@ impl Cluster {
         // under the faults (a node down for a second or two needs a snapshot).
         let config = cluster_config::write(dir.path(), &hosts, SNAPSHOTS);
         let dialer = if tls {
-            let out = Command::new(BIN)
-                .args(["certs", "init", "--config"])
-                .arg(&config)
-                .args(["--out", "certs"])
-                .current_dir(dir.path())
-                .output()
-                .expect("certs init");
-            assert!(out.status.success(), "certs init: {out:?}");
+            cluster_config::certs_init(&config);
             let d = dir.path().join("certs");
             raftkv::security::Dialer::tls(
                 raftkv::security::load_client(&raftkv::security::Files {
